@@ -1,0 +1,120 @@
+//! GGUF files of the `llama` architecture (LLaMA and Mistral), dequantized at load and renamed
+//! into the Hugging Face layout, so that one model file serves every source.
+
+use super::{Checkpoint, Format, Tok, Weights};
+use crate::model::Config;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub(super) fn open(path: &Path) -> Result<Checkpoint> {
+    let err = |msg: String| Error::file(path, msg);
+    let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| err(format!("not a readable GGUF: {e}")))?;
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| err("missing metadata `general.architecture`".into()))?;
+    if arch != "llama" && arch != "mistral" {
+        return Err(err(format!("unsupported GGUF architecture `{arch}` (eabfit reads llama and mistral)")));
+    }
+    let u = |k: &str| -> Result<usize> {
+        let key = format!("{arch}.{k}");
+        md.get(&key).and_then(|v| v.to_u32().ok()).map(|x| x as usize).ok_or_else(|| err(format!("missing metadata `{key}`")))
+    };
+    let f = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok()).map(f64::from);
+    let (n_heads, n_kv) = (u("attention.head_count")?, u("attention.head_count_kv")?);
+    let hidden = u("embedding_length")?;
+    let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| err("missing tensor `token_embd.weight`".into()))?;
+    let vocab_size = embd.shape.dims()[0];
+    let tie = !content.tensor_infos.contains_key("output.weight");
+    let config = Config {
+        model_type: Some(arch.clone()),
+        hidden_size: hidden,
+        intermediate_size: u("feed_forward_length")?,
+        num_hidden_layers: u("block_count")?,
+        num_attention_heads: n_heads,
+        num_key_value_heads: Some(n_kv),
+        head_dim: u("attention.key_length").ok(),
+        rms_norm_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: f("rope.freq_base").unwrap_or(10_000.0),
+        vocab_size,
+        max_position_embeddings: u("context_length").unwrap_or(4096),
+        tie_word_embeddings: tie,
+        rope_scaling: None,
+        sliding_window: None,
+        bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+        eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(Into::into),
+    };
+    config.validate().map_err(err)?;
+    let tokenizer = Tok::from_gguf(path, md)?;
+    let hd = config.head_dim();
+    let mut weights = HashMap::new();
+    let mut stored = String::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf_name) = hf_name(name) else { continue };
+        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        if name.ends_with("attn_q.weight") && stored.is_empty() {
+            stored = format!("{:?}", q.dtype());
+        }
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| err(format!("tensor `{name}`: {e}")))?.to_dtype(DType::F32)?;
+        if name.ends_with("attn_q.weight") {
+            t = unpermute(&t, n_heads, hd)?;
+        } else if name.ends_with("attn_k.weight") {
+            t = unpermute(&t, n_kv, hd)?;
+        }
+        weights.insert(hf_name, t);
+    }
+    let raw_config = serde_json::to_value(&config).map_err(|e| err(e.to_string()))?;
+    Ok(Checkpoint {
+        source: path.to_path_buf(),
+        format: Format::Gguf,
+        config,
+        raw_config,
+        tokenizer,
+        stored_dtype: stored,
+        weights: Weights::InMemory(weights),
+    })
+}
+
+/// GGUF tensor name -> Hugging Face name; `None` for tensors the model does not use.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// llama.cpp stores q/k rows with RoPE pairs interleaved (Meta layout); the Hugging Face layout
+/// (and our rotate-half RoPE) wants the two halves of each head apart.
+fn unpermute(w: &Tensor, heads: usize, hd: usize) -> candle_core::Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    w.reshape((heads, hd / 2, 2, inp))? // (heads, hd/2, 2, in): pairs interleaved
+        .transpose(1, 2)? // (heads, 2, hd/2, in): halves apart
+        .contiguous()?
+        .reshape((out, inp))
+}

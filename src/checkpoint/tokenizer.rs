@@ -1,0 +1,133 @@
+//! Tokenizers from `tokenizer.json`, or rebuilt from a GGUF's own vocabulary and merges.
+
+use crate::model::Config;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file;
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+pub struct Tok {
+    pub inner: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Whether the model expects BOS at the start of every sequence (its tokenizer config says so).
+    pub add_bos: bool,
+    /// Where the vocabulary came from, for `info`.
+    pub origin: String,
+}
+
+impl Tok {
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` without special tokens; callers add BOS per window.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Msg(format!("tokenizer ({}): {e}", self.origin)))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The printable form of one token (for tables: which token carries a massive activation).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"))
+    }
+
+    pub(super) fn from_hf_dir(dir: &Path, cfg: &Config) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::file(&path, "missing (a Hugging Face folder needs its tokenizer.json)"));
+        }
+        let inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("unreadable tokenizer: {e}")))?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| Error::file(&tc_path, format!("invalid JSON: {e}")))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let special = |key: &str| -> Option<u32> {
+            let v = &tc[key];
+            let s = v.as_str().or_else(|| v["content"].as_str())?;
+            inner.token_to_id(s)
+        };
+        let bos = cfg.bos_token_id.or_else(|| special("bos_token"));
+        let eos = cfg.eos_token_id.as_ref().and_then(first_id).or_else(|| special("eos_token"));
+        // tokenizer_config's flag wins; otherwise ask the post-processor what it does.
+        let add_bos = match tc["add_bos_token"].as_bool() {
+            Some(b) => b,
+            None => match (bos, inner.encode("a", true)) {
+                (Some(b), Ok(enc)) => enc.get_ids().first() == Some(&b),
+                _ => false,
+            },
+        };
+        Ok(Self { inner, bos, eos, add_bos, origin: path.display().to_string() })
+    }
+
+    /// A byte-level BPE (`tokenizer.ggml.model = gpt2`) built from the GGUF metadata.
+    pub(super) fn from_gguf(path: &Path, md: &HashMap<String, gguf_file::Value>) -> Result<Self> {
+        let err = |msg: String| Error::file(path, msg);
+        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("missing metadata `{k}`")));
+        let model = get("tokenizer.ggml.model")?.to_string().map_err(|e| err(e.to_string()))?.clone();
+        if model != "gpt2" {
+            return Err(err(format!("tokenizer.ggml.model `{model}` is not supported (byte-level BPE `gpt2` is)")));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            get(k)?
+                .to_vec()
+                .map_err(|e| err(format!("`{k}`: {e}")))?
+                .iter()
+                .map(|v| v.to_string().cloned().map_err(|e| err(format!("`{k}`: {e}"))))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok((a.to_string(), b.to_string())),
+                None => Err(err(format!("malformed merge `{m}`"))),
+            })
+            .collect::<Result<_>>()?;
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(format!("cannot build BPE: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        // SmolLM's pre-tokenizer splits every digit before the GPT-2 regex.
+        if pre == "smollm" {
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(byte_level),
+            ])));
+        } else {
+            inner.with_pre_tokenizer(Some(byte_level));
+        }
+        inner.with_decoder(Some(byte_level));
+        // Control (3) and user-defined (4) tokens must match whole, never through merges.
+        if let Some(types) = md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+            let specials: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| matches!(t.to_i32(), Ok(3) | Ok(4)))
+                .map(|(_, s)| AddedToken::from(s.clone(), true))
+                .collect();
+            inner.add_special_tokens(&specials);
+        }
+        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            add_bos,
+            origin: format!("{} (GGUF vocabulary, pre-tokenizer `{pre}`)", path.display()),
+        })
+    }
+}
+
+fn first_id(v: &serde_json::Value) -> Option<u32> {
+    v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|x| x as u32)
+}

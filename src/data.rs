@@ -1,0 +1,71 @@
+//! Text in, token windows out: the one definition of "window" every command shares.
+
+use crate::checkpoint::Tok;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Reads a text file, or every `*.txt` of a folder in name order, joined by blank lines.
+pub fn read_text(path: &Path) -> Result<String> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::file(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut text = String::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| Error::file(f, e))?;
+        text.push_str(&String::from_utf8_lossy(&bytes));
+        text.push_str("\n\n");
+    }
+    if text.trim().is_empty() {
+        return Err(Error::file(path, "no text (empty file or no *.txt in the folder)"));
+    }
+    Ok(text)
+}
+
+/// Consecutive non-overlapping windows of `seq_len` text tokens from the start of the text,
+/// each with BOS in front exactly when the tokenizer says the model expects it.
+#[derive(Debug, Clone)]
+pub struct Windows {
+    pub ids: Vec<Vec<u32>>,
+    pub seq_len: usize,
+    pub bos: Option<u32>,
+}
+
+impl Windows {
+    pub fn new(tok: &Tok, text: &str, seq_len: usize, max_windows: Option<usize>, origin: &Path) -> Result<Self> {
+        if seq_len == 0 {
+            return Err(Error::Usage("--seq-len must be at least 1".into()));
+        }
+        let ids = tok.encode(text)?;
+        let n = ids.len() / seq_len;
+        if n == 0 {
+            return Err(Error::file(origin, format!("text too short: {} tokens, a window needs {seq_len}", ids.len())));
+        }
+        let n = max_windows.map_or(n, |m| m.min(n));
+        let bos = tok.bos.filter(|_| tok.add_bos);
+        let ids = ids
+            .chunks_exact(seq_len)
+            .take(n)
+            .map(|w| bos.into_iter().chain(w.iter().copied()).collect())
+            .collect();
+        Ok(Self { ids, seq_len, bos })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    /// Tokens per window as fed to the model (BOS included).
+    pub fn width(&self) -> usize {
+        self.seq_len + usize::from(self.bos.is_some())
+    }
+}

@@ -1,0 +1,386 @@
+//! TensorBoard logging for one training run, plus an independent reader of the event files.
+//!
+//! `RunLogger` writes through tensorboard-rs and mirrors every scalar to `scalars.jsonl` so
+//! scripts can read figures without TensorBoard. `read_scalars` parses the event files itself
+//! (TFRecord framing + a minimal protobuf decoder) so tests and `verify` do not have to trust
+//! the writer they are checking.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+use crate::{Error, Result};
+
+const EVENT_PREFIX: &str = "events.out.tfevents.";
+
+pub struct RunLogger {
+    dir: PathBuf,
+    // `None` once the writer thread has died: dropping it would panic again, so it is leaked.
+    tb: Option<SummaryWriter>,
+    jsonl: BufWriter<File>,
+    jsonl_path: PathBuf,
+}
+
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    tag: &'a str,
+    step: usize,
+    // serde_json writes non-finite values as `null`, keeping each line strict JSON.
+    value: f64,
+}
+
+impl RunLogger {
+    /// Opens (or creates) a run folder. An existing `scalars.jsonl` is appended to, so a
+    /// resumed run keeps its history; TensorBoard gets a new event file either way.
+    pub fn create(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create run folder: {e}")))?;
+        // Opening the mirror first also proves the folder is writable: tensorboard-rs creates
+        // its file on a background thread and can only panic if that fails.
+        let jsonl_path = dir.join("scalars.jsonl");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&jsonl_path)
+            .map_err(|e| Error::file(&jsonl_path, format!("cannot open: {e}")))?;
+        wait_for_unused_event_name(dir)?;
+        let tb = catch_unwind(|| SummaryWriter::new(dir))
+            .map_err(|_| Error::file(dir, "tensorboard-rs could not start an event writer"))?;
+        Ok(Self { dir: dir.to_path_buf(), tb: Some(tb), jsonl: BufWriter::new(file), jsonl_path })
+    }
+
+    /// TensorBoard stores scalars as f32; the JSON mirror keeps the full f64.
+    pub fn scalar(&mut self, tag: &str, value: f64, step: usize) -> Result<()> {
+        serde_json::to_writer(&mut self.jsonl, &JsonLine { tag, step, value })
+            .map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
+        writeln!(self.jsonl).map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
+        self.with_tb(|w| w.add_scalar(tag, value as f32, step))
+    }
+
+    /// The JSON mirror is on disk when this returns; tensorboard-rs only *asks* its writer
+    /// thread to flush, so event records may land a moment later. Use `close` to be certain.
+    pub fn flush(&mut self) -> Result<()> {
+        self.jsonl.flush().map_err(|e| Error::file(&self.jsonl_path, format!("flush failed: {e}")))?;
+        self.with_tb(|w| w.flush())
+    }
+
+    /// Flushes both files and joins the event writer thread, so every record is on disk.
+    pub fn close(mut self) -> Result<()> {
+        self.flush()?;
+        if let Some(tb) = self.tb.take() {
+            catch_unwind(AssertUnwindSafe(|| drop(tb)))
+                .map_err(|_| Error::file(&self.dir, "tensorboard event writer failed while closing"))?;
+        }
+        Ok(())
+    }
+
+    // tensorboard-rs panics (rather than returning an error) when its writer thread has died,
+    // e.g. on a full disk; turn that into an error and stop using the writer.
+    fn with_tb(&mut self, f: impl FnOnce(&mut SummaryWriter)) -> Result<()> {
+        let tb = self
+            .tb
+            .as_mut()
+            .ok_or_else(|| Error::file(&self.dir, "tensorboard event writer stopped after an earlier failure"))?;
+        if catch_unwind(AssertUnwindSafe(|| f(tb))).is_err() {
+            std::mem::forget(self.tb.take());
+            return Err(Error::file(&self.dir, "tensorboard event writer failed (see stderr)"));
+        }
+        Ok(())
+    }
+}
+
+// tensorboard-rs names its file `events.out.tfevents.<unix secs>.<host>.<pid>.0` and truncates
+// an existing one, so a second logger opened on the same folder within the same second by the
+// same process would silently erase the first. Wait for the clock to move past such a name.
+fn wait_for_unused_event_name(dir: &Path) -> Result<()> {
+    let suffix = format!(".{}.0", std::process::id());
+    loop {
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let prefix = format!("{EVENT_PREFIX}{secs:010}.");
+        let taken = fs::read_dir(dir)
+            .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
+            .filter_map(|entry| entry.ok())
+            .any(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(&prefix) && name.ends_with(&suffix)
+            });
+        if !taken {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every simple-value scalar in the folder's `events.out.tfevents.*` files as (tag, step,
+/// value), files in name order (their names start with the creation time), records in order.
+pub fn read_scalars(dir: &Path) -> Result<Vec<(String, i64, f32)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))? {
+        let entry = entry.map_err(|e| Error::file(dir, format!("cannot list: {e}")))?;
+        if entry.file_name().to_string_lossy().starts_with(EVENT_PREFIX) {
+            files.push(entry.path());
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::file(dir, format!("no {EVENT_PREFIX}* files")));
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for path in &files {
+        let bytes = fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        read_records(&bytes, &mut out).map_err(|msg| Error::file(path, msg))?;
+    }
+    Ok(out)
+}
+
+// TFRecord framing: u64 length, masked crc32c(length), data, masked crc32c(data); little-endian.
+fn read_records(mut rest: &[u8], out: &mut Vec<(String, i64, f32)>) -> std::result::Result<(), String> {
+    let mut offset = 0usize;
+    while !rest.is_empty() {
+        if rest.len() < 12 {
+            return Err(format!("truncated record header at byte {offset}"));
+        }
+        if masked_crc32c(&rest[..8]) != le_u32(&rest[8..12]) {
+            return Err(format!("length CRC mismatch at byte {offset}"));
+        }
+        let len = u64::from_le_bytes([rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6], rest[7]]);
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|n| n.checked_add(16))
+            .filter(|&end| end <= rest.len())
+            .ok_or_else(|| format!("truncated record at byte {offset} (needs {len} data bytes)"))?;
+        let data = &rest[12..end - 4];
+        if masked_crc32c(data) != le_u32(&rest[end - 4..end]) {
+            return Err(format!("data CRC mismatch in record at byte {offset}"));
+        }
+        decode_event(data, out).map_err(|msg| format!("record at byte {offset}: {msg}"))?;
+        rest = &rest[end..];
+        offset += end;
+    }
+    Ok(())
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+const CRC32C_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            // 0x82F63B78 is the Castagnoli polynomial 0x1EDC6F41, bit-reversed.
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+pub fn crc32c(data: &[u8]) -> u32 {
+    !data.iter().fold(!0u32, |c, &b| CRC32C_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8))
+}
+
+/// TFRecord stores CRCs masked, so CRCs of data that itself holds CRCs stay well-distributed.
+pub fn masked_crc32c(data: &[u8]) -> u32 {
+    let crc = crc32c(data);
+    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+}
+
+// Just enough protobuf for Event{step=2 int64, summary=5 Summary{value=1 repeated
+// Value{tag=1 string, simple_value=2 float}}}; every other field is skipped by wire type.
+enum Field<'a> {
+    Varint(u64),
+    Fixed32([u8; 4]),
+    Bytes(&'a [u8]),
+    Other,
+}
+
+struct Pb<'a>(&'a [u8]);
+
+impl<'a> Pb<'a> {
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.0.split_first().ok_or("truncated varint")?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    fn take(&mut self, n: u64) -> std::result::Result<&'a [u8], String> {
+        let n = usize::try_from(n).ok().filter(|&n| n <= self.0.len()).ok_or("field runs past end of message")?;
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn next(&mut self) -> std::result::Result<Option<(u64, Field<'a>)>, String> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let field = match key & 7 {
+            0 => Field::Varint(self.varint()?),
+            1 => self.take(8).map(|_| Field::Other)?,
+            2 => {
+                let n = self.varint()?;
+                Field::Bytes(self.take(n)?)
+            }
+            5 => {
+                let b = self.take(4)?;
+                Field::Fixed32([b[0], b[1], b[2], b[3]])
+            }
+            wire => return Err(format!("unsupported protobuf wire type {wire}")),
+        };
+        Ok(Some((key >> 3, field)))
+    }
+}
+
+fn decode_event(data: &[u8], out: &mut Vec<(String, i64, f32)>) -> std::result::Result<(), String> {
+    // Fields may come in any order and proto3 omits step 0, so collect values before stamping.
+    let mut step = 0i64;
+    let mut values = Vec::new();
+    let mut pb = Pb(data);
+    while let Some((num, field)) = pb.next()? {
+        match (num, field) {
+            (2, Field::Varint(v)) => step = v as i64,
+            (5, Field::Bytes(summary)) => {
+                let mut pb = Pb(summary);
+                while let Some((num, field)) = pb.next()? {
+                    if let (1, Field::Bytes(value)) = (num, field) {
+                        values.extend(decode_value(value)?);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.extend(values.into_iter().map(|(tag, v)| (tag, step, v)));
+    Ok(())
+}
+
+// `None` for images, histograms and other non-scalar values.
+fn decode_value(data: &[u8]) -> std::result::Result<Option<(String, f32)>, String> {
+    let (mut tag, mut simple) = (String::new(), None);
+    let mut pb = Pb(data);
+    while let Some((num, field)) = pb.next()? {
+        match (num, field) {
+            (1, Field::Bytes(b)) => tag = String::from_utf8(b.to_vec()).map_err(|_| "tag is not UTF-8")?,
+            (2, Field::Fixed32(b)) => simple = Some(f32::from_le_bytes(b)),
+            _ => {}
+        }
+    }
+    Ok(simple.map(|v| (tag, v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRITES: [(&str, usize, f64); 6] = [
+        ("loss/train", 0, 0.0),
+        ("loss/train", 1, 2.5),
+        ("lr", 1, 1e-4),
+        ("loss/train", 2, -0.1),
+        ("eab/gate_mean", 1000, 0.333),
+        ("loss/train", 3, 1e30),
+    ];
+
+    fn write_run(dir: &Path, writes: &[(&str, usize, f64)]) {
+        let mut log = RunLogger::create(dir).unwrap();
+        for &(tag, step, value) in writes {
+            log.scalar(tag, value, step).unwrap();
+        }
+        log.close().unwrap();
+    }
+
+    fn expected(writes: &[(&str, usize, f64)]) -> Vec<(String, i64, f32)> {
+        writes.iter().map(|&(t, s, v)| (t.to_string(), s as i64, v as f32)).collect()
+    }
+
+    fn event_file(dir: &Path) -> PathBuf {
+        let mut files: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(EVENT_PREFIX))
+            .collect();
+        assert_eq!(files.len(), 1);
+        files.pop().unwrap()
+    }
+
+    #[test]
+    fn crc32c_check_value_and_mask_match_tensorboard_rs() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+        for data in [&b""[..], b"a", b"123456789", &[0xffu8; 37]] {
+            assert_eq!(masked_crc32c(data), tensorboard_rs::masked_crc32c::masked_crc32c(data));
+        }
+    }
+
+    #[test]
+    fn scalars_round_trip_through_event_file_and_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        write_run(dir.path(), &WRITES);
+        assert_eq!(read_scalars(dir.path()).unwrap(), expected(&WRITES));
+
+        let text = fs::read_to_string(dir.path().join("scalars.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), WRITES.len());
+        for (line, &(tag, step, value)) in lines.iter().zip(&WRITES) {
+            assert_eq!(line["tag"], tag);
+            assert_eq!(line["step"], step);
+            assert_eq!(line["value"].as_f64(), Some(value));
+        }
+    }
+
+    #[test]
+    fn reopening_a_run_in_the_same_second_keeps_both_event_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_run(dir.path(), &WRITES[..2]);
+        write_run(dir.path(), &WRITES[2..]);
+        assert_eq!(read_scalars(dir.path()).unwrap(), expected(&WRITES));
+        let text = fs::read_to_string(dir.path().join("scalars.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), WRITES.len());
+    }
+
+    #[test]
+    fn truncated_or_corrupt_event_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_run(dir.path(), &WRITES);
+        let path = event_file(dir.path());
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = fs::read(&path).unwrap();
+
+        for cut in [3, 10, bytes.len() - 5] {
+            fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
+            let msg = read_scalars(dir.path()).unwrap_err().to_string();
+            assert!(msg.contains(&name) && msg.contains("truncated"), "{msg}");
+        }
+
+        let mut corrupt = bytes.clone();
+        let last = corrupt.len() - 6; // inside the last record's data
+        corrupt[last] ^= 0x40;
+        fs::write(&path, &corrupt).unwrap();
+        let msg = read_scalars(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains(&name) && msg.contains("CRC"), "{msg}");
+    }
+
+    #[test]
+    fn folder_without_event_files_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_scalars(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,561 @@
+//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral) built from differentiable candle ops.
+//!
+//! Unlike candle-transformers' `llama.rs` it returns logits for every position, has no fused op
+//! without a backward (RMSNorm, softmax and RoPE are composed from basic ops), exposes each
+//! layer's output hidden state through [`Taps`], and takes adapters (EAB slots, LoRA) through
+//! its constructor. Names passed to `vb.pp()` are the Hugging Face tensor names.
+
+use crate::adapters::{Adapters, EabSlot, Lora};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Precision for norms, softmax and logits: f32, or f64 when the model itself runs in f64
+/// (the finite-difference tests do).
+fn acc(dtype: DType) -> DType {
+    if dtype == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
+/// Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3`); other types are rejected
+/// at config validation so that no model silently runs with the wrong positions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    4096
+}
+
+/// The fields of a Hugging Face `config.json` this model reads (LlamaConfig / MistralConfig).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+impl Config {
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Checks the combinations serde cannot; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let h = self.num_attention_heads;
+        if h == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return Err("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be > 0".into());
+        }
+        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+            return Err(format!("hidden_size {} is not divisible by num_attention_heads {h}", self.hidden_size));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || h % kv != 0 {
+            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
+        }
+        if let Some(rs) = &self.rope_scaling {
+            match rs.rope_type.as_str() {
+                "default" => {}
+                "llama3" => {
+                    if rs.low_freq_factor.is_none()
+                        || rs.high_freq_factor.is_none()
+                        || rs.original_max_position_embeddings.is_none()
+                    {
+                        return Err("rope_scaling (llama3) needs low_freq_factor, high_freq_factor and original_max_position_embeddings".into());
+                    }
+                }
+                other => return Err(format!("rope_scaling.rope_type `{other}` is not supported (llama3 or default)")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Inverse RoPE frequencies, one per pair of head dims, with llama3 scaling applied.
+    fn inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        let base: Vec<f64> = (0..hd)
+            .step_by(2)
+            .map(|i| 1.0 / self.rope_theta.powf(i as f64 / hd as f64))
+            .collect();
+        let Some(rs) = self.rope_scaling.as_ref().filter(|r| r.rope_type == "llama3") else {
+            return base;
+        };
+        let (lo, hi) = (rs.low_freq_factor.unwrap_or(1.0), rs.high_freq_factor.unwrap_or(4.0));
+        let orig = rs.original_max_position_embeddings.unwrap_or(8192) as f64;
+        let (lo_wavelen, hi_wavelen) = (orig / lo, orig / hi);
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < hi_wavelen {
+                    f
+                } else if wavelen > lo_wavelen {
+                    f / rs.factor
+                } else {
+                    let smooth = (orig / wavelen - lo) / (hi - lo);
+                    (1.0 - smooth) * f / rs.factor + smooth * f
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a caller wants to observe or change during one forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct Taps {
+    /// Keep every layer's output hidden state in [`Output::hidden`].
+    pub hidden: bool,
+    /// Keep per-layer attention statistics in [`Output::attn`].
+    pub attn: bool,
+    /// Keep each layer's post-RoPE key and value of position 0 in [`Output::first_kv`].
+    pub first_kv: bool,
+    /// Entries of layer outputs to overwrite in flight (the paper's interventions).
+    pub edits: Vec<Edit>,
+}
+
+/// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Edit {
+    pub layer: usize,
+    pub position: usize,
+    pub dim: usize,
+    pub value: f32,
+}
+
+/// Attention mass that queries put on position 0 and on the EAB slot, averaged over the batch,
+/// the heads and the queries 1..T (query 0 has nowhere else to look). Scalar f32 tensors.
+#[derive(Debug, Clone)]
+pub struct AttnStats {
+    pub first_token: Tensor,
+    pub slot: Option<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct Output {
+    /// (B, T, V) in f32 (f64 for an f64 model).
+    pub logits: Tensor,
+    /// Per layer, (B, T, D) in the model dtype, when `Taps::hidden`.
+    pub hidden: Vec<Tensor>,
+    pub attn: Vec<AttnStats>,
+    /// Per layer, post-RoPE (key, value) of position 0, each (B, KV, hd), when `Taps::first_kv`.
+    pub first_kv: Vec<(Tensor, Tensor)>,
+}
+
+/// A bias-free projection `y = x W^T`, plus `scale * (x A^T) B^T` when a LoRA adapter is attached.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    lora: Option<Lora>,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, adapters: &Adapters) -> CResult<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let lora = adapters.lora.get(&vb.prefix()).cloned();
+        Ok(Self { weight, lora })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let x2 = x.reshape((b * t, d))?; // (B*T, in)
+        let mut y = x2.matmul(&self.weight.t()?)?; // (B*T, out)
+        if let Some(l) = &self.lora {
+            // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal).
+            let xa = x2.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?; // (B*T, r)
+            let delta = (xa.matmul(&l.b.t()?)? * l.scale)?; // (B*T, out)
+            y = (y + delta.to_dtype(y.dtype())?)?;
+        }
+        y.reshape((b, t, ()))
+    }
+}
+
+/// RMSNorm from basic ops, computed in f32: candle's fused `rms_norm` has no backward.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> CResult<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(acc(dtype))?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}
+
+/// cos/sin tables for rotate-half RoPE (the Hugging Face layout), (max_pos, head_dim).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, dev: &Device) -> CResult<Self> {
+        let inv = cfg.inv_freq();
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * inv.len() * 2);
+        let mut sin = Vec::with_capacity(n * inv.len() * 2);
+        for p in 0..n {
+            // The two halves repeat the same frequencies: rotate_half pairs dim i with i + hd/2.
+            for _ in 0..2 {
+                cos.extend(inv.iter().map(|f| (p as f64 * f).cos() as f32));
+                sin.extend(inv.iter().map(|f| (p as f64 * f).sin() as f32));
+            }
+        }
+        let shape = (n, inv.len() * 2);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, dev)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// x: (B, H, T, hd) -> same, rotated by position.
+    fn apply(&self, x: &Tensor) -> CResult<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let cos = self.cos.narrow(0, 0, t)?; // (T, hd)
+        let sin = self.sin.narrow(0, 0, t)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    slot: Option<EabSlot>,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+struct AttnOut {
+    out: Tensor,
+    stats: Option<AttnStats>,
+    first_kv: Option<(Tensor, Tensor)>,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
+        let (h, kv, hd, d) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), d, h * hd, adapters)?,
+            k_proj: Linear::load(vb.pp("k_proj"), d, kv * hd, adapters)?,
+            v_proj: Linear::load(vb.pp("v_proj"), d, kv * hd, adapters)?,
+            o_proj: Linear::load(vb.pp("o_proj"), h * hd, d, adapters)?,
+            slot: adapters.slots.get(layer).cloned().flatten(),
+            n_heads: h,
+            n_kv: kv,
+            head_dim: hd,
+        })
+    }
+
+    /// (B, KV, T, hd) -> (B, H, T, hd): each KV head serves H/KV query heads.
+    fn repeat_kv(&self, x: &Tensor) -> CResult<Tensor> {
+        let rep = self.n_heads / self.n_kv;
+        if rep == 1 {
+            return Ok(x.clone());
+        }
+        let (b, kv, t, hd) = x.dims4()?;
+        x.unsqueeze(2)?.expand((b, kv, rep, t, hd))?.reshape((b, kv * rep, t, hd))
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<AttnOut> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?; // (B, H, T, hd)
+        let k = self.k_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?; // (B, KV, T, hd)
+        let v = self.v_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q.contiguous()?)?;
+        let k = rope.apply(&k.contiguous()?)?;
+        let first_kv = if taps.first_kv {
+            Some((k.narrow(2, 0, 1)?.squeeze(2)?, v.narrow(2, 0, 1)?.squeeze(2)?)) // (B, KV, hd)
+        } else {
+            None
+        };
+        let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?); // (B, H, T, hd)
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Scores and softmax in f32: bf16 logits of a sink position lose the tail mass.
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, T)
+        let scores = scores.broadcast_add(&mask.to_dtype(acc(q.dtype()))?)?;
+        let scores = match &self.slot {
+            Some(slot) => {
+                let ks = self.slot_heads(&slot.k, q.dtype())?.unsqueeze(0)?.unsqueeze(3)?; // (1, H, hd, 1)
+                let s = (q.broadcast_matmul(&ks)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, 1)
+                Tensor::cat(&[&scores, &s], D::Minus1)? // (B, H, T, T+1)
+            }
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let mut out = probs.narrow(D::Minus1, 0, t)?.to_dtype(v.dtype())?.matmul(&v)?; // (B, H, T, hd)
+        if let Some(slot) = &self.slot {
+            let vs = self.slot_heads(&slot.v, v.dtype())?.unsqueeze(0)?.unsqueeze(2)?; // (1, H, 1, hd)
+            let p_slot = probs.narrow(D::Minus1, t, 1)?.to_dtype(v.dtype())?; // (B, H, T, 1)
+            out = (out + p_slot.broadcast_mul(&vs)?)?;
+        }
+        let stats = if taps.attn { Some(attn_stats(&probs, t)?) } else { None };
+        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        Ok(AttnOut { out: self.o_proj.forward(&out)?, stats, first_kv })
+    }
+
+    /// Slot vectors are stored per KV head, (KV, hd); query heads of a group share one.
+    fn slot_heads(&self, x: &Tensor, dtype: DType) -> CResult<Tensor> {
+        let rep = self.n_heads / self.n_kv;
+        let x = x.to_dtype(dtype)?;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (kv, hd) = x.dims2()?;
+        x.unsqueeze(1)?.expand((kv, rep, hd))?.reshape((kv * rep, hd)) // (H, hd)
+    }
+}
+
+fn attn_stats(probs: &Tensor, t: usize) -> CResult<AttnStats> {
+    let queries = probs.narrow(2, 1.min(t - 1), t - 1.min(t - 1))?; // (B, H, T-1, T[+1])
+    let first_token = queries.narrow(D::Minus1, 0, 1)?.mean_all()?;
+    let slot = if probs.dim(D::Minus1)? > t {
+        Some(queries.narrow(D::Minus1, t, 1)?.mean_all()?)
+    } else {
+        None
+    };
+    Ok(AttnStats { first_token, slot })
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), d, f, adapters)?,
+            up_proj: Linear::load(vb.pp("up_proj"), d, f, adapters)?,
+            down_proj: Linear::load(vb.pp("down_proj"), f, d, adapters)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, layer, adapters)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, adapters)?,
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<(Tensor, AttnOut)> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, taps)?;
+        let x = (x + &attn.out)?;
+        let x = (&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?;
+        Ok((x, attn))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    cfg: Config,
+    mask_first_token: bool,
+    device: Device,
+}
+
+impl Model {
+    /// `vb` is rooted at the checkpoint's top level (tensors `model.*` and `lm_head.weight`).
+    pub fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        if adapters.mask_first_token && adapters.slots.iter().all(Option::is_none) {
+            candle_core::bail!("mask_first_token needs EAB slots: position 0 would have nothing to attend to");
+        }
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp("layers").pp(i), cfg, i, adapters))
+            .collect::<CResult<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // Tied checkpoints usually omit lm_head.weight; some untied ones still carry a copy.
+        let lm_head = if !cfg.tie_word_embeddings || vb.contains_tensor("lm_head.weight") {
+            vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?
+        } else {
+            embed_tokens.clone()
+        };
+        Ok(Self {
+            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cfg: cfg.clone(),
+            mask_first_token: adapters.mask_first_token,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+    pub fn layer_mlp_down(&self, layer: usize) -> &Linear {
+        &self.layers[layer].mlp.down_proj
+    }
+
+    /// Additive f32 mask (T, T): causal, Mistral's sliding window, and (with EAB) position 0
+    /// hidden from every query, the slot taking its place.
+    fn mask(&self, t: usize) -> CResult<Tensor> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let data: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    let hidden = j > i || i - j >= window || (self.mask_first_token && j == 0);
+                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                })
+            })
+            .collect();
+        Tensor::from_vec(data, (t, t), &self.device)
+    }
+
+    /// input_ids: (B, T) u32 -> logits (B, T, V) f32 plus whatever `taps` asked for.
+    pub fn forward(&self, input_ids: &Tensor, taps: &Taps) -> CResult<Output> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!("sequence of {t} tokens exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+        }
+        let d = self.cfg.hidden_size;
+        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, d))?; // (B, T, D)
+        let mask = self.mask(t)?;
+        let mut out = Output { logits: Tensor::zeros((), DType::F32, &self.device)?, hidden: vec![], attn: vec![], first_kv: vec![] };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, attn) = layer.forward(&x, &self.rope, &mask, taps)?;
+            x = apply_edits(&h, i, &taps.edits)?;
+            if taps.hidden {
+                out.hidden.push(x.clone());
+            }
+            out.attn.extend(attn.stats);
+            out.first_kv.extend(attn.first_kv);
+        }
+        let x = self.norm.forward(&x)?;
+        out.logits = x.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?.reshape((b, t, ()))?.to_dtype(acc(x.dtype()))?;
+        Ok(out)
+    }
+
+    /// Logits only, (B, T, V) f32.
+    pub fn logits(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        Ok(self.forward(input_ids, &Taps::default())?.logits)
+    }
+}
+
+/// h * (1 - M) + M * values, with M marking the edited (position, dim) entries: differentiable,
+/// and exactly the identity when a layer has no edit.
+fn apply_edits(h: &Tensor, layer: usize, edits: &[Edit]) -> CResult<Tensor> {
+    let mine: Vec<&Edit> = edits.iter().filter(|e| e.layer == layer).collect();
+    if mine.is_empty() {
+        return Ok(h.clone());
+    }
+    let (_, t, d) = h.dims3()?;
+    let mut keep = vec![1f32; t * d];
+    let mut vals = vec![0f32; t * d];
+    for e in mine {
+        if e.position < t && e.dim < d {
+            keep[e.position * d + e.dim] = 0.0;
+            vals[e.position * d + e.dim] = e.value;
+        }
+    }
+    let keep = Tensor::from_vec(keep, (t, d), h.device())?.to_dtype(h.dtype())?;
+    let vals = Tensor::from_vec(vals, (t, d), h.device())?.to_dtype(h.dtype())?;
+    h.broadcast_mul(&keep)?.broadcast_add(&vals)
+}

