@@ -19,6 +19,12 @@ enum Command {
 }
 
 fn main() {
+    // candle attaches a backtrace to every error when RUST_BACKTRACE is set; users get one line
+    // naming the file or tensor instead (EABFIT_BACKTRACE=1 keeps them for debugging).
+    if std::env::var_os("EABFIT_BACKTRACE").is_none() {
+        std::env::set_var("RUST_BACKTRACE", "0");
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info(a) => commands::info(a),

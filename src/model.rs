@@ -212,7 +212,8 @@ impl Linear {
             // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal).
             let xa = x2.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?; // (B*T, r)
             let delta = (xa.matmul(&l.b.t()?)? * l.scale)?; // (B*T, out)
-            y = (y + delta.to_dtype(y.dtype())?)?;
+            let delta = delta.to_dtype(y.dtype())?;
+            y = (y + delta)?;
         }
         y.reshape((b, t, ()))
     }

@@ -36,16 +36,25 @@ type DynError = Box<dyn std::error::Error>;
 /// Draws the figure to `out`: `.png`, `.svg`, or, for any other extension, both beside it.
 /// Returns warnings (no font found, values clamped) that do not stop the plot.
 pub fn draw(series: &[LayerSeries], title: &str, out: &Path) -> Result<Vec<String>> {
-    if series.iter().all(|s| s.top.is_empty() && s.median.is_empty()) {
+    if series
+        .iter()
+        .all(|s| s.top.is_empty() && s.median.is_empty())
+    {
         return Err(Error::file(out, "no layers to plot"));
     }
     let (has_font, mut warnings) = font().clone();
     warnings.extend(value_warnings(series));
-    let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
     let (png, svg) = match ext.as_deref() {
         Some("png") => (Some(out.to_path_buf()), None),
         Some("svg") => (None, Some(out.to_path_buf())),
-        _ => (Some(out.with_extension("png")), Some(out.with_extension("svg"))),
+        _ => (
+            Some(out.with_extension("png")),
+            Some(out.with_extension("svg")),
+        ),
     };
     if let Some(path) = png {
         let buf = render_rgb(series, title, SIZE, has_font).map_err(|e| Error::file(&path, e))?;
@@ -68,7 +77,12 @@ pub fn draw(series: &[LayerSeries], title: &str, out: &Path) -> Result<Vec<Strin
 }
 
 /// Raw RGB pixels of the figure; kept apart from encoding so tests can inspect them.
-fn render_rgb(series: &[LayerSeries], title: &str, size: (u32, u32), text: bool) -> std::result::Result<Vec<u8>, String> {
+fn render_rgb(
+    series: &[LayerSeries],
+    title: &str,
+    size: (u32, u32),
+    text: bool,
+) -> std::result::Result<Vec<u8>, String> {
     let mut buf = vec![0u8; size.0 as usize * size.1 as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
@@ -79,7 +93,12 @@ fn render_rgb(series: &[LayerSeries], title: &str, size: (u32, u32), text: bool)
 }
 
 /// `text == false` draws no glyph at all: with ab_glyph any text fails when no font is registered.
-fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, series: &[LayerSeries], title: &str, text: bool) -> std::result::Result<(), DynError>
+fn render<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    series: &[LayerSeries],
+    title: &str,
+    text: bool,
+) -> std::result::Result<(), DynError>
 where
     DB::ErrorType: 'static,
 {
@@ -88,39 +107,75 @@ where
     let entries: Vec<(usize, usize, String)> = series
         .iter()
         .enumerate()
-        .flat_map(|(si, s)| (0..4).map(move |k| (si, k, format!("{} {}", s.label, STATS[k]).trim().to_string())))
+        .flat_map(|(si, s)| {
+            (0..4).map(move |k| {
+                (
+                    si,
+                    k,
+                    format!("{} {}", s.label, STATS[k]).trim().to_string(),
+                )
+            })
+        })
         .collect();
     let label_style = TextStyle::from((FAMILY, 15).into_font());
     // The legend gets its own column so it never hides a line, whatever the data.
     let legend_w = if text {
-        let widest = entries.iter().map(|e| root.estimate_text_size(&e.2, &label_style)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let widest = entries
+            .iter()
+            .map(|e| root.estimate_text_size(&e.2, &label_style))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         widest.iter().map(|&(w, _)| w).max().unwrap_or(0) + 60
     } else {
         0
     };
     let (plot, legend) = root.split_horizontally(root.dim_in_pixel().0.saturating_sub(legend_w));
 
-    let points: Vec<[Vec<(f64, f64)>; 4]> = series.iter().map(|s| std::array::from_fn(|k| stat_points(s, k))).collect();
+    let points: Vec<[Vec<(f64, f64)>; 4]> = series
+        .iter()
+        .map(|s| std::array::from_fn(|k| stat_points(s, k)))
+        .collect();
     let ys = points.iter().flatten().flatten().map(|p| p.1);
     let (lo, hi) = ys.fold((f64::INFINITY, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (1.0, 1.0) };
-    let (lo, hi) = (10f64.powf((lo.log10() - 0.05).floor()), 10f64.powf((hi.log10() + 0.05).ceil()));
-    let layers = series.iter().map(|s| s.top.len().max(s.median.len())).max().unwrap_or(1).max(1);
+    // Whole decades, nudged outward: plotters rounds 10^-1 to just above 0.1 and drops that tick.
+    let (lo, hi) = (
+        10f64.powf((lo.log10() - 0.05).floor()) * (1.0 - 1e-9),
+        10f64.powf((hi.log10() + 0.05).ceil()) * (1.0 + 1e-9),
+    );
+    let layers = series
+        .iter()
+        .map(|s| s.top.len().max(s.median.len()))
+        .max()
+        .unwrap_or(1)
+        .max(1);
 
     let mut builder = ChartBuilder::on(&plot);
     builder.margin(10);
     if text {
-        builder.caption(title, (FAMILY, 24)).x_label_area_size(45).y_label_area_size(75);
+        builder
+            .caption(title, (FAMILY, 24))
+            .x_label_area_size(45)
+            .y_label_area_size(75);
     }
     let mut chart = builder.build_cartesian_2d(-0.5..layers as f64 - 0.5, (lo..hi).log_scale())?;
     let mut mesh = chart.configure_mesh();
     // At most one label per layer keeps the f64 key points on whole layers.
     mesh.x_labels(layers.min(16))
-        .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() })
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 {
+                format!("{:.0}", x.round())
+            } else {
+                String::new()
+            }
+        })
         .y_label_formatter(&|y| fmt_mag(*y))
-        .light_line_style(RGBColor(235, 235, 235));
+        .x_max_light_lines(1)
+        .light_line_style(RGBColor(240, 240, 240));
     if text {
-        mesh.x_desc("layer").y_desc("magnitude (|h|)").label_style((FAMILY, 15)).axis_desc_style((FAMILY, 17));
+        mesh.x_desc("layer")
+            .y_desc("magnitude (|h|)")
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 17));
     }
     mesh.draw()?;
 
@@ -148,14 +203,22 @@ where
                 legend.draw(&DashedPathElement::new(vec![(8, y), (44, y)], 9, 6, line))?;
             }
             legend.draw(&marker(*si, (26, y), COLORS[*k]))?;
-            legend.draw(&Text::new(label.as_str(), (52, y), label_style.pos(Pos::new(HPos::Left, VPos::Center))))?;
+            legend.draw(&Text::new(
+                label.as_str(),
+                (52, y),
+                label_style.pos(Pos::new(HPos::Left, VPos::Center)),
+            ))?;
         }
     }
     Ok(())
 }
 
 /// Marker shape tells overlaid scans apart even where their lines coincide.
-fn marker<DB: DrawingBackend, C: Clone + 'static>(series: usize, at: C, color: RGBColor) -> DynElement<'static, DB, C> {
+fn marker<DB: DrawingBackend, C: Clone + 'static>(
+    series: usize,
+    at: C,
+    color: RGBColor,
+) -> DynElement<'static, DB, C> {
     match series % 3 {
         0 => Circle::new(at, 4, color.filled()).into_dyn(),
         1 => TriangleMarker::new(at, 6, color.filled()).into_dyn(),
@@ -165,19 +228,36 @@ fn marker<DB: DrawingBackend, C: Clone + 'static>(series: usize, at: C, color: R
 
 /// Points for statistic `k` (0..3 top-k, 3 median); non-finite values are dropped, others floored.
 fn stat_points(s: &LayerSeries, k: usize) -> Vec<(f64, f64)> {
-    let ys: Vec<f64> = if k < 3 { s.top.iter().map(|t| t[k]).collect() } else { s.median.clone() };
-    ys.into_iter().enumerate().filter(|(_, y)| y.is_finite()).map(|(i, y)| (i as f64, y.max(FLOOR))).collect()
+    let ys: Vec<f64> = if k < 3 {
+        s.top.iter().map(|t| t[k]).collect()
+    } else {
+        s.median.clone()
+    };
+    ys.into_iter()
+        .enumerate()
+        .filter(|(_, y)| y.is_finite())
+        .map(|(i, y)| (i as f64, y.max(FLOOR)))
+        .collect()
 }
 
 fn value_warnings(series: &[LayerSeries]) -> Vec<String> {
-    let all = || series.iter().flat_map(|s| s.top.iter().flatten().chain(&s.median));
-    let (bad, small) = (all().filter(|y| !y.is_finite()).count(), all().filter(|y| y.is_finite() && **y < FLOOR).count());
+    let all = || {
+        series
+            .iter()
+            .flat_map(|s| s.top.iter().flatten().chain(&s.median))
+    };
+    let (bad, small) = (
+        all().filter(|y| !y.is_finite()).count(),
+        all().filter(|y| y.is_finite() && **y < FLOOR).count(),
+    );
     let mut w = Vec::new();
     if bad > 0 {
         w.push(format!("{bad} non-finite value(s) left out of the plot"));
     }
     if small > 0 {
-        w.push(format!("{small} value(s) below {FLOOR:e} drawn at {FLOOR:e} (log axis)"));
+        w.push(format!(
+            "{small} value(s) below {FLOOR:e} drawn at {FLOOR:e} (log axis)"
+        ));
     }
     w
 }
@@ -217,11 +297,16 @@ fn font() -> &'static (bool, Vec<String>) {
 /// .ttf files under the usual font folders, DejaVuSans.ttf first, then plain sans faces.
 fn system_fonts() -> Vec<PathBuf> {
     fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for path in rd.flatten().map(|e| e.path()) {
             if path.is_dir() && depth < 8 {
                 walk(&path, depth + 1, out);
-            } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ttf")) {
+            } else if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("ttf"))
+            {
                 out.push(path);
             }
         }
@@ -231,21 +316,41 @@ fn system_fonts() -> Vec<PathBuf> {
         walk(Path::new(dir), 0, &mut fonts);
     }
     fonts.sort_by_key(|p| {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let plain_sans = name.contains("Sans") && !["Bold", "Italic", "Oblique", "Mono", "Light", "Condensed"].iter().any(|s| name.contains(s));
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let plain_sans = name.contains("Sans")
+            && !["Bold", "Italic", "Oblique", "Mono", "Light", "Condensed"]
+                .iter()
+                .any(|s| name.contains(s));
         (name != "DejaVuSans.ttf", !plain_sans, p.clone())
     });
     fonts
 }
 
 /// Writes through a temp file in the same folder, so a reader never sees half a figure.
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::result::Result<(), DynError>) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?.to_string_lossy();
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), DynError>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file name"))?
+        .to_string_lossy();
     // The PNG encoder picks its format from the extension, so the temp name keeps it.
-    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp.{ext}", std::process::id()));
-    let result = write(&tmp).map_err(|e| Error::file(path, e)).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e)));
+    let result = write(&tmp)
+        .map_err(|e| Error::file(path, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -258,8 +363,20 @@ mod tests {
 
     /// Shaped like LLaMA-2-7B in the paper: massive activations appear after layer 3.
     fn demo(label: &str, scale: f64) -> LayerSeries {
-        let top = (0..30).map(|l| if l <= 3 { [2.0, 1.6, 1.3] } else { [500.0 * scale, 420.0 * scale, 180.0 * scale] }).collect();
-        LayerSeries { label: label.into(), top, median: vec![0.3; 30] }
+        let top = (0..30)
+            .map(|l| {
+                if l <= 3 {
+                    [2.0, 1.6, 1.3]
+                } else {
+                    [500.0 * scale, 420.0 * scale, 180.0 * scale]
+                }
+            })
+            .collect();
+        LayerSeries {
+            label: label.into(),
+            top,
+            median: vec![0.3; 30],
+        }
     }
 
     fn png_size(bytes: &[u8]) -> (u32, u32) {
@@ -276,7 +393,10 @@ mod tests {
     #[test]
     fn png_and_svg_for_one_and_two_series() {
         let dir = tempfile::tempdir().unwrap();
-        for series in [vec![demo("base", 1.0)], vec![demo("before", 1.0), demo("after", 0.02)]] {
+        for series in [
+            vec![demo("base", 1.0)],
+            vec![demo("before", 1.0), demo("after", 0.02)],
+        ] {
             let n = series.len();
             let png = dir.path().join(format!("s{n}.png"));
             let svg = dir.path().join(format!("s{n}.svg"));
@@ -285,22 +405,36 @@ mod tests {
             assert_eq!(png_size(&std::fs::read(&png).unwrap()), SIZE);
             let text = std::fs::read_to_string(&svg).unwrap();
             assert!(text.contains("<svg"));
-            assert!(count_shapes(&text) >= n * 4, "{} shapes", count_shapes(&text));
+            assert!(
+                count_shapes(&text) >= n * 4,
+                "{} shapes",
+                count_shapes(&text)
+            );
         }
         // Other extensions write both formats; no temp file is left behind.
         draw(&[demo("x", 1.0)], "t", &dir.path().join("both.fig")).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort();
-        assert_eq!(names, ["both.png", "both.svg", "s1.png", "s1.svg", "s2.png", "s2.svg"]);
+        assert_eq!(
+            names,
+            ["both.png", "both.svg", "s1.png", "s1.svg", "s2.png", "s2.svg"]
+        );
     }
 
     #[test]
     fn pixels_show_every_statistic_with_and_without_text() {
-        for text in [true, false] {
+        // Text only where a system font exists; the no-font path must draw all the same.
+        for text in [font().0, false] {
             let buf = render_rgb(&[demo("a", 1.0), demo("b", 0.1)], "t", SIZE, text).unwrap();
             assert!(buf.chunks(3).any(|p| p != &buf[..3]), "blank image");
             for c in COLORS {
-                assert!(buf.chunks(3).any(|p| p == [c.0, c.1, c.2]), "colour {c:?} missing (text={text})");
+                assert!(
+                    buf.chunks(3).any(|p| p == [c.0, c.1, c.2]),
+                    "colour {c:?} missing (text={text})"
+                );
             }
         }
     }
@@ -308,10 +442,21 @@ mod tests {
     #[test]
     fn odd_values_are_clamped_or_dropped_with_warnings() {
         let dir = tempfile::tempdir().unwrap();
-        let s = LayerSeries { label: String::new(), top: vec![[0.0, -1.0, f64::NAN], [5.0, 4.0, 3.0]], median: vec![0.0] };
+        let s = LayerSeries {
+            label: String::new(),
+            top: vec![[0.0, -1.0, f64::NAN], [5.0, 4.0, 3.0]],
+            median: vec![0.0],
+        };
         let w = draw(&[s], "t", &dir.path().join("odd.png")).unwrap();
-        assert!(w.iter().any(|w| w.contains("non-finite")) && w.iter().any(|w| w.contains("below")), "{w:?}");
-        let empty = LayerSeries { label: "e".into(), top: vec![], median: vec![] };
+        assert!(
+            w.iter().any(|w| w.contains("non-finite")) && w.iter().any(|w| w.contains("below")),
+            "{w:?}"
+        );
+        let empty = LayerSeries {
+            label: "e".into(),
+            top: vec![],
+            median: vec![],
+        };
         assert!(draw(&[empty], "t", &dir.path().join("e.png")).is_err());
         assert!(draw(&[demo("x", 1.0)], "t", &dir.path().join("missing/dir.png")).is_err());
     }
@@ -320,8 +465,18 @@ mod tests {
     #[test]
     #[ignore]
     fn demo_figure() {
-        let w = draw(&[demo("", 1.0)], "Llama-2-7B", Path::new("/tmp/plot-demo.png")).unwrap();
-        let w1 = draw(&[demo("before", 1.0), demo("after", 0.01)], "Llama-2-7B", Path::new("/tmp/plot-demo-overlay.png")).unwrap();
+        let w = draw(
+            &[demo("", 1.0)],
+            "Llama-2-7B",
+            Path::new("/tmp/plot-demo.png"),
+        )
+        .unwrap();
+        let w1 = draw(
+            &[demo("before", 1.0), demo("after", 0.01)],
+            "Llama-2-7B",
+            Path::new("/tmp/plot-demo-overlay.png"),
+        )
+        .unwrap();
         eprintln!("warnings: {w:?} {w1:?}");
     }
 }

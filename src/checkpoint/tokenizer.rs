@@ -5,7 +5,7 @@ use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use std::collections::HashMap;
 use std::path::Path;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
@@ -88,7 +88,7 @@ impl Tok {
                 None => Err(err(format!("malformed merge `{m}`"))),
             })
             .collect::<Result<_>>()?;
-        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
