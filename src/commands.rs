@@ -1,10 +1,13 @@
-//! `info` and `ppl`: the two commands that only read a model.
+//! The commands that read a model without training it: info, ppl, scan, intervene, plot.
 
 use crate::adapters::Adapters;
 use crate::data::{read_text, Windows};
+use crate::intervene::intervene;
 use crate::perplexity::perplexity;
+use crate::plot::LayerSeries;
 use crate::runtime::{text_path, write_atomic, ModelArgs};
-use crate::Result;
+use crate::scan::{scan, Rule, ScanReport};
+use crate::{Error, Result};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -72,10 +75,159 @@ pub fn ppl(args: &PplArgs) -> Result<()> {
     println!("perplexity {:.4}  (nll {:.4}, {} tokens predicted, {} windows of {} + bos {})", p.ppl, p.nll, p.tokens, p.windows, p.seq_len, p.bos);
     println!("forward    {:.1} tokens/s ({fed} tokens in {secs:.2} s)", fed as f64 / secs);
     if let Some(out) = &args.json {
-        let mut v = serde_json::to_value(&p).map_err(|e| crate::Error::Msg(e.to_string()))?;
+        let mut v = serde_json::to_value(&p).map_err(|e| Error::file(out, e))?;
         v["model"] = ckpt.source.display().to_string().into();
         v["tokens_per_s"] = (fed as f64 / secs).into();
-        write_atomic(out, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes())?;
+        write_json(out, &v)?;
+    }
+    Ok(())
+}
+
+/// The text and window flags of `scan` (and of `intervene`'s two texts).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuleArgs {
+    /// Flag |h| >= ABS (0 gives the ratio-only rule for small models)
+    #[arg(long, default_value_t = 100.0)]
+    pub abs: f64,
+    /// ... and |h| / median(|h|) >= RATIO
+    #[arg(long, default_value_t = 1000.0)]
+    pub ratio: f64,
+}
+
+impl RuleArgs {
+    pub fn rule(&self) -> Result<Rule> {
+        if !(self.abs >= 0.0 && self.ratio >= 0.0) {
+            return Err(Error::Usage("--abs and --ratio must be >= 0".into()));
+        }
+        Ok(Rule { abs: self.abs, ratio: self.ratio })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text file, or folder of *.txt [default: the fetched Hamlet]
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Number of windows
+    #[arg(long, default_value_t = 10)]
+    pub num_seqs: usize,
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The paper's Fig. 2 (top-1/2/3 and median per layer): .png, .svg, or both for another name
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+fn windows_of(tok: &crate::checkpoint::Tok, path: &Option<PathBuf>, seq_len: usize, n: usize) -> Result<Windows> {
+    let file = text_path(path)?;
+    if n == 0 {
+        return Err(Error::Usage("--num-seqs must be at least 1".into()));
+    }
+    Windows::new(tok, &read_text(&file)?, seq_len, Some(n), &file)
+}
+
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let body = serde_json::to_string_pretty(value).map_err(|e| Error::file(path, e))?;
+    write_atomic(path, body.as_bytes())
+}
+
+pub fn scan_cmd(args: &ScanArgs) -> Result<()> {
+    let rule = args.rule.rule()?;
+    let (ckpt, model) = args.model.load(&Adapters::none())?;
+    let windows = windows_of(&ckpt.tokenizer, &args.text, args.seq_len, args.num_seqs)?;
+    let start = std::time::Instant::now();
+    let report = scan(&model, &ckpt.tokenizer, &windows, rule, &ckpt.source.display().to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    print!("{}", report.table());
+    println!("{} windows x {} tokens (bos {}) in {secs:.1} s", report.num_seqs, windows.width(), report.bos);
+    if let Some(p) = &args.json {
+        write_json(p, &report)?;
+    }
+    if let Some(p) = &args.plot {
+        draw_scans(&[(&report, "scan")], p)?;
+    }
+    Ok(())
+}
+
+fn draw_scans(scans: &[(&ScanReport, &str)], out: &std::path::Path) -> Result<()> {
+    let series: Vec<LayerSeries> = scans
+        .iter()
+        .map(|(r, label)| LayerSeries {
+            label: label.to_string(),
+            top: r.layers.iter().map(|l| l.top).collect(),
+            median: r.layers.iter().map(|l| l.median).collect(),
+        })
+        .collect();
+    let name = std::path::Path::new(&scans[0].0.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for w in crate::plot::draw(&series, &name, out)? {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// One or two scan JSON files (two are overlaid: before / after)
+    #[arg(required = true, num_args = 1..=2)]
+    pub scans: Vec<PathBuf>,
+    /// .png, .svg, or another name for both
+    #[arg(long, default_value = "scan.png")]
+    pub out: PathBuf,
+}
+
+pub fn plot_cmd(args: &PlotArgs) -> Result<()> {
+    let reports: Vec<ScanReport> = args
+        .scans
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(p).map_err(|e| Error::file(p, e))?;
+            serde_json::from_str(&s).map_err(|e| Error::file(p, format!("not a scan JSON: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let labels: Vec<String> = args.scans.iter().map(|p| p.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    let pairs: Vec<(&ScanReport, &str)> = reports.iter().zip(labels.iter().map(String::as_str)).collect();
+    draw_scans(&pairs, &args.out)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InterveneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text on which the massive dims and their means are found [default: the fetched Hamlet]
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Text on which perplexity is measured three ways [default: the fetched Hamlet]
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Layer to intervene at [default: the first layer with massive activations]
+    #[arg(long)]
+    pub layer: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Windows of each text
+    #[arg(long, default_value_t = 10)]
+    pub num_seqs: usize,
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn intervene_cmd(args: &InterveneArgs) -> Result<()> {
+    let rule = args.rule.rule()?;
+    let (ckpt, model) = args.model.load(&Adapters::none())?;
+    let calib = windows_of(&ckpt.tokenizer, &args.calib, args.seq_len, args.num_seqs)?;
+    let eval = windows_of(&ckpt.tokenizer, &args.text, args.seq_len, args.num_seqs)?;
+    let report = intervene(&model, &ckpt.tokenizer, &calib, &eval, args.layer, rule, &ckpt.source.display().to_string())?;
+    print!("{}", report.table());
+    if let Some(p) = &args.json {
+        write_json(p, &report)?;
     }
     Ok(())
 }

@@ -10,6 +10,8 @@ pub mod adapters;
 pub mod model;
 pub mod data;
 pub mod perplexity;
+pub mod scan;
+pub mod intervene;
 pub mod metrics;
 pub mod plot;
 pub mod commands;

@@ -16,6 +16,12 @@ enum Command {
     Info(commands::InfoArgs),
     /// Perplexity over consecutive non-overlapping windows of a text
     Ppl(commands::PplArgs),
+    /// Find massive activations per layer (top-1/2/3, median, flagged entries, attention sink)
+    Scan(commands::ScanArgs),
+    /// Perplexity with the massive activations set to zero / to their mean (the paper's test)
+    Intervene(commands::InterveneArgs),
+    /// Draw one scan JSON, or overlay two (before / after)
+    Plot(commands::PlotArgs),
 }
 
 fn main() {
@@ -29,6 +35,9 @@ fn main() {
     let result = match &cli.command {
         Command::Info(a) => commands::info(a),
         Command::Ppl(a) => commands::ppl(a),
+        Command::Scan(a) => commands::scan_cmd(a),
+        Command::Intervene(a) => commands::intervene_cmd(a),
+        Command::Plot(a) => commands::plot_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -192,7 +192,8 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// TFRecord stores CRCs masked, so CRCs of data that itself holds CRCs stay well-distributed.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let crc = crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    // TF writes this as ((crc >> 15) | (crc << 17)) + 0xa282ead8.
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 // Just enough protobuf for Event{step=2 int64, summary=5 Summary{value=1 repeated

@@ -42,7 +42,7 @@ fn smollm2_perplexity_agrees_with_candle_quantized_llama() {
     assert_eq!(ckpt.config.n_kv_heads(), 3);
     assert!(ckpt.config.tie_word_embeddings);
     let model = ckpt.load_model(candle_core::DType::F32, &Device::Cpu, &Adapters::none()).unwrap();
-    let windows = Windows::new(&ckpt.tokenizer, &read_text(&text).unwrap(), 256, Some(2), &text).unwrap();
+    let windows = Windows::new(&ckpt.tokenizer, &read_text(&text).unwrap(), 128, Some(1), &text).unwrap();
     let ours = perplexity(&model, &windows).unwrap().ppl;
     let reference = quantized_ppl(&gguf, &windows);
     eprintln!("eabfit ppl {ours:.3}, candle quantized llama {reference:.3}");
