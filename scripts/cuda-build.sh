@@ -12,13 +12,14 @@
 #      driver function cudarc 0.19.10 declares (names read from its registry source);
 #      the real libcuda.so.1 of the driver is used at run time;
 #   4. runs `cargo build --release --features cuda [EXTRA ARGS]` into <repo>/target-cuda
+#      (`cargo test` instead when EXTRA ARGS hold --no-run)
 #      (git-ignored), with CUDA_COMPUTE_CAP=90 and CUDARC_CUDA_VERSION=13000;
 #   5. copies the stripped release binary to <repo>/.device-bin/eabfit (git-ignored).
 #
 # Run:   scripts/cuda-build.sh                       # release binary
 #        scripts/cuda-build.sh --tests --no-run      # also the test binaries, cuda feature on
 #        scripts/cuda-build.sh --bin eabfit
-# Extra args go to `cargo build` as they are. A clean build takes ~7-11 min on 2 cores
+# Extra args go to cargo as they are; test binaries are listed as "Executable ..." lines. A clean build takes ~7-11 min on 2 cores
 # (most of it nvcc compiling candle-kernels); rebuilds take seconds: keep target-cuda/.
 #
 # Needs: python3 with pip and access to PyPI (1.2 GB of wheels, once), gcc, strip,
@@ -95,9 +96,12 @@ export CUDA_COMPUTE_CAP=90
 export CUDARC_CUDA_VERSION=13000
 export CARGO_TARGET_DIR=$target_dir
 export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=$cu13/lib -L native=$stub_dir"
-log "cargo build --release --features cuda $* (target dir $target_dir)"
+# `--no-run` is a `cargo test` flag: with it, build the test binaries through `cargo test`
+sub=build
+for a in "$@"; do [ "$a" = --no-run ] && sub=test; done
+log "cargo $sub --release --features cuda $* (target dir $target_dir)"
 start=$(date +%s)
-(cd "$repo" && cargo build --release --features cuda "$@")
+(cd "$repo" && cargo "$sub" --release --features cuda "$@")
 log "cargo build done in $(( $(date +%s) - start )) s"
 
 # 5. stripped binary for the GPU machine ------------------------------------------------------

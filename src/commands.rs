@@ -22,22 +22,52 @@ pub fn info(args: &InfoArgs) -> Result<()> {
     let dtype = args.model.dtype(&device)?;
     let c = &ckpt.config;
     let t = &ckpt.tokenizer;
-    let tok_name = |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.token_text(i)));
+    let tok_name =
+        |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.token_text(i)));
     println!("source          {}", ckpt.source.display());
     println!("format          {}", ckpt.format);
-    println!("architecture    {} (LLaMA-family decoder)", c.model_type.as_deref().unwrap_or("llama"));
+    println!(
+        "architecture    {} (LLaMA-family decoder)",
+        c.model_type.as_deref().unwrap_or("llama")
+    );
     println!("layers          {}", c.num_hidden_layers);
     println!("hidden          {}", c.hidden_size);
     println!("ffn             {}", c.intermediate_size);
-    println!("heads           {} query / {} kv, head_dim {}", c.num_attention_heads, c.n_kv_heads(), c.head_dim());
+    println!(
+        "heads           {} query / {} kv, head_dim {}",
+        c.num_attention_heads,
+        c.n_kv_heads(),
+        c.head_dim()
+    );
     println!("vocab           {}", c.vocab_size);
     println!("context         {}", c.max_position_embeddings);
-    println!("rope            theta {}{}", c.rope_theta, c.rope_scaling.as_ref().map_or(String::new(), |r| format!(", scaling {} x{}", r.rope_type, r.factor)));
-    println!("sliding window  {}", c.sliding_window.map_or("none".into(), |w| w.to_string()));
-    println!("lm_head         {}", if c.tie_word_embeddings { "tied to embed_tokens" } else { "separate" });
+    println!(
+        "rope            theta {}{}",
+        c.rope_theta,
+        c.rope_scaling.as_ref().map_or(String::new(), |r| format!(
+            ", scaling {} x{}",
+            r.rope_type, r.factor
+        ))
+    );
+    println!(
+        "sliding window  {}",
+        c.sliding_window.map_or("none".into(), |w| w.to_string())
+    );
+    println!(
+        "lm_head         {}",
+        if c.tie_word_embeddings {
+            "tied to embed_tokens"
+        } else {
+            "separate"
+        }
+    );
     println!("stored dtype    {}", ckpt.stored_dtype);
     println!("load dtype      {dtype:?} on {}", args.model.device);
-    println!("parameters      {} ({:.1} M)", ckpt.param_count(), ckpt.param_count() as f64 / 1e6);
+    println!(
+        "parameters      {} ({:.1} M)",
+        ckpt.param_count(),
+        ckpt.param_count() as f64 / 1e6
+    );
     println!("tokenizer       {}", t.origin);
     println!("  vocab         {}", t.vocab_size());
     println!("  bos           {}", tok_name(t.bos));
@@ -67,13 +97,25 @@ pub fn ppl(args: &PplArgs) -> Result<()> {
     let text_file = text_path(&args.text)?;
     let text = read_text(&text_file)?;
     let (ckpt, model) = args.model.load(&Adapters::none())?;
-    let windows = Windows::new(&ckpt.tokenizer, &text, args.seq_len, args.max_windows, &text_file)?;
+    let windows = Windows::new(
+        &ckpt.tokenizer,
+        &text,
+        args.seq_len,
+        args.max_windows,
+        &text_file,
+    )?;
     let start = std::time::Instant::now();
     let p = perplexity(&model, &windows)?;
     let secs = start.elapsed().as_secs_f64();
     let fed = windows.len() * windows.width();
-    println!("perplexity {:.4}  (nll {:.4}, {} tokens predicted, {} windows of {} + bos {})", p.ppl, p.nll, p.tokens, p.windows, p.seq_len, p.bos);
-    println!("forward    {:.1} tokens/s ({fed} tokens in {secs:.2} s)", fed as f64 / secs);
+    println!(
+        "perplexity {:.4}  (nll {:.4}, {} tokens predicted, {} windows of {} + bos {})",
+        p.ppl, p.nll, p.tokens, p.windows, p.seq_len, p.bos
+    );
+    println!(
+        "forward    {:.1} tokens/s ({fed} tokens in {secs:.2} s)",
+        fed as f64 / secs
+    );
     if let Some(out) = &args.json {
         let mut v = serde_json::to_value(&p).map_err(|e| Error::file(out, e))?;
         v["model"] = ckpt.source.display().to_string().into();
@@ -99,7 +141,10 @@ impl RuleArgs {
         if !(self.abs >= 0.0 && self.ratio >= 0.0) {
             return Err(Error::Usage("--abs and --ratio must be >= 0".into()));
         }
-        Ok(Rule { abs: self.abs, ratio: self.ratio })
+        Ok(Rule {
+            abs: self.abs,
+            ratio: self.ratio,
+        })
     }
 }
 
@@ -124,7 +169,12 @@ pub struct ScanArgs {
     pub plot: Option<PathBuf>,
 }
 
-fn windows_of(tok: &crate::checkpoint::Tok, path: &Option<PathBuf>, seq_len: usize, n: usize) -> Result<Windows> {
+fn windows_of(
+    tok: &crate::checkpoint::Tok,
+    path: &Option<PathBuf>,
+    seq_len: usize,
+    n: usize,
+) -> Result<Windows> {
     let file = text_path(path)?;
     if n == 0 {
         return Err(Error::Usage("--num-seqs must be at least 1".into()));
@@ -142,10 +192,21 @@ pub fn scan_cmd(args: &ScanArgs) -> Result<()> {
     let (ckpt, model) = args.model.load(&Adapters::none())?;
     let windows = windows_of(&ckpt.tokenizer, &args.text, args.seq_len, args.num_seqs)?;
     let start = std::time::Instant::now();
-    let report = scan(&model, &ckpt.tokenizer, &windows, rule, &ckpt.source.display().to_string())?;
+    let report = scan(
+        &model,
+        &ckpt.tokenizer,
+        &windows,
+        rule,
+        &ckpt.source.display().to_string(),
+    )?;
     let secs = start.elapsed().as_secs_f64();
     print!("{}", report.table());
-    println!("{} windows x {} tokens (bos {}) in {secs:.1} s", report.num_seqs, windows.width(), report.bos);
+    println!(
+        "{} windows x {} tokens (bos {}) in {secs:.1} s",
+        report.num_seqs,
+        windows.width(),
+        report.bos
+    );
     if let Some(p) = &args.json {
         write_json(p, &report)?;
     }
@@ -164,7 +225,10 @@ fn draw_scans(scans: &[(&ScanReport, &str)], out: &std::path::Path) -> Result<()
             median: r.layers.iter().map(|l| l.median).collect(),
         })
         .collect();
-    let name = std::path::Path::new(&scans[0].0.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = std::path::Path::new(&scans[0].0.model)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for w in crate::plot::draw(&series, &name, out)? {
         eprintln!("warning: {w}");
     }
@@ -190,8 +254,20 @@ pub fn plot_cmd(args: &PlotArgs) -> Result<()> {
             serde_json::from_str(&s).map_err(|e| Error::file(p, format!("not a scan JSON: {e}")))
         })
         .collect::<Result<_>>()?;
-    let labels: Vec<String> = args.scans.iter().map(|p| p.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
-    let pairs: Vec<(&ScanReport, &str)> = reports.iter().zip(labels.iter().map(String::as_str)).collect();
+    let labels: Vec<String> = args
+        .scans
+        .iter()
+        .map(|p| {
+            p.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let pairs: Vec<(&ScanReport, &str)> = reports
+        .iter()
+        .zip(labels.iter().map(String::as_str))
+        .collect();
     draw_scans(&pairs, &args.out)
 }
 
@@ -224,7 +300,15 @@ pub fn intervene_cmd(args: &InterveneArgs) -> Result<()> {
     let (ckpt, model) = args.model.load(&Adapters::none())?;
     let calib = windows_of(&ckpt.tokenizer, &args.calib, args.seq_len, args.num_seqs)?;
     let eval = windows_of(&ckpt.tokenizer, &args.text, args.seq_len, args.num_seqs)?;
-    let report = intervene(&model, &ckpt.tokenizer, &calib, &eval, args.layer, rule, &ckpt.source.display().to_string())?;
+    let report = intervene(
+        &model,
+        &ckpt.tokenizer,
+        &calib,
+        &eval,
+        args.layer,
+        rule,
+        &ckpt.source.display().to_string(),
+    )?;
     print!("{}", report.table());
     if let Some(p) = &args.json {
         write_json(p, &report)?;

@@ -24,7 +24,10 @@ pub fn read_text(path: &Path) -> Result<String> {
         text.push_str("\n\n");
     }
     if text.trim().is_empty() {
-        return Err(Error::file(path, "no text (empty file or no *.txt in the folder)"));
+        return Err(Error::file(
+            path,
+            "no text (empty file or no *.txt in the folder)",
+        ));
     }
     Ok(text)
 }
@@ -39,14 +42,26 @@ pub struct Windows {
 }
 
 impl Windows {
-    pub fn new(tok: &Tok, text: &str, seq_len: usize, max_windows: Option<usize>, origin: &Path) -> Result<Self> {
+    pub fn new(
+        tok: &Tok,
+        text: &str,
+        seq_len: usize,
+        max_windows: Option<usize>,
+        origin: &Path,
+    ) -> Result<Self> {
         if seq_len == 0 {
             return Err(Error::Usage("--seq-len must be at least 1".into()));
         }
         let ids = tok.encode(text)?;
         let n = ids.len() / seq_len;
         if n == 0 {
-            return Err(Error::file(origin, format!("text too short: {} tokens, a window needs {seq_len}", ids.len())));
+            return Err(Error::file(
+                origin,
+                format!(
+                    "text too short: {} tokens, a window needs {seq_len}",
+                    ids.len()
+                ),
+            ));
         }
         let n = max_windows.map_or(n, |m| m.min(n));
         let bos = tok.bos.filter(|_| tok.add_bos);

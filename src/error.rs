@@ -18,10 +18,16 @@ pub enum Error {
 
 impl Error {
     pub fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::File { path: path.into(), msg: msg.to_string() }
+        Error::File {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
     }
     pub fn tensor(name: impl Into<String>, msg: impl std::fmt::Display) -> Self {
-        Error::Tensor { name: name.into(), msg: msg.to_string() }
+        Error::Tensor {
+            name: name.into(),
+            msg: msg.to_string(),
+        }
     }
     /// Usage errors (bad flags, bad recipe) exit with code 2 at the binary edge.
     pub fn is_usage(&self) -> bool {

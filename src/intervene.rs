@@ -43,14 +43,29 @@ impl InterveneReport {
             "layer {}  dims {:?}  calibration means {:?}\ncarriers: {}\n",
             self.layer,
             self.dims,
-            self.means.iter().map(|(d, m)| format!("{d}: {m:.1}")).collect::<Vec<_>>(),
-            self.carriers.iter().take(8).map(|m| format!("{}@{} {:?}", m.dim, m.position, m.token)).collect::<Vec<_>>().join(", ")
+            self.means
+                .iter()
+                .map(|(d, m)| format!("{d}: {m:.1}"))
+                .collect::<Vec<_>>(),
+            self.carriers
+                .iter()
+                .take(8)
+                .map(|m| format!("{}@{} {:?}", m.dim, m.position, m.token))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         s += &format!("{:<28} {:>12} {:>8}\n", "intervention", "perplexity", "nll");
-        for (name, a) in [("original", &self.original), ("set to zero", &self.zero), ("set to calibration mean", &self.mean)] {
+        for (name, a) in [
+            ("original", &self.original),
+            ("set to zero", &self.zero),
+            ("set to calibration mean", &self.mean),
+        ] {
             s += &format!("{:<28} {:>12.3} {:>8.4}\n", name, a.ppl, a.nll);
         }
-        s += &format!("{} entries edited over {} windows, {} tokens predicted\n", self.edited_entries, self.windows, self.tokens);
+        s += &format!(
+            "{} entries edited over {} windows, {} tokens predicted\n",
+            self.edited_entries, self.windows, self.tokens
+        );
         s
     }
 }
@@ -66,7 +81,10 @@ pub fn intervene(
 ) -> Result<InterveneReport> {
     let n_layers = model.config().num_hidden_layers;
     if let Some(l) = layer.filter(|&l| l >= n_layers) {
-        return Err(Error::Usage(format!("--layer {l} out of range: the model has layers 0..{}", n_layers - 1)));
+        return Err(Error::Usage(format!(
+            "--layer {l} out of range: the model has layers 0..{}",
+            n_layers - 1
+        )));
     }
     let calib_scan = scan(model, tok, calib, rule, model_name)?;
     let layer = match layer.or(calib_scan.first_massive_layer) {
@@ -86,17 +104,28 @@ pub fn intervene(
         e.1 += m.windows;
     }
     if sums.is_empty() {
-        return Err(Error::Usage(format!("layer {layer} has no massive activations on the calibration text")));
+        return Err(Error::Usage(format!(
+            "layer {layer} has no massive activations on the calibration text"
+        )));
     }
     let means: BTreeMap<usize, f64> = sums.iter().map(|(&d, &(s, n))| (d, s / n as f64)).collect();
     let (mut nll, mut tokens, mut edited) = ([0f64; 3], 0usize, 0usize);
     for w in &eval.ids {
         let ids = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
-        let base = model.forward(&ids, &Taps { hidden: true, ..Default::default() })?;
+        let base = model.forward(
+            &ids,
+            &Taps {
+                hidden: true,
+                ..Default::default()
+            },
+        )?;
         // The same dims, wherever they are massive in this window.
         let h = &base.hidden[layer];
         let (_, t, d) = h.dims3()?;
-        let vals: Vec<f32> = h.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let vals: Vec<f32> = h
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let mut mags: Vec<f32> = vals.iter().map(|v| v.abs()).collect();
         let mid = mags.len() / 2;
         let median = *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
@@ -106,7 +135,15 @@ pub fn intervene(
             .collect();
         edited += hits.len();
         let edits = |value: &dyn Fn(usize) -> f32| Taps {
-            edits: hits.iter().map(|&(position, dim)| Edit { layer, position, dim, value: value(dim) }).collect(),
+            edits: hits
+                .iter()
+                .map(|&(position, dim)| Edit {
+                    layer,
+                    position,
+                    dim,
+                    value: value(dim),
+                })
+                .collect(),
             ..Default::default()
         };
         nll[0] += nll_sum(&base.logits, &ids)?.to_scalar::<f32>()? as f64;
@@ -118,7 +155,10 @@ pub fn intervene(
     }
     let arm = |s: f64| {
         let nll = s / tokens.max(1) as f64;
-        Arm { ppl: nll.exp(), nll }
+        Arm {
+            ppl: nll.exp(),
+            nll,
+        }
     };
     Ok(InterveneReport {
         model: model_name.to_string(),

@@ -3,17 +3,17 @@
 //! Modules follow the data flow: checkpoint -> model (+ adapters) -> data -> perplexity
 //! -> metrics -> plot, with `runtime` holding the flags every command shares.
 
-pub mod error;
-pub mod runtime;
-pub mod checkpoint;
 pub mod adapters;
-pub mod model;
+pub mod checkpoint;
+pub mod commands;
 pub mod data;
-pub mod perplexity;
-pub mod scan;
+pub mod error;
 pub mod intervene;
 pub mod metrics;
+pub mod model;
+pub mod perplexity;
 pub mod plot;
-pub mod commands;
+pub mod runtime;
+pub mod scan;
 
 pub use error::{Error, Result};

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use eabfit::commands;
 
 #[derive(Parser)]
-#[command(name = "eabfit", version, about = "Retrofit Explicit Attention Bias onto frozen LLaMA/Mistral checkpoints")]
+#[command(
+    name = "eabfit",
+    version,
+    about = "Retrofit Explicit Attention Bias onto frozen LLaMA/Mistral checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -37,7 +37,8 @@ impl RunLogger {
     /// Opens (or creates) a run folder. An existing `scalars.jsonl` is appended to, so a
     /// resumed run keeps its history; TensorBoard gets a new event file either way.
     pub fn create(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create run folder: {e}")))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot create run folder: {e}")))?;
         // Opening the mirror first also proves the folder is writable: tensorboard-rs creates
         // its file on a background thread and can only panic if that fails.
         let jsonl_path = dir.join("scalars.jsonl");
@@ -49,21 +50,29 @@ impl RunLogger {
         wait_for_unused_event_name(dir)?;
         let tb = catch_unwind(|| SummaryWriter::new(dir))
             .map_err(|_| Error::file(dir, "tensorboard-rs could not start an event writer"))?;
-        Ok(Self { dir: dir.to_path_buf(), tb: Some(tb), jsonl: BufWriter::new(file), jsonl_path })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tb: Some(tb),
+            jsonl: BufWriter::new(file),
+            jsonl_path,
+        })
     }
 
     /// TensorBoard stores scalars as f32; the JSON mirror keeps the full f64.
     pub fn scalar(&mut self, tag: &str, value: f64, step: usize) -> Result<()> {
         serde_json::to_writer(&mut self.jsonl, &JsonLine { tag, step, value })
             .map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
-        writeln!(self.jsonl).map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
+        writeln!(self.jsonl)
+            .map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
         self.with_tb(|w| w.add_scalar(tag, value as f32, step))
     }
 
     /// The JSON mirror is on disk when this returns; tensorboard-rs only *asks* its writer
     /// thread to flush, so event records may land a moment later. Use `close` to be certain.
     pub fn flush(&mut self) -> Result<()> {
-        self.jsonl.flush().map_err(|e| Error::file(&self.jsonl_path, format!("flush failed: {e}")))?;
+        self.jsonl
+            .flush()
+            .map_err(|e| Error::file(&self.jsonl_path, format!("flush failed: {e}")))?;
         self.with_tb(|w| w.flush())
     }
 
@@ -71,8 +80,9 @@ impl RunLogger {
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
         if let Some(tb) = self.tb.take() {
-            catch_unwind(AssertUnwindSafe(|| drop(tb)))
-                .map_err(|_| Error::file(&self.dir, "tensorboard event writer failed while closing"))?;
+            catch_unwind(AssertUnwindSafe(|| drop(tb))).map_err(|_| {
+                Error::file(&self.dir, "tensorboard event writer failed while closing")
+            })?;
         }
         Ok(())
     }
@@ -80,13 +90,18 @@ impl RunLogger {
     // tensorboard-rs panics (rather than returning an error) when its writer thread has died,
     // e.g. on a full disk; turn that into an error and stop using the writer.
     fn with_tb(&mut self, f: impl FnOnce(&mut SummaryWriter)) -> Result<()> {
-        let tb = self
-            .tb
-            .as_mut()
-            .ok_or_else(|| Error::file(&self.dir, "tensorboard event writer stopped after an earlier failure"))?;
+        let tb = self.tb.as_mut().ok_or_else(|| {
+            Error::file(
+                &self.dir,
+                "tensorboard event writer stopped after an earlier failure",
+            )
+        })?;
         if catch_unwind(AssertUnwindSafe(|| f(tb))).is_err() {
             std::mem::forget(self.tb.take());
-            return Err(Error::file(&self.dir, "tensorboard event writer failed (see stderr)"));
+            return Err(Error::file(
+                &self.dir,
+                "tensorboard event writer failed (see stderr)",
+            ));
         }
         Ok(())
     }
@@ -98,7 +113,10 @@ impl RunLogger {
 fn wait_for_unused_event_name(dir: &Path) -> Result<()> {
     let suffix = format!(".{}.0", std::process::id());
     loop {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let prefix = format!("{EVENT_PREFIX}{secs:010}.");
         let taken = fs::read_dir(dir)
             .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
@@ -121,7 +139,11 @@ pub fn read_scalars(dir: &Path) -> Result<Vec<(String, i64, f32)>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))? {
         let entry = entry.map_err(|e| Error::file(dir, format!("cannot list: {e}")))?;
-        if entry.file_name().to_string_lossy().starts_with(EVENT_PREFIX) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(EVENT_PREFIX)
+        {
             files.push(entry.path());
         }
     }
@@ -138,7 +160,10 @@ pub fn read_scalars(dir: &Path) -> Result<Vec<(String, i64, f32)>> {
 }
 
 // TFRecord framing: u64 length, masked crc32c(length), data, masked crc32c(data); little-endian.
-fn read_records(mut rest: &[u8], out: &mut Vec<(String, i64, f32)>) -> std::result::Result<(), String> {
+fn read_records(
+    mut rest: &[u8],
+    out: &mut Vec<(String, i64, f32)>,
+) -> std::result::Result<(), String> {
     let mut offset = 0usize;
     while !rest.is_empty() {
         if rest.len() < 12 {
@@ -147,7 +172,9 @@ fn read_records(mut rest: &[u8], out: &mut Vec<(String, i64, f32)>) -> std::resu
         if masked_crc32c(&rest[..8]) != le_u32(&rest[8..12]) {
             return Err(format!("length CRC mismatch at byte {offset}"));
         }
-        let len = u64::from_le_bytes([rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6], rest[7]]);
+        let len = u64::from_le_bytes([
+            rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6], rest[7],
+        ]);
         let end = usize::try_from(len)
             .ok()
             .and_then(|n| n.checked_add(16))
@@ -176,7 +203,11 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut k = 0;
         while k < 8 {
             // 0x82F63B78 is the Castagnoli polynomial 0x1EDC6F41, bit-reversed.
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -186,7 +217,9 @@ const CRC32C_TABLE: [u32; 256] = {
 };
 
 pub fn crc32c(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |c, &b| CRC32C_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8))
+    !data.iter().fold(!0u32, |c, &b| {
+        CRC32C_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
+    })
 }
 
 /// TFRecord stores CRCs masked, so CRCs of data that itself holds CRCs stay well-distributed.
@@ -222,7 +255,10 @@ impl<'a> Pb<'a> {
     }
 
     fn take(&mut self, n: u64) -> std::result::Result<&'a [u8], String> {
-        let n = usize::try_from(n).ok().filter(|&n| n <= self.0.len()).ok_or("field runs past end of message")?;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.0.len())
+            .ok_or("field runs past end of message")?;
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(head)
@@ -279,7 +315,9 @@ fn decode_value(data: &[u8]) -> std::result::Result<Option<(String, f32)>, Strin
     let mut pb = Pb(data);
     while let Some((num, field)) = pb.next()? {
         match (num, field) {
-            (1, Field::Bytes(b)) => tag = String::from_utf8(b.to_vec()).map_err(|_| "tag is not UTF-8")?,
+            (1, Field::Bytes(b)) => {
+                tag = String::from_utf8(b.to_vec()).map_err(|_| "tag is not UTF-8")?
+            }
             (2, Field::Fixed32(b)) => simple = Some(f32::from_le_bytes(b)),
             _ => {}
         }
@@ -309,14 +347,22 @@ mod tests {
     }
 
     fn expected(writes: &[(&str, usize, f64)]) -> Vec<(String, i64, f32)> {
-        writes.iter().map(|&(t, s, v)| (t.to_string(), s as i64, v as f32)).collect()
+        writes
+            .iter()
+            .map(|&(t, s, v)| (t.to_string(), s as i64, v as f32))
+            .collect()
     }
 
     fn event_file(dir: &Path) -> PathBuf {
         let mut files: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(EVENT_PREFIX))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(EVENT_PREFIX)
+            })
             .collect();
         assert_eq!(files.len(), 1);
         files.pop().unwrap()
@@ -327,7 +373,10 @@ mod tests {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
         for data in [&b""[..], b"a", b"123456789", &[0xffu8; 37]] {
-            assert_eq!(masked_crc32c(data), tensorboard_rs::masked_crc32c::masked_crc32c(data));
+            assert_eq!(
+                masked_crc32c(data),
+                tensorboard_rs::masked_crc32c::masked_crc32c(data)
+            );
         }
     }
 
@@ -338,7 +387,10 @@ mod tests {
         assert_eq!(read_scalars(dir.path()).unwrap(), expected(&WRITES));
 
         let text = fs::read_to_string(dir.path().join("scalars.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), WRITES.len());
         for (line, &(tag, step, value)) in lines.iter().zip(&WRITES) {
             assert_eq!(line["tag"], tag);

@@ -15,7 +15,11 @@ type CResult<T> = candle_core::Result<T>;
 /// Precision for norms, softmax and logits: f32, or f64 when the model itself runs in f64
 /// (the finite-difference tests do).
 fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 { DType::F64 } else { DType::F32 }
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3`); other types are rejected
@@ -80,24 +84,36 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Checks the combinations serde cannot; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let h = self.num_attention_heads;
         if h == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
-            return Err("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be > 0".into());
+            return Err(
+                "hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be > 0"
+                    .into(),
+            );
         }
         if self.head_dim.is_none() && self.hidden_size % h != 0 {
-            return Err(format!("hidden_size {} is not divisible by num_attention_heads {h}", self.hidden_size));
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {h}",
+                self.hidden_size
+            ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         let kv = self.n_kv_heads();
         if kv == 0 || h % kv != 0 {
-            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
+            return Err(format!(
+                "num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"
+            ));
         }
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_str() {
@@ -110,7 +126,11 @@ impl Config {
                         return Err("rope_scaling (llama3) needs low_freq_factor, high_freq_factor and original_max_position_embeddings".into());
                     }
                 }
-                other => return Err(format!("rope_scaling.rope_type `{other}` is not supported (llama3 or default)")),
+                other => {
+                    return Err(format!(
+                        "rope_scaling.rope_type `{other}` is not supported (llama3 or default)"
+                    ))
+                }
             }
         }
         Ok(())
@@ -123,10 +143,17 @@ impl Config {
             .step_by(2)
             .map(|i| 1.0 / self.rope_theta.powf(i as f64 / hd as f64))
             .collect();
-        let Some(rs) = self.rope_scaling.as_ref().filter(|r| r.rope_type == "llama3") else {
+        let Some(rs) = self
+            .rope_scaling
+            .as_ref()
+            .filter(|r| r.rope_type == "llama3")
+        else {
             return base;
         };
-        let (lo, hi) = (rs.low_freq_factor.unwrap_or(1.0), rs.high_freq_factor.unwrap_or(4.0));
+        let (lo, hi) = (
+            rs.low_freq_factor.unwrap_or(1.0),
+            rs.high_freq_factor.unwrap_or(4.0),
+        );
         let orig = rs.original_max_position_embeddings.unwrap_or(8192) as f64;
         let (lo_wavelen, hi_wavelen) = (orig / lo, orig / hi);
         base.into_iter()
@@ -228,13 +255,18 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(vb: VarBuilder, dim: usize, eps: f64) -> CResult<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(acc(dtype))?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
         let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight)
     }
@@ -299,7 +331,12 @@ struct AttnOut {
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
-        let (h, kv, hd, d) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let (h, kv, hd, d) = (
+            cfg.num_attention_heads,
+            cfg.n_kv_heads(),
+            cfg.head_dim(),
+            cfg.hidden_size,
+        );
         Ok(Self {
             q_proj: Linear::load(vb.pp("q_proj"), d, h * hd, adapters)?,
             k_proj: Linear::load(vb.pp("k_proj"), d, kv * hd, adapters)?,
@@ -319,19 +356,37 @@ impl Attention {
             return Ok(x.clone());
         }
         let (b, kv, t, hd) = x.dims4()?;
-        x.unsqueeze(2)?.expand((b, kv, rep, t, hd))?.reshape((b, kv * rep, t, hd))
+        x.unsqueeze(2)?
+            .expand((b, kv, rep, t, hd))?
+            .reshape((b, kv * rep, t, hd))
     }
 
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?; // (B, H, T, hd)
-        let k = self.k_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?; // (B, KV, T, hd)
-        let v = self.v_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?; // (B, H, T, hd)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?; // (B, KV, T, hd)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope.apply(&q.contiguous()?)?;
         let k = rope.apply(&k.contiguous()?)?;
         let first_kv = if taps.first_kv {
-            Some((k.narrow(2, 0, 1)?.squeeze(2)?, v.narrow(2, 0, 1)?.squeeze(2)?)) // (B, KV, hd)
+            Some((
+                k.narrow(2, 0, 1)?.squeeze(2)?,
+                v.narrow(2, 0, 1)?.squeeze(2)?,
+            )) // (B, KV, hd)
         } else {
             None
         };
@@ -342,22 +397,39 @@ impl Attention {
         let scores = scores.broadcast_add(&mask.to_dtype(acc(q.dtype()))?)?;
         let scores = match &self.slot {
             Some(slot) => {
-                let ks = self.slot_heads(&slot.k, q.dtype())?.unsqueeze(0)?.unsqueeze(3)?; // (1, H, hd, 1)
+                let ks = self
+                    .slot_heads(&slot.k, q.dtype())?
+                    .unsqueeze(0)?
+                    .unsqueeze(3)?; // (1, H, hd, 1)
                 let s = (q.broadcast_matmul(&ks)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, 1)
                 Tensor::cat(&[&scores, &s], D::Minus1)? // (B, H, T, T+1)
             }
             None => scores,
         };
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let mut out = probs.narrow(D::Minus1, 0, t)?.to_dtype(v.dtype())?.matmul(&v)?; // (B, H, T, hd)
+        let mut out = probs
+            .narrow(D::Minus1, 0, t)?
+            .to_dtype(v.dtype())?
+            .matmul(&v)?; // (B, H, T, hd)
         if let Some(slot) = &self.slot {
-            let vs = self.slot_heads(&slot.v, v.dtype())?.unsqueeze(0)?.unsqueeze(2)?; // (1, H, 1, hd)
+            let vs = self
+                .slot_heads(&slot.v, v.dtype())?
+                .unsqueeze(0)?
+                .unsqueeze(2)?; // (1, H, 1, hd)
             let p_slot = probs.narrow(D::Minus1, t, 1)?.to_dtype(v.dtype())?; // (B, H, T, 1)
             out = (out + p_slot.broadcast_mul(&vs)?)?;
         }
-        let stats = if taps.attn { Some(attn_stats(&probs, t)?) } else { None };
+        let stats = if taps.attn {
+            Some(attn_stats(&probs, t)?)
+        } else {
+            None
+        };
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*hd)
-        Ok(AttnOut { out: self.o_proj.forward(&out)?, stats, first_kv })
+        Ok(AttnOut {
+            out: self.o_proj.forward(&out)?,
+            stats,
+            first_kv,
+        })
     }
 
     /// Slot vectors are stored per KV head, (KV, hd); query heads of a group share one.
@@ -368,7 +440,9 @@ impl Attention {
             return Ok(x);
         }
         let (kv, hd) = x.dims2()?;
-        x.unsqueeze(1)?.expand((kv, rep, hd))?.reshape((kv * rep, hd)) // (H, hd)
+        x.unsqueeze(1)?
+            .expand((kv, rep, hd))?
+            .reshape((kv * rep, hd)) // (H, hd)
     }
 }
 
@@ -419,7 +493,11 @@ impl Block {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg, layer, adapters)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg, adapters)?,
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
                 cfg.hidden_size,
@@ -428,10 +506,21 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<(Tensor, AttnOut)> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, taps)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        taps: &Taps,
+    ) -> CResult<(Tensor, AttnOut)> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, mask, taps)?;
         let x = (x + &attn.out)?;
-        let x = (&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?;
+        let x = (&x
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
         Ok((x, attn))
     }
 }
@@ -453,17 +542,22 @@ impl Model {
     pub fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         if adapters.mask_first_token && adapters.slots.iter().all(Option::is_none) {
-            candle_core::bail!("mask_first_token needs EAB slots: position 0 would have nothing to attend to");
+            candle_core::bail!(
+                "mask_first_token needs EAB slots: position 0 would have nothing to attend to"
+            );
         }
         let m = vb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(m.pp("layers").pp(i), cfg, i, adapters))
             .collect::<CResult<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Tied checkpoints usually omit lm_head.weight; some untied ones still carry a copy.
         let lm_head = if !cfg.tie_word_embeddings || vb.contains_tensor("lm_head.weight") {
-            vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            vb.pp("lm_head")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?
         } else {
             embed_tokens.clone()
         };
@@ -503,7 +597,11 @@ impl Model {
             .flat_map(|i| {
                 (0..t).map(move |j| {
                     let hidden = j > i || i - j >= window || (self.mask_first_token && j == 0);
-                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                    if hidden {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
                 })
             })
             .collect();
@@ -514,12 +612,23 @@ impl Model {
     pub fn forward(&self, input_ids: &Tensor, taps: &Taps) -> CResult<Output> {
         let (b, t) = input_ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
-            candle_core::bail!("sequence of {t} tokens exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
         }
         let d = self.cfg.hidden_size;
-        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, d))?; // (B, T, D)
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?; // (B, T, D)
         let mask = self.mask(t)?;
-        let mut out = Output { logits: Tensor::zeros((), DType::F32, &self.device)?, hidden: vec![], attn: vec![], first_kv: vec![] };
+        let mut out = Output {
+            logits: Tensor::zeros((), DType::F32, &self.device)?,
+            hidden: vec![],
+            attn: vec![],
+            first_kv: vec![],
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let (h, attn) = layer.forward(&x, &self.rope, &mask, taps)?;
             x = apply_edits(&h, i, &taps.edits)?;
@@ -530,7 +639,11 @@ impl Model {
             out.first_kv.extend(attn.first_kv);
         }
         let x = self.norm.forward(&x)?;
-        out.logits = x.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?.reshape((b, t, ()))?.to_dtype(acc(x.dtype()))?;
+        out.logits = x
+            .reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, ()))?
+            .to_dtype(acc(x.dtype()))?;
         Ok(out)
     }
 

@@ -20,9 +20,14 @@ pub struct Perplexity {
 /// Sum of next-token NLL over one batch of windows: logits (B, T, V), ids (B, T).
 pub fn nll_sum(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let t = ids.dim(1)?;
-    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?, D::Minus1)?; // (B, T-1, V)
+    let logp = candle_nn::ops::log_softmax(
+        &logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?; // (B, T-1, V)
     let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?; // (B, T-1, 1)
-    logp.gather(&targets.contiguous()?, D::Minus1)?.neg()?.sum_all()
+    logp.gather(&targets.contiguous()?, D::Minus1)?
+        .neg()?
+        .sum_all()
 }
 
 pub fn perplexity(model: &Model, windows: &Windows) -> Result<Perplexity> {
@@ -35,5 +40,12 @@ pub fn perplexity(model: &Model, windows: &Windows) -> Result<Perplexity> {
         tokens += w.len() - 1;
     }
     let nll = total / tokens.max(1) as f64;
-    Ok(Perplexity { ppl: nll.exp(), nll, tokens, windows: windows.len(), seq_len: windows.seq_len, bos: windows.bos.is_some() })
+    Ok(Perplexity {
+        ppl: nll.exp(),
+        nll,
+        tokens,
+        windows: windows.len(),
+        seq_len: windows.seq_len,
+        bos: windows.bos.is_some(),
+    })
 }

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 /// The cache folder `scripts/fetch-assets.sh` fills: `$EABFIT_CACHE` or `./.cache/assets`.
 pub fn asset_dir() -> PathBuf {
-    std::env::var_os("EABFIT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/assets"))
+    std::env::var_os("EABFIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache/assets"))
 }
 pub fn default_model() -> PathBuf {
     asset_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -38,7 +40,10 @@ impl ModelArgs {
         }
         let p = default_model();
         if !p.is_file() {
-            return Err(Error::file(&p, "default model not fetched yet: run scripts/fetch-assets.sh, or pass --model"));
+            return Err(Error::file(
+                &p,
+                "default model not fetched yet: run scripts/fetch-assets.sh, or pass --model",
+            ));
         }
         Ok(p.display().to_string())
     }
@@ -70,7 +75,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(|e| Error::Usage(format!("--device cuda: {e}"))),
         s => {
-            let n: usize = s.strip_prefix("cuda:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .ok_or_else(bad)?
+                .parse()
+                .map_err(|_| bad())?;
             Device::new_cuda(n).map_err(|e| Error::Usage(format!("--device {s}: {e}")))
         }
     }
@@ -82,7 +91,9 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
         None | Some("f32") => Ok(DType::F32),
         Some("bf16") => Ok(DType::BF16),
         Some("f16") => Ok(DType::F16),
-        Some(other) => Err(Error::Usage(format!("--dtype `{other}`: expected f32, bf16 or f16"))),
+        Some(other) => Err(Error::Usage(format!(
+            "--dtype `{other}`: expected f32, bf16 or f16"
+        ))),
     }
 }
 
@@ -93,7 +104,10 @@ pub fn text_path(arg: &Option<PathBuf>) -> Result<PathBuf> {
         None => {
             let p = default_text();
             if !p.is_file() {
-                return Err(Error::file(&p, "default text not fetched yet: run scripts/fetch-assets.sh, or pass --text"));
+                return Err(Error::file(
+                    &p,
+                    "default text not fetched yet: run scripts/fetch-assets.sh, or pass --text",
+                ));
             }
             Ok(p)
         }
@@ -103,9 +117,15 @@ pub fn text_path(arg: &Option<PathBuf>) -> Result<PathBuf> {
 /// Writes `body` to `path` through a temporary file in the same folder, so a kill mid-write
 /// never leaves a half file where the user expects a whole one.
 pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, body).map_err(|e| Error::file(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))

@@ -19,7 +19,10 @@ pub struct Rule {
 
 impl Default for Rule {
     fn default() -> Self {
-        Self { abs: 100.0, ratio: 1000.0 }
+        Self {
+            abs: 100.0,
+            ratio: 1000.0,
+        }
     }
 }
 
@@ -69,8 +72,10 @@ pub struct ScanReport {
     pub bos: bool,
     pub rule: Rule,
     pub layers: Vec<LayerScan>,
+    /// First layer with a persistent massive (dim, position): flagged in at least half the
+    /// windows. Massive activations are input-invariant; a one-window outlier is not one.
     pub first_massive_layer: Option<usize>,
-    /// Dims flagged anywhere, ascending.
+    /// Dims of the persistent massive activations, ascending.
     pub massive_dims: Vec<usize>,
 }
 
@@ -90,22 +95,49 @@ impl ScanReport {
     pub fn table(&self) -> String {
         let mut s = format!(
             "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  massive (dim@pos token: mean)\n",
-            "layer", "top-1", "top-2", "top-3", "median", "top1/med", "count", "attn@0",
-            if self.layers.iter().any(|l| l.slot_attn.is_some()) { format!(" {:>8}", "attn@eab") } else { String::new() }
+            "layer",
+            "top-1",
+            "top-2",
+            "top-3",
+            "median",
+            "top1/med",
+            "count",
+            "attn@0",
+            if self.layers.iter().any(|l| l.slot_attn.is_some()) {
+                format!(" {:>8}", "attn@eab")
+            } else {
+                String::new()
+            }
         );
         for l in &self.layers {
-            let groups: Vec<String> =
-                l.massive.iter().take(4).map(|m| format!("{}@{} {:?}: {:.1}", m.dim, m.position, m.token, m.mean)).collect();
-            let more = if l.massive.len() > 4 { format!(" (+{})", l.massive.len() - 4) } else { String::new() };
+            let groups: Vec<String> = l
+                .massive
+                .iter()
+                .take(4)
+                .map(|m| format!("{}@{} {:?}: {:.1}", m.dim, m.position, m.token, m.mean))
+                .collect();
+            let more = if l.massive.len() > 4 {
+                format!(" (+{})", l.massive.len() - 4)
+            } else {
+                String::new()
+            };
             s += &format!(
                 "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {}{}\n",
-                l.layer, l.top[0], l.top[1], l.top[2], l.median, l.top[0] / l.median.max(f64::MIN_POSITIVE),
-                l.massive_count, l.first_token_attn,
-                l.slot_attn.map_or(String::new(), |a| format!(" {a:>8.3}")), groups.join(", "), more
+                l.layer,
+                l.top[0],
+                l.top[1],
+                l.top[2],
+                l.median,
+                l.top[0] / l.median.max(f64::MIN_POSITIVE),
+                l.massive_count,
+                l.first_token_attn,
+                l.slot_attn.map_or(String::new(), |a| format!(" {a:>8.3}")),
+                groups.join(", "),
+                more
             );
         }
         s += &format!(
-            "rule |h| >= {} and |h|/median >= {}: {} entries; first massive layer {}; dims {:?}\n",
+            "rule |h| >= {} and |h|/median >= {}: {} entries; first massive layer {}; persistent dims {:?}\n",
             self.rule.abs, self.rule.ratio, self.massive_count(),
             self.first_massive_layer.map_or("none".into(), |l| l.to_string()), self.massive_dims
         );
@@ -122,7 +154,10 @@ struct WindowLayer {
 
 fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
     let (_, t, d) = h.dims3()?;
-    let vals: Vec<f32> = h.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let vals: Vec<f32> = h
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     let mut mags: Vec<f32> = vals.iter().map(|v| v.abs()).collect();
     let mid = mags.len() / 2;
     let median = *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
@@ -141,7 +176,11 @@ fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
         .filter(|&i| rule.flags(vals[i] as f64, median))
         .map(|i| (i / d, i % d, vals[i] as f64))
         .collect();
-    Ok(WindowLayer { top, median, flagged })
+    Ok(WindowLayer {
+        top,
+        median,
+        flagged,
+    })
 }
 
 #[derive(Default)]
@@ -154,10 +193,20 @@ struct Acc {
     groups: BTreeMap<(usize, usize), (Vec<f64>, u32)>, // (dim, position) -> values, token id
 }
 
-pub fn scan(model: &Model, tok: &Tok, windows: &Windows, rule: Rule, model_name: &str) -> Result<ScanReport> {
+pub fn scan(
+    model: &Model,
+    tok: &Tok,
+    windows: &Windows,
+    rule: Rule,
+    model_name: &str,
+) -> Result<ScanReport> {
     let n_layers = model.config().num_hidden_layers;
     let mut acc: Vec<Acc> = (0..n_layers).map(|_| Acc::default()).collect();
-    let taps = Taps { hidden: true, attn: true, ..Default::default() };
+    let taps = Taps {
+        hidden: true,
+        attn: true,
+        ..Default::default()
+    };
     for w in &windows.ids {
         let ids = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
         let out = model.forward(&ids, &taps)?;
@@ -169,12 +218,20 @@ pub fn scan(model: &Model, tok: &Tok, windows: &Windows, rule: Rule, model_name:
             }
             l.median += s.median;
             l.count += s.flagged.len();
-            l.first_attn += a.first_token.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            l.first_attn += a
+                .first_token
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             if let Some(sl) = &a.slot {
-                *l.slot_attn.get_or_insert(0.0) += sl.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                *l.slot_attn.get_or_insert(0.0) +=
+                    sl.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             }
             for (pos, dim, v) in s.flagged {
-                l.groups.entry((dim, pos)).or_insert_with(|| (vec![], w[pos])).0.push(v);
+                l.groups
+                    .entry((dim, pos))
+                    .or_insert_with(|| (vec![], w[pos]))
+                    .0
+                    .push(v);
             }
         }
     }
@@ -188,8 +245,16 @@ pub fn scan(model: &Model, tok: &Tok, windows: &Windows, rule: Rule, model_name:
                 .into_iter()
                 .map(|((dim, position), (vals, tok_id))| {
                     let mean = vals.iter().sum::<f64>() / vals.len() as f64;
-                    let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
-                    Massive { dim, position, token: tok.token_text(tok_id), mean, cv: var.sqrt() / mean.abs(), windows: vals.len() }
+                    let var =
+                        vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                    Massive {
+                        dim,
+                        position,
+                        token: tok.token_text(tok_id),
+                        mean,
+                        cv: var.sqrt() / mean.abs(),
+                        windows: vals.len(),
+                    }
                 })
                 .collect();
             massive.sort_by(|x, y| y.mean.abs().total_cmp(&x.mean.abs()));
@@ -204,8 +269,15 @@ pub fn scan(model: &Model, tok: &Tok, windows: &Windows, rule: Rule, model_name:
             }
         })
         .collect();
-    let first_massive_layer = layers.iter().find(|l| l.massive_count > 0).map(|l| l.layer);
-    let mut massive_dims: Vec<usize> = layers.iter().flat_map(|l| l.massive.iter().map(|m| m.dim)).collect();
+    let persistent = |m: &&Massive| 2 * m.windows >= windows.len();
+    let first_massive_layer = layers
+        .iter()
+        .find(|l| l.massive.iter().any(|m| persistent(&m)))
+        .map(|l| l.layer);
+    let mut massive_dims: Vec<usize> = layers
+        .iter()
+        .flat_map(|l| l.massive.iter().filter(persistent).map(|m| m.dim))
+        .collect();
     massive_dims.sort_unstable();
     massive_dims.dedup();
     Ok(ScanReport {
@@ -227,9 +299,19 @@ mod tests {
 
     #[test]
     fn window_stats_match_a_sorted_reference() {
-        let vals: Vec<f32> = (0..60).map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0).chain([900.0, -1200.0]).collect();
+        let vals: Vec<f32> = (0..60)
+            .map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0)
+            .chain([900.0, -1200.0])
+            .collect();
         let h = Tensor::from_vec(vals.clone(), (1, 2, 31), &Device::Cpu).unwrap();
-        let s = window_layer(&h, &Rule { abs: 100.0, ratio: 50.0 }).unwrap();
+        let s = window_layer(
+            &h,
+            &Rule {
+                abs: 100.0,
+                ratio: 50.0,
+            },
+        )
+        .unwrap();
         let mut sorted: Vec<f64> = vals.iter().map(|v| v.abs() as f64).collect();
         sorted.sort_by(f64::total_cmp);
         assert_eq!(s.top, [sorted[61], sorted[60], sorted[59]]);

@@ -14,7 +14,10 @@ fn run(args: &[&str]) -> Output {
 /// A failed run: non-zero exit, no panic, and one `error:` line naming `needles`.
 fn assert_clean_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {stderr}");
@@ -30,7 +33,10 @@ fn help_lists_subcommands() {
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
     for cmd in ["info", "ppl"] {
-        assert!(s.lines().any(|l| l.trim_start().starts_with(cmd)), "{cmd} missing from help:\n{s}");
+        assert!(
+            s.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "{cmd} missing from help:\n{s}"
+        );
     }
 }
 
@@ -38,7 +44,11 @@ fn help_lists_subcommands() {
 fn info_reports_architecture_and_tokenizer() {
     let t = tiny(Arch::Mistral, 1);
     let out = run(&["info", "--model", &t.spec()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("layers          3"), "{s}");
     assert!(s.contains("4 query / 2 kv, head_dim 8"), "{s}");
@@ -54,18 +64,40 @@ fn info_reports_architecture_and_tokenizer() {
 fn reference_ppl(dir: &std::path::Path, windows: &[Vec<u32>]) -> f64 {
     use candle_nn::VarBuilder;
     use candle_transformers::models::llama;
-    let cfg: llama::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: llama::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = cfg.into_config(false);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let model = llama::Llama::load(vb, &cfg).unwrap();
     let (mut nll, mut n) = (0f64, 0usize);
     for w in windows {
         for p in 1..w.len() {
             let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
-            let ids = Tensor::new(&w[..p], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits: Vec<f32> = model.forward(&ids, 0, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let ids = Tensor::new(&w[..p], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits: Vec<f32> = model
+                .forward(&ids, 0, &mut cache)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + logits
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - logits[w[p] as usize] as f64;
             n += 1;
         }
@@ -78,18 +110,46 @@ fn ppl_matches_reference_and_writes_json() {
     let t = tiny(Arch::Llama, 7);
     let text = common::write_text(t.path(), "text.txt", 70, 3);
     let json = t.path().join("ppl.json");
-    let out = run(&["ppl", "--model", &t.spec(), "--text", text.to_str().unwrap(), "--seq-len", "16", "--json", json.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let out = run(&[
+        "ppl",
+        "--model",
+        &t.spec(),
+        "--text",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["windows"], 4);
     assert_eq!(v["seq_len"], 16);
-    assert_eq!(v["tokens"], 4 * 16, "BOS + 16 tokens predicts 16 per window");
+    assert_eq!(
+        v["tokens"],
+        4 * 16,
+        "BOS + 16 tokens predicts 16 per window"
+    );
     // Independent windows: words -> ids through the fixture's vocabulary, BOS in front.
-    let words: Vec<u32> = common::text(70, 3).split(' ').map(|w| 3 + common::WORDS.iter().position(|x| *x == w).unwrap() as u32).collect();
-    let windows: Vec<Vec<u32>> = words.chunks_exact(16).map(|c| std::iter::once(1).chain(c.iter().copied()).collect()).collect();
+    let words: Vec<u32> = common::text(70, 3)
+        .split(' ')
+        .map(|w| 3 + common::WORDS.iter().position(|x| *x == w).unwrap() as u32)
+        .collect();
+    let windows: Vec<Vec<u32>> = words
+        .chunks_exact(16)
+        .map(|c| std::iter::once(1).chain(c.iter().copied()).collect())
+        .collect();
     let reference = reference_ppl(t.path(), &windows);
     let ppl = v["ppl"].as_f64().unwrap();
-    assert!((ppl - reference).abs() / reference < 1e-4, "ppl {ppl} vs reference {reference}");
+    assert!(
+        (ppl - reference).abs() / reference < 1e-4,
+        "ppl {ppl} vs reference {reference}"
+    );
 }
 
 #[test]
@@ -104,9 +164,21 @@ fn truncated_safetensors_is_named() {
     let st = t.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_error(&run(&["info", "--model", &t.spec()]), &["model.safetensors"]);
+    assert_clean_error(
+        &run(&["info", "--model", &t.spec()]),
+        &["model.safetensors"],
+    );
     let text = common::write_text(t.path(), "t.txt", 50, 1);
-    assert_clean_error(&run(&["ppl", "--model", &t.spec(), "--text", text.to_str().unwrap()]), &["model.safetensors"]);
+    assert_clean_error(
+        &run(&[
+            "ppl",
+            "--model",
+            &t.spec(),
+            "--text",
+            text.to_str().unwrap(),
+        ]),
+        &["model.safetensors"],
+    );
 }
 
 #[test]
@@ -124,23 +196,51 @@ fn gguf_of_unsupported_architecture_is_named() {
     use candle_core::quantized::{gguf_file, QTensor};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("falcon.gguf");
-    let t = QTensor::quantize(&Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32).unwrap();
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
     let arch = gguf_file::Value::String("falcon".into());
     let mut f = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
     drop(f);
     let out = run(&["info", "--model", path.to_str().unwrap()]);
-    assert_clean_error(&out, &["falcon.gguf", "unsupported GGUF architecture `falcon`"]);
+    assert_clean_error(
+        &out,
+        &["falcon.gguf", "unsupported GGUF architecture `falcon`"],
+    );
     // A file that is no GGUF at all.
     std::fs::write(&path, b"GGUF but not really").unwrap();
-    assert_clean_error(&run(&["info", "--model", path.to_str().unwrap()]), &["falcon.gguf", "GGUF"]);
+    assert_clean_error(
+        &run(&["info", "--model", path.to_str().unwrap()]),
+        &["falcon.gguf", "GGUF"],
+    );
 }
 
 #[test]
 fn bad_flags_exit_2() {
     let t = tiny(Arch::Llama, 1);
-    let out = run(&["ppl", "--model", &t.spec(), "--seq-len", "0", "--text", t.path().join("config.json").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "ppl",
+        "--model",
+        &t.spec(),
+        "--seq-len",
+        "0",
+        "--text",
+        t.path().join("config.json").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["info", "--model", &t.spec(), "--dtype", "f8"]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["info", "--bogus"]);

@@ -15,24 +15,51 @@ const IDS: &[u32] = &[1, 5, 9, 3, 17, 22, 40, 8, 8, 31, 12, 6, 50, 2];
 
 fn our_logits(spec: &str) -> Tensor {
     let ckpt = Checkpoint::open(spec).unwrap();
-    let model = ckpt.load_model(DType::F32, &Device::Cpu, &Adapters::none()).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let model = ckpt
+        .load_model(DType::F32, &Device::Cpu, &Adapters::none())
+        .unwrap();
+    let ids = Tensor::new(IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model.logits(&ids).unwrap().i((0, IDS.len() - 1)).unwrap() // (V,)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn candle_llama_logits(dir: &std::path::Path) -> Tensor {
     use candle_transformers::models::llama;
-    let cfg: llama::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: llama::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = cfg.into_config(false);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let model = llama::Llama::load(vb, &cfg).unwrap();
     let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model.forward(&ids, 0, &mut cache).unwrap().flatten_all().unwrap()
+    let ids = Tensor::new(IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&ids, 0, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
 }
 
 #[test]
@@ -57,9 +84,19 @@ fn mistral_sliding_window_matches_candle_transformers() {
     let t = tiny(Arch::Mistral, 3);
     let mut cfg: mistral::Config = serde_json::from_value(t.config.clone()).unwrap();
     cfg.sliding_window = Some(t.config["sliding_window"].as_u64().unwrap() as usize - 1);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[t.path().join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[t.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let mut model = mistral::Model::new(&cfg, vb).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let reference = model.forward(&ids, 0).unwrap().flatten_all().unwrap();
     let ours = our_logits(&t.spec());
     let d = max_abs_diff(&ours, &reference);
@@ -77,12 +114,20 @@ fn mistral_sliding_window_matches_candle_transformers() {
 fn logits_cover_every_position() {
     let t = tiny(Arch::Llama, 4);
     let ckpt = Checkpoint::open(&t.spec()).unwrap();
-    let model = ckpt.load_model(DType::F32, &Device::Cpu, &Adapters::none()).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let model = ckpt
+        .load_model(DType::F32, &Device::Cpu, &Adapters::none())
+        .unwrap();
+    let ids = Tensor::new(IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let all = model.logits(&ids).unwrap();
     assert_eq!(all.dims(), &[1, IDS.len(), 61]);
     for p in [0, 3, 7] {
-        let cut = Tensor::new(&IDS[..=p], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let cut = Tensor::new(&IDS[..=p], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let last = model.logits(&cut).unwrap().i((0, p)).unwrap();
         assert!(max_abs_diff(&all.i((0, p)).unwrap(), &last) < 1e-5);
     }
@@ -92,9 +137,23 @@ fn logits_cover_every_position() {
 fn taps_expose_and_edit_hidden_states() {
     let t = tiny(Arch::Llama, 5);
     let ckpt = Checkpoint::open(&t.spec()).unwrap();
-    let model = ckpt.load_model(DType::F32, &Device::Cpu, &Adapters::none()).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let base = model.forward(&ids, &Taps { hidden: true, attn: true, ..Default::default() }).unwrap();
+    let model = ckpt
+        .load_model(DType::F32, &Device::Cpu, &Adapters::none())
+        .unwrap();
+    let ids = Tensor::new(IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let base = model
+        .forward(
+            &ids,
+            &Taps {
+                hidden: true,
+                attn: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(base.hidden.len(), 3);
     assert_eq!(base.hidden[1].dims(), &[1, IDS.len(), 32]);
     assert_eq!(base.attn.len(), 3);
@@ -102,15 +161,50 @@ fn taps_expose_and_edit_hidden_states() {
     assert!(mass > 0.0 && mass < 1.0);
     // Setting an entry to the value it already has changes nothing; setting it elsewhere
     // changes that entry exactly and, downstream, the logits.
-    let v = base.hidden[1].i((0, 4, 7)).unwrap().to_scalar::<f32>().unwrap();
-    let same = Taps { hidden: true, edits: vec![Edit { layer: 1, position: 4, dim: 7, value: v }], ..Default::default() };
+    let v = base.hidden[1]
+        .i((0, 4, 7))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let same = Taps {
+        hidden: true,
+        edits: vec![Edit {
+            layer: 1,
+            position: 4,
+            dim: 7,
+            value: v,
+        }],
+        ..Default::default()
+    };
     let out = model.forward(&ids, &same).unwrap();
     assert!(max_abs_diff(&out.logits, &base.logits) < 1e-6);
-    let moved = Taps { hidden: true, edits: vec![Edit { layer: 1, position: 4, dim: 7, value: 50.0 }], ..Default::default() };
+    let moved = Taps {
+        hidden: true,
+        edits: vec![Edit {
+            layer: 1,
+            position: 4,
+            dim: 7,
+            value: 50.0,
+        }],
+        ..Default::default()
+    };
     let out = model.forward(&ids, &moved).unwrap();
-    assert_eq!(out.hidden[1].i((0, 4, 7)).unwrap().to_scalar::<f32>().unwrap(), 50.0);
+    assert_eq!(
+        out.hidden[1]
+            .i((0, 4, 7))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        50.0
+    );
     assert!(max_abs_diff(&out.hidden[0], &base.hidden[0]) == 0.0);
-    assert!(max_abs_diff(&out.logits.i((0, 3)).unwrap(), &base.logits.i((0, 3)).unwrap()) < 1e-6, "causal: earlier positions unchanged");
+    assert!(
+        max_abs_diff(
+            &out.logits.i((0, 3)).unwrap(),
+            &base.logits.i((0, 3)).unwrap()
+        ) < 1e-6,
+        "causal: earlier positions unchanged"
+    );
     assert!(max_abs_diff(&out.logits, &base.logits) > 1e-3);
 }
 
@@ -127,20 +221,45 @@ fn every_weight_gradient_matches_finite_differences() {
         let cfg_json = common::config(arch);
         let cfg: Config = serde_json::from_value(cfg_json.clone()).unwrap();
         let weights = common::weights(&cfg_json, 11);
-        let vars: HashMap<String, Var> =
-            weights.iter().map(|(k, v)| (k.clone(), Var::from_tensor(&v.to_dtype(DType::F64).unwrap()).unwrap())).collect();
-        let ts: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        let model = Model::load(VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu), &cfg, &Adapters::none()).unwrap();
-        let ids = Tensor::new(&IDS[..9], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let vars: HashMap<String, Var> = weights
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Var::from_tensor(&v.to_dtype(DType::F64).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let ts: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let model = Model::load(
+            VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu),
+            &cfg,
+            &Adapters::none(),
+        )
+        .unwrap();
+        let ids = Tensor::new(&IDS[..9], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let r = Tensor::randn(0f64, 1.0, (1, 9, cfg.vocab_size), &Device::Cpu).unwrap();
         let grads = fd_loss(&model, &ids, &r).backward().unwrap();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort();
         for name in names {
             let var = &vars[name];
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
             let u = Tensor::randn(0f64, 1.0, var.shape(), &Device::Cpu).unwrap();
-            let analytic = (g * &u).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let analytic = (g * &u)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             let w0 = var.as_tensor().copy().unwrap();
             let eps = 1e-5;
             var.set(&(&w0 + (&u * eps).unwrap()).unwrap()).unwrap();
@@ -150,7 +269,10 @@ fn every_weight_gradient_matches_finite_differences() {
             var.set(&w0).unwrap();
             let fd = (plus - minus) / (2.0 * eps);
             let rel = (fd - analytic).abs() / fd.abs().max(1e-8);
-            assert!(rel < 1e-2, "{arch:?} {name}: fd {fd} analytic {analytic} rel {rel}");
+            assert!(
+                rel < 1e-2,
+                "{arch:?} {name}: fd {fd} analytic {analytic} rel {rel}"
+            );
             assert!(analytic.abs() > 0.0, "{arch:?} {name}: zero gradient");
         }
     }

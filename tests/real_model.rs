@@ -10,7 +10,8 @@ use eabfit::data::{read_text, Windows};
 use eabfit::perplexity::perplexity;
 
 fn assets() -> (std::path::PathBuf, std::path::PathBuf) {
-    common::real_assets().expect("real assets missing: run scripts/fetch-assets.sh (scripts/test.sh does)")
+    common::real_assets()
+        .expect("real assets missing: run scripts/fetch-assets.sh (scripts/test.sh does)")
 }
 
 /// candle's quantized llama, fed one token at a time with its KV cache.
@@ -23,10 +24,24 @@ fn quantized_ppl(gguf: &std::path::Path, windows: &Windows) -> f64 {
     for w in &windows.ids {
         model.clear_kv_cache();
         for p in 0..w.len() - 1 {
-            let x = Tensor::new(&w[p..=p], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits: Vec<f32> = model.forward(&x, p).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let x = Tensor::new(&w[p..=p], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits: Vec<f32> = model
+                .forward(&x, p)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + logits
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - logits[w[p + 1] as usize] as f64;
             n += 1;
         }
@@ -41,14 +56,26 @@ fn smollm2_perplexity_agrees_with_candle_quantized_llama() {
     assert_eq!(ckpt.config.num_hidden_layers, 30);
     assert_eq!(ckpt.config.n_kv_heads(), 3);
     assert!(ckpt.config.tie_word_embeddings);
-    let model = ckpt.load_model(candle_core::DType::F32, &Device::Cpu, &Adapters::none()).unwrap();
-    let windows = Windows::new(&ckpt.tokenizer, &read_text(&text).unwrap(), 128, Some(1), &text).unwrap();
+    let model = ckpt
+        .load_model(candle_core::DType::F32, &Device::Cpu, &Adapters::none())
+        .unwrap();
+    let windows = Windows::new(
+        &ckpt.tokenizer,
+        &read_text(&text).unwrap(),
+        128,
+        Some(1),
+        &text,
+    )
+    .unwrap();
     let ours = perplexity(&model, &windows).unwrap().ppl;
     let reference = quantized_ppl(&gguf, &windows);
     eprintln!("eabfit ppl {ours:.3}, candle quantized llama {reference:.3}");
     // The reference multiplies Q4_1 weights by 8-bit-quantized activations; eabfit dequantizes to
     // f32. Same model, slightly different arithmetic: a few percent apart at most.
-    assert!((ours - reference).abs() / reference < 0.03, "eabfit {ours} vs candle {reference}");
+    assert!(
+        (ours - reference).abs() / reference < 0.03,
+        "eabfit {ours} vs candle {reference}"
+    );
     assert!(ours > 5.0 && ours < 60.0, "implausible perplexity {ours}");
 }
 
@@ -62,7 +89,10 @@ fn smollm2_tokenizer_round_trips_shakespeare() {
     assert_eq!(tok.inner.decode(&ids, false).unwrap(), line);
     // Digits are split one by one (SmolLM's pre-tokenizer), and common words are single tokens.
     assert_eq!(ids.iter().rev().take(4).count(), 4);
-    let digits: Vec<String> = ids[ids.len() - 4..].iter().map(|&i| tok.token_text(i)).collect();
+    let digits: Vec<String> = ids[ids.len() - 4..]
+        .iter()
+        .map(|&i| tok.token_text(i))
+        .collect();
     assert_eq!(digits, ["1", "6", "0", "4"]);
     assert!(ids.len() < 20, "{} tokens: merges not applied?", ids.len());
 }

@@ -12,7 +12,8 @@ use std::path::Path;
 pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     let err = |msg: String| Error::file(path, msg);
     let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| err(format!("not a readable GGUF: {e}")))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| err(format!("not a readable GGUF: {e}")))?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -20,16 +21,28 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         .cloned()
         .ok_or_else(|| err("missing metadata `general.architecture`".into()))?;
     if arch != "llama" && arch != "mistral" {
-        return Err(err(format!("unsupported GGUF architecture `{arch}` (eabfit reads llama and mistral)")));
+        return Err(err(format!(
+            "unsupported GGUF architecture `{arch}` (eabfit reads llama and mistral)"
+        )));
     }
     let u = |k: &str| -> Result<usize> {
         let key = format!("{arch}.{k}");
-        md.get(&key).and_then(|v| v.to_u32().ok()).map(|x| x as usize).ok_or_else(|| err(format!("missing metadata `{key}`")))
+        md.get(&key)
+            .and_then(|v| v.to_u32().ok())
+            .map(|x| x as usize)
+            .ok_or_else(|| err(format!("missing metadata `{key}`")))
     };
-    let f = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok()).map(f64::from);
+    let f = |k: &str| {
+        md.get(&format!("{arch}.{k}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+    };
     let (n_heads, n_kv) = (u("attention.head_count")?, u("attention.head_count_kv")?);
     let hidden = u("embedding_length")?;
-    let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| err("missing tensor `token_embd.weight`".into()))?;
+    let embd = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| err("missing tensor `token_embd.weight`".into()))?;
     let vocab_size = embd.shape.dims()[0];
     let tie = !content.tensor_infos.contains_key("output.weight");
     let config = Config {
@@ -47,8 +60,13 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         tie_word_embeddings: tie,
         rope_scaling: None,
         sliding_window: None,
-        bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
-        eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(Into::into),
+        bos_token_id: md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok()),
+        eos_token_id: md
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .map(Into::into),
     };
     config.validate().map_err(err)?;
     let tokenizer = Tok::from_gguf(path, md)?;
@@ -56,12 +74,19 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     let mut weights = HashMap::new();
     let mut stored = String::new();
     for name in content.tensor_infos.keys() {
-        let Some(hf_name) = hf_name(name) else { continue };
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        let Some(hf_name) = hf_name(name) else {
+            continue;
+        };
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
         if name.ends_with("attn_q.weight") && stored.is_empty() {
             stored = format!("{:?}", q.dtype());
         }
-        let mut t = q.dequantize(&Device::Cpu).map_err(|e| err(format!("tensor `{name}`: {e}")))?.to_dtype(DType::F32)?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?
+            .to_dtype(DType::F32)?;
         if name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_heads, hd)?;
         } else if name.ends_with("attn_k.weight") {

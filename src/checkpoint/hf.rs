@@ -37,9 +37,11 @@ fn read(path: &Path) -> Result<String> {
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let v: serde_json::Value =
-            serde_json::from_str(&read(&index)?).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
-        let map = v["weight_map"].as_object().ok_or_else(|| Error::file(&index, "missing field `weight_map`"))?;
+        let v: serde_json::Value = serde_json::from_str(&read(&index)?)
+            .map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+        let map = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::file(&index, "missing field `weight_map`"))?;
         let mut names: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
         names.sort();
         names.dedup();
@@ -56,7 +58,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     all.sort();
     if all.is_empty() {
-        return Err(Error::file(dir, "no model.safetensors, no index json and no *.safetensors"));
+        return Err(Error::file(
+            dir,
+            "no model.safetensors, no index json and no *.safetensors",
+        ));
     }
     Ok(all)
 }
@@ -69,7 +74,8 @@ fn check_shards(files: &[PathBuf]) -> Result<String> {
             return Err(Error::file(f, "shard listed in the index is missing"));
         }
         // Safety: read-only mapping, see Checkpoint::var_builder.
-        let st = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::file(f, format!("unreadable safetensors: {e}")))?;
+        let st = unsafe { MmapedSafetensors::new(f) }
+            .map_err(|e| Error::file(f, format!("unreadable safetensors: {e}")))?;
         if let Some((_, view)) = st.tensors().first() {
             dtype = format!("{:?}", view.dtype());
         }
@@ -102,7 +108,8 @@ pub(super) fn open_hub(id: &str) -> Result<Checkpoint> {
     let _ = get("tokenizer_config.json");
     match get("model.safetensors.index.json") {
         Ok(index) => {
-            let v: serde_json::Value = serde_json::from_str(&read(&index)?).map_err(|e| Error::file(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&read(&index)?).map_err(|e| Error::file(&index, e))?;
             if let Some(map) = v["weight_map"].as_object() {
                 for shard in map.values().filter_map(|s| s.as_str()) {
                     get(shard)?;
@@ -113,6 +120,8 @@ pub(super) fn open_hub(id: &str) -> Result<Checkpoint> {
             get("model.safetensors")?;
         }
     }
-    let dir = config.parent().ok_or_else(|| Error::file(&config, "no parent folder"))?;
+    let dir = config
+        .parent()
+        .ok_or_else(|| Error::file(&config, "no parent folder"))?;
     open_dir(dir)
 }

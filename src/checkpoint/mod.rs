@@ -59,7 +59,10 @@ impl Checkpoint {
             return hf::open_dir(path);
         }
         if path.is_file() {
-            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            {
                 return gguf::open(path);
             }
             return Err(Error::file(path, "not a model folder or a .gguf file"));
@@ -93,14 +96,19 @@ impl Checkpoint {
         let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
         let attn = d * hd * (2 * c.num_attention_heads + 2 * c.n_kv_heads());
         let layer = attn + 3 * d * f + 2 * d;
-        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * d };
+        let head = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * d
+        };
         c.num_hidden_layers * layer + c.vocab_size * d + d + head
     }
 }
 
 /// Parses and validates a config.json body; errors name the file and the field.
 fn parse_config(path: &Path, text: &str) -> Result<(Config, serde_json::Value)> {
-    let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let raw: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let cfg: Config = serde_json::from_value(raw.clone()).map_err(|e| Error::file(path, e))?;
     cfg.validate().map_err(|e| Error::file(path, e))?;
     Ok((cfg, raw))

