@@ -315,3 +315,42 @@ pub fn intervene_cmd(args: &InterveneArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Recipe YAML [default with --resume: the checkpoint's own resolved recipe]
+    pub recipe: Option<PathBuf>,
+    /// Overrides `key.sub=value`, e.g. `optim.lr=3e-4 adapters.lora.rank=8`
+    pub overrides: Vec<String>,
+    /// Continue a run from its newest checkpoint (a run folder or one checkpoint folder)
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+pub fn train_cmd(args: &TrainArgs) -> Result<()> {
+    let recipe_path = match (&args.recipe, &args.resume) {
+        (Some(p), _) => p.clone(),
+        (None, Some(dir)) => crate::train::latest_checkpoint(dir)?.join("recipe.yaml"),
+        (None, None) => {
+            return Err(Error::Usage(
+                "train needs a RECIPE (or --resume DIR)".into(),
+            ))
+        }
+    };
+    let recipe = crate::recipe::load(&recipe_path, &args.overrides)?;
+    let (dir, s) = crate::train::train(&recipe, args.resume.as_deref())?;
+    use crate::train::one_line;
+    println!("base     {}", one_line(&s.base));
+    println!("step 0   {}", one_line(&s.step0));
+    println!("last     {}", one_line(&s.last));
+    println!("best     {} (step {})", one_line(&s.best), s.best.step);
+    println!(
+        "birth layers {:?}, massive dims {:?}; {:.0} tokens/s, {:.1} s",
+        s.birth_layers, s.massive_dims, s.tokens_per_s, s.wall_s
+    );
+    println!(
+        "run folder {} (best/ final/ checkpoints/ summary.json)",
+        dir.display()
+    );
+    Ok(())
+}

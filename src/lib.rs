@@ -9,11 +9,15 @@ pub mod commands;
 pub mod data;
 pub mod error;
 pub mod intervene;
+pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod perplexity;
 pub mod plot;
+pub mod recipe;
 pub mod runtime;
 pub mod scan;
+pub mod train;
 
 pub use error::{Error, Result};

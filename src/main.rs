@@ -26,6 +26,8 @@ enum Command {
     Intervene(commands::InterveneArgs),
     /// Draw one scan JSON, or overlay two (before / after)
     Plot(commands::PlotArgs),
+    /// Fine-tune EAB slots (+ LoRA) on a frozen checkpoint from a YAML recipe
+    Train(commands::TrainArgs),
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
         Command::Scan(a) => commands::scan_cmd(a),
         Command::Intervene(a) => commands::intervene_cmd(a),
         Command::Plot(a) => commands::plot_cmd(a),
+        Command::Train(a) => commands::train_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -4,9 +4,10 @@
 
 use crate::checkpoint::Tok;
 use crate::data::Windows;
-use crate::model::{Model, Taps};
+use crate::model::{Model, Output, Taps};
+use crate::perplexity::nll_sum;
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -71,6 +72,9 @@ pub struct ScanReport {
     pub num_seqs: usize,
     pub bos: bool,
     pub rule: Rule,
+    /// Perplexity of the scanned windows (free: the logits are there anyway).
+    #[serde(default)]
+    pub ppl: f64,
     pub layers: Vec<LayerScan>,
     /// First layer with a persistent massive (dim, position): flagged in at least half the
     /// windows. Massive activations are input-invariant; a one-window outlier is not one.
@@ -137,9 +141,9 @@ impl ScanReport {
             );
         }
         s += &format!(
-            "rule |h| >= {} and |h|/median >= {}: {} entries; first massive layer {}; persistent dims {:?}\n",
+            "rule |h| >= {} and |h|/median >= {}: {} entries; first massive layer {}; persistent dims {:?}; perplexity {:.3}\n",
             self.rule.abs, self.rule.ratio, self.massive_count(),
-            self.first_massive_layer.map_or("none".into(), |l| l.to_string()), self.massive_dims
+            self.first_massive_layer.map_or("none".into(), |l| l.to_string()), self.massive_dims, self.ppl
         );
         s
     }
@@ -193,6 +197,129 @@ struct Acc {
     groups: BTreeMap<(usize, usize), (Vec<f64>, u32)>, // (dim, position) -> values, token id
 }
 
+/// Accumulates scan figures window by window, so that callers running their own forward passes
+/// (training's eval) get the same figures as `eabfit scan`.
+pub struct Scanner {
+    rule: Rule,
+    layers: Vec<Acc>,
+    windows: usize,
+    nll: f64,
+    tokens: usize,
+}
+
+/// What a forward pass must keep for [`Scanner::add`].
+pub fn scan_taps() -> Taps {
+    Taps {
+        hidden: true,
+        attn: true,
+        ..Default::default()
+    }
+}
+
+impl Scanner {
+    pub fn new(n_layers: usize, rule: Rule) -> Self {
+        Self {
+            rule,
+            layers: (0..n_layers).map(|_| Acc::default()).collect(),
+            windows: 0,
+            nll: 0.0,
+            tokens: 0,
+        }
+    }
+
+    /// One window's forward output (batch of 1, taken with [`scan_taps`]) and its token ids.
+    pub fn add(&mut self, out: &Output, ids: &[u32]) -> Result<()> {
+        let f64_of =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        for (i, (h, a)) in out.hidden.iter().zip(&out.attn).enumerate() {
+            let s = window_layer(h, &self.rule)?;
+            let l = &mut self.layers[i];
+            for k in 0..3 {
+                l.top[k] += s.top[k];
+            }
+            l.median += s.median;
+            l.count += s.flagged.len();
+            l.first_attn += f64_of(&a.first_token)?;
+            if let Some(sl) = &a.slot {
+                *l.slot_attn.get_or_insert(0.0) += f64_of(sl)?;
+            }
+            for (pos, dim, v) in s.flagged {
+                l.groups
+                    .entry((dim, pos))
+                    .or_insert_with(|| (vec![], ids[pos]))
+                    .0
+                    .push(v);
+            }
+        }
+        let t = Tensor::new(ids, out.logits.device())?.unsqueeze(0)?;
+        self.nll += f64_of(&nll_sum(&out.logits, &t)?)?;
+        self.tokens += ids.len() - 1;
+        self.windows += 1;
+        Ok(())
+    }
+
+    pub fn finish(self, tok: &Tok, model_name: &str, seq_len: usize, bos: bool) -> ScanReport {
+        let n = self.windows.max(1) as f64;
+        let layers: Vec<LayerScan> = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(layer, a)| {
+                let mut massive: Vec<Massive> = a
+                    .groups
+                    .into_iter()
+                    .map(|((dim, position), (vals, tok_id))| {
+                        let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
+                            / vals.len() as f64;
+                        Massive {
+                            dim,
+                            position,
+                            token: tok.token_text(tok_id),
+                            mean,
+                            cv: var.sqrt() / mean.abs(),
+                            windows: vals.len(),
+                        }
+                    })
+                    .collect();
+                massive.sort_by(|x, y| y.mean.abs().total_cmp(&x.mean.abs()));
+                LayerScan {
+                    layer,
+                    top: a.top.map(|t| t / n),
+                    median: a.median / n,
+                    massive_count: a.count,
+                    massive,
+                    first_token_attn: a.first_attn / n,
+                    slot_attn: a.slot_attn.map(|s| s / n),
+                }
+            })
+            .collect();
+        let persistent = |m: &&Massive| 2 * m.windows >= self.windows;
+        let first_massive_layer = layers
+            .iter()
+            .find(|l| l.massive.iter().any(|m| persistent(&m)))
+            .map(|l| l.layer);
+        let mut massive_dims: Vec<usize> = layers
+            .iter()
+            .flat_map(|l| l.massive.iter().filter(persistent).map(|m| m.dim))
+            .collect();
+        massive_dims.sort_unstable();
+        massive_dims.dedup();
+        let nll = self.nll / self.tokens.max(1) as f64;
+        ScanReport {
+            model: model_name.to_string(),
+            seq_len,
+            num_seqs: self.windows,
+            bos,
+            rule: self.rule,
+            ppl: nll.exp(),
+            layers,
+            first_massive_layer,
+            massive_dims,
+        }
+    }
+}
+
 pub fn scan(
     model: &Model,
     tok: &Tok,
@@ -200,96 +327,12 @@ pub fn scan(
     rule: Rule,
     model_name: &str,
 ) -> Result<ScanReport> {
-    let n_layers = model.config().num_hidden_layers;
-    let mut acc: Vec<Acc> = (0..n_layers).map(|_| Acc::default()).collect();
-    let taps = Taps {
-        hidden: true,
-        attn: true,
-        ..Default::default()
-    };
+    let mut scanner = Scanner::new(model.config().num_hidden_layers, rule);
     for w in &windows.ids {
         let ids = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
-        let out = model.forward(&ids, &taps)?;
-        for (i, (h, a)) in out.hidden.iter().zip(&out.attn).enumerate() {
-            let s = window_layer(h, &rule)?;
-            let l = &mut acc[i];
-            for k in 0..3 {
-                l.top[k] += s.top[k];
-            }
-            l.median += s.median;
-            l.count += s.flagged.len();
-            l.first_attn += a
-                .first_token
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            if let Some(sl) = &a.slot {
-                *l.slot_attn.get_or_insert(0.0) +=
-                    sl.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            }
-            for (pos, dim, v) in s.flagged {
-                l.groups
-                    .entry((dim, pos))
-                    .or_insert_with(|| (vec![], w[pos]))
-                    .0
-                    .push(v);
-            }
-        }
+        scanner.add(&model.forward(&ids, &scan_taps())?, w)?;
     }
-    let n = windows.len().max(1) as f64;
-    let layers: Vec<LayerScan> = acc
-        .into_iter()
-        .enumerate()
-        .map(|(layer, a)| {
-            let mut massive: Vec<Massive> = a
-                .groups
-                .into_iter()
-                .map(|((dim, position), (vals, tok_id))| {
-                    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
-                    let var =
-                        vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
-                    Massive {
-                        dim,
-                        position,
-                        token: tok.token_text(tok_id),
-                        mean,
-                        cv: var.sqrt() / mean.abs(),
-                        windows: vals.len(),
-                    }
-                })
-                .collect();
-            massive.sort_by(|x, y| y.mean.abs().total_cmp(&x.mean.abs()));
-            LayerScan {
-                layer,
-                top: a.top.map(|t| t / n),
-                median: a.median / n,
-                massive_count: a.count,
-                massive,
-                first_token_attn: a.first_attn / n,
-                slot_attn: a.slot_attn.map(|s| s / n),
-            }
-        })
-        .collect();
-    let persistent = |m: &&Massive| 2 * m.windows >= windows.len();
-    let first_massive_layer = layers
-        .iter()
-        .find(|l| l.massive.iter().any(|m| persistent(&m)))
-        .map(|l| l.layer);
-    let mut massive_dims: Vec<usize> = layers
-        .iter()
-        .flat_map(|l| l.massive.iter().filter(persistent).map(|m| m.dim))
-        .collect();
-    massive_dims.sort_unstable();
-    massive_dims.dedup();
-    Ok(ScanReport {
-        model: model_name.to_string(),
-        seq_len: windows.seq_len,
-        num_seqs: windows.len(),
-        bos: windows.bos.is_some(),
-        rule,
-        layers,
-        first_massive_layer,
-        massive_dims,
-    })
+    Ok(scanner.finish(tok, model_name, windows.seq_len, windows.bos.is_some()))
 }
 
 #[cfg(test)]

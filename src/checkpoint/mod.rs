@@ -11,6 +11,7 @@ pub use tokenizer::Tok;
 use crate::adapters::Adapters;
 use crate::model::{Config, Model};
 use crate::{Error, Result};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -73,21 +74,40 @@ impl Checkpoint {
         Err(Error::file(path, "no such file or folder"))
     }
 
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        match &self.weights {
+    /// Every weight, on `device` in `dtype`, read once: models built from one [`Base`] (the
+    /// frozen teacher and the adapted student) share its storage.
+    pub fn base(&self, dtype: DType, device: &Device) -> Result<Base> {
+        let tensors = match &self.weights {
             Weights::Safetensors(files) => {
                 // Safety: the files are only read; mmap of a file changed under us is the
                 // documented risk of every safetensors loader.
-                unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-                    .map_err(|e| Error::file(&self.source, e))
+                let st = unsafe { MmapedSafetensors::multi(files) }
+                    .map_err(|e| Error::file(&self.source, e))?;
+                st.tensors()
+                    .into_iter()
+                    .map(|(name, _)| {
+                        let t = st.load(&name, device).and_then(|t| t.to_dtype(dtype));
+                        t.map(|t| (name.clone(), t))
+                            .map_err(|e| Error::file(&self.source, format!("tensor `{name}`: {e}")))
+                    })
+                    .collect::<Result<_>>()?
             }
-            Weights::InMemory(ts) => Ok(VarBuilder::from_tensors(ts.clone(), dtype, device)),
-        }
+            Weights::InMemory(ts) => ts
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype)?)))
+                .collect::<Result<_>>()?,
+        };
+        Ok(Base {
+            tensors,
+            dtype,
+            device: device.clone(),
+            config: self.config.clone(),
+            source: self.source.clone(),
+        })
     }
 
     pub fn load_model(&self, dtype: DType, device: &Device, adapters: &Adapters) -> Result<Model> {
-        let vb = self.var_builder(dtype, device)?;
-        Model::load(vb, &self.config, adapters).map_err(|e| Error::file(&self.source, e))
+        self.base(dtype, device)?.model(adapters)
     }
 
     /// Parameters of the model as configured (tied heads counted once).
@@ -102,6 +122,22 @@ impl Checkpoint {
             c.vocab_size * d
         };
         c.num_hidden_layers * layer + c.vocab_size * d + d + head
+    }
+}
+
+/// A checkpoint's weights in memory, ready to build any number of models that share them.
+pub struct Base {
+    pub tensors: HashMap<String, Tensor>,
+    pub dtype: DType,
+    pub device: Device,
+    pub config: Config,
+    source: PathBuf,
+}
+
+impl Base {
+    pub fn model(&self, adapters: &Adapters) -> Result<Model> {
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), self.dtype, &self.device);
+        Model::load(vb, &self.config, adapters).map_err(|e| Error::file(&self.source, e))
     }
 }
 

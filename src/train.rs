@@ -1,0 +1,583 @@
+//! `eabfit train`: fit EAB slots (and LoRA) on a frozen checkpoint so that its massive
+//! activations go while its outputs stay.
+//!
+//! A run folder (`train.out_dir`) holds `recipe.yaml` (resolved), `checkpoints/step-NNNNNN/`
+//! (adapters, optimizer moments, state, recipe; each written to a temporary folder and renamed),
+//! `best/` (adapters of the best eval so far, step 0 included), `final/` and `summary.json`.
+//! Data order is a pure function of (seed, step), so a checkpoint's step is its RNG state.
+
+use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
+use crate::checkpoint::{Base, Checkpoint};
+use crate::data::{read_text, Windows};
+use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
+use crate::metrics::RunLogger;
+use crate::model::{Model, Taps};
+use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::recipe::{self, Recipe};
+use crate::runtime::{parse_device, parse_dtype, write_atomic};
+use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Figures of one evaluation on the eval windows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalFigures {
+    pub step: usize,
+    pub ppl: f64,
+    /// KL(base || adapted) per position.
+    pub kl: f64,
+    /// The suppression term on the eval windows.
+    pub ma: f64,
+    /// kl + loss.ma.weight * ma: what "best" minimises.
+    pub score: f64,
+    pub massive_count: usize,
+    pub top1: Vec<f64>,
+    pub top1_over_median: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub base: EvalFigures,
+    pub step0: EvalFigures,
+    pub last: EvalFigures,
+    pub best: EvalFigures,
+    /// Layers whose MLP first writes the massive activations (from the base scan).
+    pub birth_layers: Vec<usize>,
+    pub massive_dims: Vec<usize>,
+    pub rule: Rule,
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    pub final_losses: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    seed: u64,
+    best: Option<EvalFigures>,
+    step0: Option<EvalFigures>,
+}
+
+/// Everything a run needs, resolved from the recipe.
+struct Setup {
+    ckpt: Checkpoint,
+    base: Base,
+    teacher: Model,
+    train: Windows,
+    eval: Windows,
+    base_scan: ScanReport,
+    teacher_eval_logits: Vec<Tensor>,
+    ma_layers: Vec<usize>,
+    ma_target: MaTarget,
+    birth: Vec<usize>,
+}
+
+fn setup(r: &Recipe) -> Result<Setup> {
+    let ckpt = Checkpoint::open(&r.model.path)?;
+    let device = parse_device(&r.model.device)?;
+    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), &device)?;
+    let base = ckpt.base(dtype, &device)?;
+    let teacher = base.model(&Adapters::none())?;
+    let train_text = read_text(&r.data.train)?;
+    let train = Windows::new(
+        &ckpt.tokenizer,
+        &train_text,
+        r.data.seq_len,
+        r.data.max_train_windows,
+        &r.data.train,
+    )?;
+    let eval_text = read_text(&r.data.eval)?;
+    let eval = Windows::new(
+        &ckpt.tokenizer,
+        &eval_text,
+        r.data.seq_len,
+        Some(r.data.eval_windows),
+        &r.data.eval,
+    )?;
+    let rule = Rule {
+        abs: r.eval.abs,
+        ratio: r.eval.ratio,
+    };
+    let mut scanner = Scanner::new(ckpt.config.num_hidden_layers, rule);
+    let mut teacher_eval_logits = vec![];
+    for w in &eval.ids {
+        let ids = Tensor::new(w.as_slice(), &device)?.unsqueeze(0)?;
+        let out = teacher.forward(&ids, &scan_taps())?;
+        scanner.add(&out, w)?;
+        teacher_eval_logits.push(out.logits);
+    }
+    let base_scan = scanner.finish(
+        &ckpt.tokenizer,
+        &r.model.path,
+        eval.seq_len,
+        eval.bos.is_some(),
+    );
+    let n_layers = ckpt.config.num_hidden_layers;
+    let birth: Vec<usize> = base_scan.first_massive_layer.into_iter().collect();
+    let ma_layers = match &r.loss.ma.layers {
+        recipe::MaLayers::All => (0..n_layers).collect(),
+        recipe::MaLayers::List(v) => v.clone(),
+    };
+    if let Some(&bad) = ma_layers.iter().find(|&&l| l >= n_layers) {
+        return Err(Error::Usage(format!(
+            "loss.ma.layers: layer {bad} out of range (0..{})",
+            n_layers - 1
+        )));
+    }
+    let ma_target = match r.loss.ma.target {
+        recipe::MaTarget::All => MaTarget::All,
+        recipe::MaTarget::Flagged => MaTarget::Dims(base_scan.massive_dims.clone()),
+        recipe::MaTarget::Ratio => MaTarget::Ratio(r.loss.ma.ratio.unwrap_or(r.eval.ratio)),
+    };
+    Ok(Setup {
+        ckpt,
+        base,
+        teacher,
+        train,
+        eval,
+        base_scan,
+        teacher_eval_logits,
+        ma_layers,
+        ma_target,
+        birth,
+    })
+}
+
+/// Adapter shapes from the recipe and the base scan (LoRA `birth` layers need the scan).
+fn adapter_meta(r: &Recipe, s: &Setup) -> Result<AdapterMeta> {
+    let cfg = &s.ckpt.config;
+    let mut meta = AdapterMeta::for_config(cfg, &r.model.path);
+    let eab = &r.adapters.eab;
+    if eab.enabled {
+        meta.eab_layers = (0..cfg.num_hidden_layers).collect();
+        meta.mask_first_token = eab.mask_first_token;
+    }
+    let lora = &r.adapters.lora;
+    if lora.rank > 0 {
+        meta.lora_rank = lora.rank;
+        meta.lora_alpha = lora.alpha;
+        meta.lora_targets = lora.targets.iter().map(|t| t.name().to_string()).collect();
+        meta.lora_layers = match &lora.layers {
+            recipe::LoraLayers::All => (0..cfg.num_hidden_layers).collect(),
+            recipe::LoraLayers::List(v) => v.clone(),
+            recipe::LoraLayers::Birth => {
+                if s.birth.is_empty() {
+                    return Err(Error::Usage(
+                        "adapters.lora.layers: `birth` needs massive activations in the base model, and its scan found none (lower eval.abs/eval.ratio or list the layers)".into(),
+                    ));
+                }
+                s.birth.clone()
+            }
+        };
+        if let Some(&bad) = meta
+            .lora_layers
+            .iter()
+            .find(|&&l| l >= cfg.num_hidden_layers)
+        {
+            return Err(Error::Usage(format!(
+                "adapters.lora.layers: layer {bad} out of range (0..{})",
+                cfg.num_hidden_layers - 1
+            )));
+        }
+    }
+    Ok(meta)
+}
+
+/// Slot init `first_token`: each layer's post-RoPE key and value of position 0, averaged over
+/// the first `calib_windows` training windows.
+fn first_token_kv(s: &Setup, n: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    let n = n.clamp(1, s.train.len());
+    let mut sums: Vec<(Tensor, Tensor)> = vec![];
+    for w in s.train.ids.iter().take(n) {
+        let ids = Tensor::new(w.as_slice(), &s.base.device)?.unsqueeze(0)?;
+        let out = s.teacher.forward(
+            &ids,
+            &Taps {
+                first_kv: true,
+                ..Default::default()
+            },
+        )?;
+        for (i, (k, v)) in out.first_kv.iter().enumerate() {
+            let (k, v) = (
+                k.squeeze(0)?.to_dtype(candle_core::DType::F32)?,
+                v.squeeze(0)?.to_dtype(candle_core::DType::F32)?,
+            );
+            if sums.len() <= i {
+                sums.push((k, v));
+            } else {
+                sums[i] = ((&sums[i].0 + k)?, (&sums[i].1 + v)?);
+            }
+        }
+    }
+    sums.into_iter()
+        .map(|(k, v)| Ok(((k / n as f64)?, (v / n as f64)?)))
+        .collect()
+}
+
+/// The training windows of micro-batch `g` (global index over steps x accumulation): epochs
+/// are seeded permutations, so the order depends on (seed, g) alone.
+fn batch_ids(windows: &Windows, seed: u64, g: usize, batch: usize) -> Vec<&Vec<u32>> {
+    use rand::SeedableRng;
+    let n = windows.len();
+    let mut perms: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    (g * batch..(g + 1) * batch)
+        .map(|k| {
+            let epoch = k / n;
+            let perm = perms.entry(epoch).or_insert_with(|| {
+                let mut p: Vec<usize> = (0..n).collect();
+                p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                    seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ));
+                p
+            });
+            &windows.ids[perm[k % n]]
+        })
+        .collect()
+}
+
+/// Loss terms of one micro-batch: (total, hold, ma) as scalar tensors.
+fn losses(
+    r: &Recipe,
+    s: &Setup,
+    student: &Model,
+    ids: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let ma_on = r.loss.ma.weight > 0.0 && !s.ma_layers.is_empty();
+    let out = student.forward(
+        ids,
+        &Taps {
+            hidden: ma_on,
+            ..Default::default()
+        },
+    )?;
+    let hold = match r.loss.hold.kind {
+        recipe::HoldKind::Kl => {
+            let teacher = s.teacher.logits(ids)?;
+            kl_to_teacher(&out.logits, &teacher, r.loss.hold.temperature)?
+        }
+        recipe::HoldKind::Lm => lm_loss(&out.logits, ids)?,
+    };
+    let ma = if ma_on {
+        let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();
+        ma_penalty(&hs, r.loss.ma.threshold, &s.ma_target)?
+    } else {
+        Tensor::zeros((), candle_core::DType::F32, ids.device())?
+    };
+    let total = ((&hold * r.loss.hold.weight)? + (&ma * r.loss.ma.weight)?)?;
+    Ok((total, hold, ma))
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Perplexity, KL to the base, suppression term and scan figures on the eval windows.
+fn evaluate(
+    r: &Recipe,
+    s: &Setup,
+    model: &Model,
+    step: usize,
+) -> Result<(EvalFigures, ScanReport)> {
+    let mut scanner = Scanner::new(s.ckpt.config.num_hidden_layers, s.base_scan.rule);
+    let (mut kl, mut ma) = (0f64, 0f64);
+    for (w, teacher) in s.eval.ids.iter().zip(&s.teacher_eval_logits) {
+        let ids = Tensor::new(w.as_slice(), &s.base.device)?.unsqueeze(0)?;
+        let out = model.forward(&ids, &scan_taps())?;
+        kl += scalar(&kl_to_teacher(&out.logits, teacher, 1.0)?)?;
+        if !s.ma_layers.is_empty() {
+            let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();
+            ma += scalar(&ma_penalty(&hs, r.loss.ma.threshold, &s.ma_target)?)?;
+        }
+        scanner.add(&out, w)?;
+    }
+    let n = s.eval.len() as f64;
+    let report = scanner.finish(
+        &s.ckpt.tokenizer,
+        &r.model.path,
+        s.eval.seq_len,
+        s.eval.bos.is_some(),
+    );
+    let (kl, ma) = (kl / n, ma / n);
+    let figures = EvalFigures {
+        step,
+        ppl: report.ppl,
+        kl,
+        ma,
+        score: kl + r.loss.ma.weight * ma,
+        massive_count: report.massive_count(),
+        top1: report.layers.iter().map(|l| l.top[0]).collect(),
+        top1_over_median: report
+            .layers
+            .iter()
+            .map(|l| l.top[0] / l.median.max(f64::MIN_POSITIVE))
+            .collect(),
+    };
+    Ok((figures, report))
+}
+
+fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result<()> {
+    let step = f.step;
+    log.scalar("eval/ppl", f.ppl, step)?;
+    log.scalar("eval/kl", f.kl, step)?;
+    log.scalar("eval/ma", f.ma, step)?;
+    log.scalar("eval/score", f.score, step)?;
+    log.scalar("eval/massive_count", f.massive_count as f64, step)?;
+    for l in &report.layers {
+        let i = l.layer;
+        log.scalar(&format!("layers/top1/{i:02}"), l.top[0], step)?;
+        log.scalar(
+            &format!("layers/top1_over_median/{i:02}"),
+            l.top[0] / l.median.max(f64::MIN_POSITIVE),
+            step,
+        )?;
+        log.scalar(
+            &format!("layers/first_token_attn/{i:02}"),
+            l.first_token_attn,
+            step,
+        )?;
+        if let Some(a) = l.slot_attn {
+            log.scalar(&format!("layers/eab_slot_attn/{i:02}"), a, step)?;
+        }
+    }
+    log.flush()
+}
+
+/// Writes a checkpoint folder through a temporary sibling and a rename.
+fn save_checkpoint(
+    dir: &Path,
+    set: &AdapterSet,
+    opt: &AdamW,
+    state: &State,
+    recipe_yaml: &str,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| Error::file(dir, "no parent folder"))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    set.save(&tmp)?;
+    opt.save(&tmp.join("optim.safetensors"))?;
+    let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(&tmp, e))?;
+    write_atomic(&tmp.join("state.json"), st.as_bytes())?;
+    write_atomic(&tmp.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))
+}
+
+/// The newest complete checkpoint under a run folder, or `dir` itself if it is one.
+pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if dir.join("state.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let ck = dir.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
+        .map_err(|e| Error::file(&ck, format!("no checkpoints to resume from: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join("state.json").is_file()
+        })
+        .collect();
+    steps.sort();
+    steps
+        .pop()
+        .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
+}
+
+/// Runs (or resumes) training; returns the run folder and its summary.
+pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+    let r = recipe;
+    let out_dir = PathBuf::from(&r.train.out_dir);
+    let recipe_yaml = r.to_yaml();
+    let s = setup(r)?;
+    let meta = adapter_meta(r, &s)?;
+    let device = s.base.device.clone();
+    let eab = &r.adapters.eab;
+    let init = match eab.init {
+        recipe::EabInit::Zeros => SlotInit::Zeros,
+        recipe::EabInit::Normal => SlotInit::Normal {
+            std: eab.init_std,
+            seed: r.train.seed,
+        },
+        recipe::EabInit::FirstToken => SlotInit::Given(first_token_kv(&s, eab.calib_windows)?),
+    };
+    let set = AdapterSet::new(meta, init, r.adapters.lora.init_std, r.train.seed, &device)?;
+    let o = &r.optim;
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            betas: (o.betas[0], o.betas[1]),
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        },
+        &set.vars,
+    )?;
+    let mut state = State {
+        step: 0,
+        seed: r.train.seed,
+        best: None,
+        step0: None,
+    };
+    if let Some(dir) = resume {
+        let ck = latest_checkpoint(dir)?;
+        let loaded = AdapterSet::load(&ck, &s.ckpt.config, &device)?;
+        for (name, var) in &set.vars {
+            var.set(loaded.vars[name].as_tensor())?;
+        }
+        let st_path = ck.join("state.json");
+        let text = std::fs::read_to_string(&st_path).map_err(|e| Error::file(&st_path, e))?;
+        state = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, e))?;
+        opt.load(&ck.join("optim.safetensors"), state.step)?;
+        eprintln!("resuming from {} at step {}", ck.display(), state.step);
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    let run_name = r.log.name.clone().unwrap_or_else(|| {
+        out_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    });
+    let mut log = RunLogger::create(&r.log.dir.join(&run_name))?;
+    let student = s.base.model(&set.adapters())?;
+    let (base_figures, base_report) = evaluate(r, &s, &s.teacher, 0)?;
+    if state.step0.is_none() {
+        let (f0, rep0) = evaluate(r, &s, &student, 0)?;
+        log_eval(&mut log, &f0, &rep0)?;
+        std::fs::create_dir_all(out_dir.join("best")).map_err(|e| Error::file(&out_dir, e))?;
+        set.save(&out_dir.join("best"))?;
+        state.best = Some(f0.clone());
+        state.step0 = Some(f0);
+        println!("base:   {}", one_line(&base_figures));
+        println!(
+            "step 0: {}",
+            one_line(state.step0.as_ref().unwrap_or(&base_figures))
+        );
+        let _ = base_report;
+    }
+    let total = r.train.steps;
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.step as u64);
+    let start = std::time::Instant::now();
+    let mut tokens_done = 0usize;
+    let mut last = state.step0.clone().unwrap_or(base_figures.clone());
+    let mut final_losses = BTreeMap::new();
+    while state.step < total {
+        let step = state.step;
+        let lr = lr_at(step, o.lr, o.warmup_steps, total, o.min_lr_ratio);
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut l_tot, mut l_hold, mut l_ma) = (0f64, 0f64, 0f64);
+        for micro in 0..o.grad_accum {
+            let rows = batch_ids(
+                &s.train,
+                state.seed,
+                step * o.grad_accum + micro,
+                r.data.batch_size,
+            );
+            let flat: Vec<u32> = rows.iter().flat_map(|w| w.iter().copied()).collect();
+            let ids = Tensor::from_vec(flat, (rows.len(), s.train.width()), &device)?; // (B, T)
+            let (total_loss, hold, ma) = losses(r, &s, &student, &ids)?;
+            let gs = (total_loss.clone() / o.grad_accum as f64)?.backward()?;
+            for (name, var) in &set.vars {
+                if let Some(g) = gs.get(var.as_tensor()) {
+                    let g = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(name.clone(), g);
+                }
+            }
+            l_tot += scalar(&total_loss)? / o.grad_accum as f64;
+            l_hold += scalar(&hold)? / o.grad_accum as f64;
+            l_ma += scalar(&ma)? / o.grad_accum as f64;
+            tokens_done += rows.len() * s.train.width();
+        }
+        if !l_tot.is_finite() {
+            bar.abandon();
+            let good = latest_checkpoint(&out_dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| format!("{} (step 0)", out_dir.join("best").display()));
+            return Err(Error::Msg(format!(
+                "step {step}: loss is {l_tot} (hold {l_hold}, ma {l_ma}); training stopped. Last good checkpoint: {good}"
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, o.grad_clip)?;
+        opt.step(&set.vars, &grads, lr)?;
+        state.step += 1;
+        let tps = tokens_done as f64 / start.elapsed().as_secs_f64();
+        if state.step % r.log.every == 0 || state.step == total {
+            log.scalar("train/loss", l_tot, state.step)?;
+            log.scalar("train/hold", l_hold, state.step)?;
+            log.scalar("train/ma", l_ma, state.step)?;
+            log.scalar("train/lr", lr, state.step)?;
+            log.scalar("train/grad_norm", grad_norm, state.step)?;
+            log.scalar("train/tokens_per_s", tps, state.step)?;
+        }
+        final_losses = BTreeMap::from([
+            ("loss".to_string(), l_tot),
+            ("hold".to_string(), l_hold),
+            ("ma".to_string(), l_ma),
+        ]);
+        bar.set_message(format!(
+            "loss {l_tot:.4} hold {l_hold:.4} ma {l_ma:.4} lr {lr:.2e} {tps:.0} tok/s"
+        ));
+        bar.set_position(state.step as u64);
+        if state.step % r.eval.every == 0 || state.step == total {
+            let (f, report) = evaluate(r, &s, &student, state.step)?;
+            log_eval(&mut log, &f, &report)?;
+            bar.println(format!("step {}: {}", state.step, one_line(&f)));
+            if state.best.as_ref().is_none_or(|b| f.score < b.score) {
+                set.save(&out_dir.join("best"))?;
+                state.best = Some(f.clone());
+            }
+            last = f;
+        }
+        if state.step % r.train.checkpoint_every == 0 || state.step == total {
+            let ck = out_dir
+                .join("checkpoints")
+                .join(format!("step-{:06}", state.step));
+            save_checkpoint(&ck, &set, &opt, &state, &recipe_yaml)?;
+        }
+    }
+    bar.finish_and_clear();
+    log.close()?;
+    set.save(&out_dir.join("final"))?;
+    let step0 = state.step0.clone().unwrap_or(base_figures.clone());
+    let summary = Summary {
+        best: state.best.clone().unwrap_or(step0.clone()),
+        base: base_figures,
+        step0,
+        last,
+        birth_layers: s.birth.clone(),
+        massive_dims: s.base_scan.massive_dims.clone(),
+        rule: s.base_scan.rule,
+        tokens_per_s: tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        wall_s: start.elapsed().as_secs_f64(),
+        final_losses,
+    };
+    let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
+    write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
+    Ok((out_dir, summary))
+}
+
+pub fn one_line(f: &EvalFigures) -> String {
+    let worst = f.top1.iter().cloned().fold(0f64, f64::max);
+    format!(
+        "ppl {:.3}  kl {:.5}  ma {:.4}  massive {}  max top-1 {:.1}  score {:.5}",
+        f.ppl, f.kl, f.ma, f.massive_count, worst, f.score
+    )
+}
