@@ -124,7 +124,7 @@ if [ -f "$bin" ]; then
     mv "$device_bin/eabfit.xz.part" "$device_bin/eabfit.xz"
     rm -f "$device_bin/eabfit.part" "$device_bin/eabfit"
     out=$device_bin/eabfit.xz
-    log "stripped binary is $(( size / 1048576 )) MiB, over 64 MiB: wrote $out instead"
+    log "stripped binary is $(( size / 1048576 )) MiB, over the carry limit ($(( limit / 1048576 )) MiB): wrote $out instead"
   fi
   log "binary $out ($(( $(stat -c %s "$out") / 1048576 )) MiB, built $(date -r "$bin" '+%F %T'))"
 else
