@@ -288,14 +288,20 @@ impl Rope {
         for p in 0..n {
             // The two halves repeat the same frequencies: rotate_half pairs dim i with i + hd/2.
             for _ in 0..2 {
-                cos.extend(inv.iter().map(|f| (p as f64 * f).cos() as f32));
-                sin.extend(inv.iter().map(|f| (p as f64 * f).sin() as f32));
+                cos.extend(inv.iter().map(|f| (p as f64 * f).cos()));
+                sin.extend(inv.iter().map(|f| (p as f64 * f).sin()));
             }
         }
         let shape = (n, inv.len() * 2);
+        // Rounded through f32 as before for f32/bf16/f16 models; full precision for f64 ones.
+        let table = |v: Vec<f64>| -> CResult<Tensor> {
+            Tensor::from_vec(v, shape, dev)?
+                .to_dtype(acc(dtype))?
+                .to_dtype(dtype)
+        };
         Ok(Self {
-            cos: Tensor::from_vec(cos, shape, dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, dev)?.to_dtype(dtype)?,
+            cos: table(cos)?,
+            sin: table(sin)?,
         })
     }
 
@@ -541,10 +547,16 @@ impl Model {
     /// `vb` is rooted at the checkpoint's top level (tensors `model.*` and `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        if adapters.mask_first_token && adapters.slots.iter().all(Option::is_none) {
-            candle_core::bail!(
-                "mask_first_token needs EAB slots: position 0 would have nothing to attend to"
-            );
+        // The mask is shared by all layers: one without a slot would give query 0 nothing to
+        // attend to (an all -inf row), and its NaN would reach every logit.
+        if adapters.mask_first_token {
+            if let Some(i) = (0..cfg.num_hidden_layers)
+                .find(|&i| adapters.slots.get(i).map_or(true, Option::is_none))
+            {
+                candle_core::bail!(
+                    "mask_first_token needs an EAB slot in every layer: layer {i} has none, so position 0 would have nothing to attend to"
+                );
+            }
         }
         let m = vb.pp("model");
         let embed_tokens = m
