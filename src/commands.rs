@@ -354,3 +354,110 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Recipe of the run to verify (its best adapters, eval text, rule and `verify:` limits)
+    pub recipe: Option<PathBuf>,
+    /// Recipe overrides `key.sub=value`
+    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter folder [default with a recipe: <train.out_dir>/best]
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// [default: the recipe's data.eval, else the fetched Hamlet]
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub num_seqs: Option<usize>,
+    #[arg(long)]
+    pub abs: Option<f64>,
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// Most massive entries allowed after adaptation
+    #[arg(long)]
+    pub max_massive: Option<usize>,
+    /// Largest relative perplexity increase allowed (0.01 = +1%)
+    #[arg(long)]
+    pub max_ppl_increase: Option<f64>,
+    /// Where verify.json, verify.md and the overlay plot go [default: <run>/verify or <adapter>/verify]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
+    use crate::verify::{failure, verify, VerifyPlan};
+    let recipe = match &args.recipe {
+        Some(p) => Some(crate::recipe::load(p, &args.overrides)?),
+        None => None,
+    };
+    let adapter = match (&args.adapter, &recipe) {
+        (Some(a), _) => a.clone(),
+        (None, Some(r)) => r.train.out_dir.join("best"),
+        (None, None) => {
+            return Err(Error::Usage(
+                "verify needs a RECIPE or --adapter DIR".into(),
+            ))
+        }
+    };
+    let model = match (&args.model.model, &recipe) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => r.model.path.clone(),
+        (None, None) => args.model.model_spec()?,
+    };
+    let text = match (&args.text, &recipe) {
+        (Some(t), _) => t.clone(),
+        (None, Some(r)) => r.data.eval.clone(),
+        (None, None) => text_path(&None)?,
+    };
+    let r = recipe.as_ref();
+    let plan = VerifyPlan {
+        model,
+        device: r
+            .filter(|_| args.model.device == "cpu")
+            .map_or(args.model.device.clone(), |r| r.model.device.clone()),
+        dtype: args
+            .model
+            .dtype
+            .clone()
+            .or_else(|| r.and_then(|r| r.model.dtype.map(|d| d.name().to_string()))),
+        text,
+        seq_len: args.seq_len.or(r.map(|r| r.data.seq_len)).unwrap_or(128),
+        num_seqs: args
+            .num_seqs
+            .or(r.map(|r| r.data.eval_windows))
+            .unwrap_or(4),
+        rule: RuleArgs {
+            abs: args.abs.or(r.map(|r| r.eval.abs)).unwrap_or(100.0),
+            ratio: args.ratio.or(r.map(|r| r.eval.ratio)).unwrap_or(1000.0),
+        }
+        .rule()?,
+        max_massive: args
+            .max_massive
+            .or(r.map(|r| r.verify.max_massive))
+            .unwrap_or(0),
+        max_ppl_increase: args
+            .max_ppl_increase
+            .or(r.map(|r| r.verify.max_ppl_increase))
+            .unwrap_or(0.01),
+        out: args.out.clone().unwrap_or_else(|| match r {
+            Some(r) => r.train.out_dir.join("verify"),
+            None => adapter.join("verify"),
+        }),
+        adapter,
+    };
+    if plan.seq_len == 0 || plan.num_seqs == 0 {
+        return Err(Error::Usage(
+            "--seq-len and --num-seqs must be at least 1".into(),
+        ));
+    }
+    let report = verify(&plan)?;
+    if !report.pass {
+        return Err(failure(&report));
+    }
+    println!("verify passed ({})", plan.out.display());
+    Ok(())
+}

@@ -19,5 +19,6 @@ pub mod recipe;
 pub mod runtime;
 pub mod scan;
 pub mod train;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -28,6 +28,8 @@ enum Command {
     Plot(commands::PlotArgs),
     /// Fine-tune EAB slots (+ LoRA) on a frozen checkpoint from a YAML recipe
     Train(commands::TrainArgs),
+    /// Base vs adapted on the same windows: massive activations gone, perplexity held?
+    Verify(commands::VerifyArgs),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Command::Intervene(a) => commands::intervene_cmd(a),
         Command::Plot(a) => commands::plot_cmd(a),
         Command::Train(a) => commands::train_cmd(a),
+        Command::Verify(a) => commands::verify_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -539,7 +539,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         if state.step % r.eval.every == 0 || state.step == total {
             let (f, report) = evaluate(r, &s, &student, state.step)?;
             log_eval(&mut log, &f, &report)?;
-            bar.println(format!("step {}: {}", state.step, one_line(&f)));
+            bar.suspend(|| eprintln!("step {}: {}", state.step, one_line(&f)));
             if state.best.as_ref().is_none_or(|b| f.score < b.score) {
                 set.save(&out_dir.join("best"))?;
                 state.best = Some(f.clone());

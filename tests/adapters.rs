@@ -32,7 +32,12 @@ fn load_model(
         .iter()
         .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
         .collect();
-    Model::load(VarBuilder::from_tensors(ts, dtype, &Device::Cpu), cfg, adapters).unwrap()
+    Model::load(
+        VarBuilder::from_tensors(ts, dtype, &Device::Cpu),
+        cfg,
+        adapters,
+    )
+    .unwrap()
 }
 
 /// Random token ids in 3..vocab, optionally starting with BOS.
@@ -294,7 +299,12 @@ impl Naive {
             emb
         };
         x.iter()
-            .map(|xi| matvec(head, &rms_norm(xi, self.w("model.norm.weight"), c.rms_norm_eps)))
+            .map(|xi| {
+                matvec(
+                    head,
+                    &rms_norm(xi, self.w("model.norm.weight"), c.rms_norm_eps),
+                )
+            })
             .collect()
     }
 }
@@ -326,8 +336,7 @@ fn eab_attention_matches_naive_loops() {
             .iter()
             .flat_map(|s| naive.logits(s).into_iter().flatten())
             .collect();
-        let reference =
-            Tensor::from_vec(reference, (2, 11, cfg.vocab_size), &Device::Cpu).unwrap();
+        let reference = Tensor::from_vec(reference, (2, 11, cfg.vocab_size), &Device::Cpu).unwrap();
         let scale = max_abs(&reference);
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-8)] {
             let model = load_model(&weights, &cfg, dtype, &adapters);
@@ -362,7 +371,11 @@ fn eab_attention_matches_naive_loops() {
         let plain = Naive::new(&cfg, &weights, &Adapters::none());
         let p: Vec<f64> = plain.logits(&seqs[0]).into_iter().flatten().collect();
         let r: Vec<f64> = naive.logits(&seqs[0]).into_iter().flatten().collect();
-        let d = p.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let d = p
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(d > 1e-2, "slots change the logits: {d}");
     }
 }
@@ -529,7 +542,10 @@ fn first_token_init_keeps_outputs_when_the_first_token_is_fixed() {
         // sink's weight doubled.
         if len > 1 {
             let moved = max_abs_diff(&unmasked.logits(&ids).unwrap(), &want);
-            assert!(moved > 1e-4, "len {len}: unmasked slot left logits unchanged ({moved})");
+            assert!(
+                moved > 1e-4,
+                "len {len}: unmasked slot left logits unchanged ({moved})"
+            );
         }
     }
 }
@@ -569,10 +585,7 @@ fn lora_merge_equivalence() {
                 m[o * inp + i] = w[o * inp + i] + l.scale * ba;
             }
         }
-        merged.insert(
-            name,
-            Tensor::from_vec(m, (out, inp), &Device::Cpu).unwrap(),
-        );
+        merged.insert(name, Tensor::from_vec(m, (out, inp), &Device::Cpu).unwrap());
     }
     let ids = batch(&[
         random_ids(&mut rng, 12, cfg.vocab_size, true),
@@ -660,7 +673,10 @@ fn adapter_save_load_round_trip_and_shape_errors() {
 
     let st = dir.path().join("adapter.safetensors");
     let (eab_k, _) = slot_names(1);
-    for bad in [eab_k, "model.layers.1.mlp.down_proj.lora_A.weight".to_string()] {
+    for bad in [
+        eab_k,
+        "model.layers.1.mlp.down_proj.lora_A.weight".to_string(),
+    ] {
         let mut ts = set.tensors();
         let (a, b) = ts[&bad].dims2().unwrap();
         ts.insert(
@@ -692,16 +708,26 @@ fn adapter_save_load_round_trip_and_shape_errors() {
 fn mask_first_token_needs_a_slot_in_every_layer() {
     let (json, cfg) = llama_config();
     let weights: HashMap<String, Tensor> = common::weights(&json, 71);
-    let ts = |w: &HashMap<String, Tensor>| VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let ts =
+        |w: &HashMap<String, Tensor>| VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
     let mut m = meta(&cfg, false, true, None);
     m.eab_layers = vec![0, 2];
-    let set = AdapterSet::new(m, SlotInit::Normal { std: 1.0, seed: 1 }, 0.0, 1, &Device::Cpu)
-        .unwrap();
+    let set = AdapterSet::new(
+        m,
+        SlotInit::Normal { std: 1.0, seed: 1 },
+        0.0,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap();
     let msg = Model::load(ts(&weights), &cfg, &set.adapters())
         .err()
         .expect("loaded mask_first_token with layer 1 slot-less")
         .to_string();
-    assert!(msg.contains("mask_first_token") && msg.contains("layer 1"), "{msg}");
+    assert!(
+        msg.contains("mask_first_token") && msg.contains("layer 1"),
+        "{msg}"
+    );
     // The same slots without the mask are fine, and finite.
     let mut adapters = set.adapters();
     adapters.mask_first_token = false;

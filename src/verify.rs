@@ -1,0 +1,205 @@
+//! `eabfit verify`: the base model and the adapted one on the same windows, side by side, and
+//! the checks that say the massive activations are gone while perplexity holds.
+
+use crate::adapters::{AdapterSet, Adapters};
+use crate::checkpoint::Checkpoint;
+use crate::data::{read_text, Windows};
+use crate::loss::kl_to_teacher;
+use crate::plot::LayerSeries;
+use crate::runtime::{parse_device, parse_dtype, write_atomic};
+use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What to verify, resolved from a recipe or from flags.
+pub struct VerifyPlan {
+    pub model: String,
+    pub device: String,
+    pub dtype: Option<String>,
+    pub adapter: PathBuf,
+    pub text: PathBuf,
+    pub seq_len: usize,
+    pub num_seqs: usize,
+    pub rule: Rule,
+    pub max_massive: usize,
+    pub max_ppl_increase: f64,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub value: f64,
+    pub limit: f64,
+    pub pass: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub adapter: String,
+    pub base: ScanReport,
+    pub adapted: ScanReport,
+    /// KL(base || adapted) per position, over the same windows.
+    pub kl: f64,
+    pub ppl_increase: f64,
+    pub checks: Vec<Check>,
+    pub pass: bool,
+}
+
+impl VerifyReport {
+    pub fn markdown(&self) -> String {
+        let mut s = format!("# eabfit verify\n\nadapter `{}` on `{}`, {} windows x {} tokens, rule |h| >= {} and |h|/median >= {}\n\n",
+            self.adapter, self.base.model, self.base.num_seqs, self.base.seq_len, self.base.rule.abs, self.base.rule.ratio);
+        s += "| | base | adapted |\n|---|---|---|\n";
+        s += &format!(
+            "| perplexity | {:.4} | {:.4} ({:+.2}%) |\n",
+            self.base.ppl,
+            self.adapted.ppl,
+            100.0 * self.ppl_increase
+        );
+        s += &format!(
+            "| massive count | {} | {} |\n",
+            self.base.massive_count(),
+            self.adapted.massive_count()
+        );
+        let worst = |r: &ScanReport| r.layers.iter().map(|l| l.top[0]).fold(0f64, f64::max);
+        s += &format!(
+            "| max top-1 \\|h\\| | {:.1} | {:.1} |\n",
+            worst(&self.base),
+            worst(&self.adapted)
+        );
+        s += &format!("| KL(base \\|\\| adapted) | 0 | {:.5} |\n\n", self.kl);
+        s += "| layer | top-1 base | top-1 adapted | top-1/median base | top-1/median adapted | attn@0 base | attn@0 adapted | attn@EAB |\n|---|---|---|---|---|---|---|---|\n";
+        for (b, a) in self.base.layers.iter().zip(&self.adapted.layers) {
+            let ratio = |l: &crate::scan::LayerScan| l.top[0] / l.median.max(f64::MIN_POSITIVE);
+            s += &format!(
+                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.3} | {:.3} | {} |\n",
+                b.layer,
+                b.top[0],
+                a.top[0],
+                ratio(b),
+                ratio(a),
+                b.first_token_attn,
+                a.first_token_attn,
+                a.slot_attn.map_or("-".into(), |x| format!("{x:.3}"))
+            );
+        }
+        s += "\n| check | value | limit | result |\n|---|---|---|---|\n";
+        for c in &self.checks {
+            s += &format!(
+                "| {} | {:.6} | {:.6} | {} |\n",
+                c.name,
+                c.value,
+                c.limit,
+                if c.pass { "pass" } else { "FAIL" }
+            );
+        }
+        s
+    }
+}
+
+fn scan_both(plan: &VerifyPlan) -> Result<(ScanReport, ScanReport, f64)> {
+    let ckpt = Checkpoint::open(&plan.model)?;
+    let device = parse_device(&plan.device)?;
+    let base = ckpt.base(parse_dtype(plan.dtype.as_deref(), &device)?, &device)?;
+    let set = AdapterSet::load(&plan.adapter, &ckpt.config, &device)?;
+    let (teacher, student) = (base.model(&Adapters::none())?, base.model(&set.adapters())?);
+    let text = read_text(&plan.text)?;
+    let windows = Windows::new(
+        &ckpt.tokenizer,
+        &text,
+        plan.seq_len,
+        Some(plan.num_seqs),
+        &plan.text,
+    )?;
+    let n_layers = ckpt.config.num_hidden_layers;
+    let (mut sb, mut sa) = (
+        Scanner::new(n_layers, plan.rule),
+        Scanner::new(n_layers, plan.rule),
+    );
+    let mut kl = 0f64;
+    for w in &windows.ids {
+        let ids = Tensor::new(w.as_slice(), &device)?.unsqueeze(0)?;
+        let ob = teacher.forward(&ids, &scan_taps())?;
+        let oa = student.forward(&ids, &scan_taps())?;
+        kl += kl_to_teacher(&oa.logits, &ob.logits, 1.0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        sb.add(&ob, w)?;
+        sa.add(&oa, w)?;
+    }
+    let name = ckpt.source.display().to_string();
+    let bos = windows.bos.is_some();
+    Ok((
+        sb.finish(&ckpt.tokenizer, &name, plan.seq_len, bos),
+        sa.finish(&ckpt.tokenizer, &name, plan.seq_len, bos),
+        kl / windows.len() as f64,
+    ))
+}
+
+/// Runs both scans, writes `verify.json`, `verify.md` and `verify.png`/`.svg` into `plan.out`,
+/// prints the report; the error of a failed verification names every failed check.
+pub fn verify(plan: &VerifyPlan) -> Result<VerifyReport> {
+    let (base, adapted, kl) = scan_both(plan)?;
+    let ppl_increase = adapted.ppl / base.ppl - 1.0;
+    let checks = vec![
+        Check {
+            name: "massive_count".into(),
+            value: adapted.massive_count() as f64,
+            limit: plan.max_massive as f64,
+            pass: adapted.massive_count() <= plan.max_massive,
+        },
+        Check {
+            name: "ppl_increase".into(),
+            value: ppl_increase,
+            limit: plan.max_ppl_increase,
+            pass: ppl_increase <= plan.max_ppl_increase,
+        },
+    ];
+    let pass = checks.iter().all(|c| c.pass);
+    let report = VerifyReport {
+        adapter: plan.adapter.display().to_string(),
+        base,
+        adapted,
+        kl,
+        ppl_increase,
+        checks,
+        pass,
+    };
+    std::fs::create_dir_all(&plan.out).map_err(|e| Error::file(&plan.out, e))?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::file(&plan.out, e))?;
+    write_atomic(&plan.out.join("verify.json"), json.as_bytes())?;
+    let md = report.markdown();
+    write_atomic(&plan.out.join("verify.md"), md.as_bytes())?;
+    let series = |r: &ScanReport, label: &str| LayerSeries {
+        label: label.into(),
+        top: r.layers.iter().map(|l| l.top).collect(),
+        median: r.layers.iter().map(|l| l.median).collect(),
+    };
+    let title = Path::new(&report.base.model)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for w in crate::plot::draw(
+        &[series(&report.base, "base"), series(&report.adapted, "eab")],
+        &title,
+        &plan.out.join("verify"),
+    )? {
+        eprintln!("warning: {w}");
+    }
+    print!("{md}");
+    Ok(report)
+}
+
+/// The error for a failed verification: every failed check, by name, with value and limit.
+pub fn failure(report: &VerifyReport) -> Error {
+    let failed: Vec<String> = report
+        .checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| format!("{} {:.6} > {:.6}", c.name, c.value, c.limit))
+        .collect();
+    Error::Msg(format!("verify failed: {}", failed.join("; ")))
+}
