@@ -461,3 +461,47 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     println!("verify passed ({})", plan.out.display());
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct AblateArgs {
+    /// Recipe with an `ablate:` section (grid and/or points)
+    pub recipe: PathBuf,
+    /// Overrides `key.sub=value` applied before the grid
+    pub overrides: Vec<String>,
+    /// Skip points that finished in an earlier run of this grid
+    #[arg(long)]
+    pub resume: bool,
+    /// List the points and exit
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn ablate_cmd(args: &AblateArgs) -> Result<()> {
+    let recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
+    let origin = args.recipe.display().to_string();
+    if args.dry_run {
+        let pts = crate::ablate::points(&recipe);
+        for (i, p) in pts.iter().enumerate() {
+            println!(
+                "{:>3}  {}  -> {}",
+                i + 1,
+                p.name,
+                recipe.train.out_dir.join(&p.name).display()
+            );
+        }
+        println!(
+            "{} points; TensorBoard: {}",
+            pts.len(),
+            recipe.log.dir.display()
+        );
+        return Ok(());
+    }
+    let (out, rows) = crate::ablate::ablate(&recipe, &origin, args.resume)?;
+    print!("{}", crate::ablate::markdown(&rows));
+    println!(
+        "table: {} (.md, .csv); TensorBoard: tensorboard --logdir {}",
+        out.join("ablate").display(),
+        recipe.log.dir.display()
+    );
+    Ok(())
+}

@@ -3,11 +3,14 @@
 //! Modules follow the data flow: checkpoint -> model (+ adapters) -> data -> perplexity
 //! -> metrics -> plot, with `runtime` holding the flags every command shares.
 
+pub mod ablate;
 pub mod adapters;
+pub mod bench;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod intervene;
 pub mod loss;
 pub mod metrics;

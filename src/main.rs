@@ -30,6 +30,15 @@ enum Command {
     Train(commands::TrainArgs),
     /// Base vs adapted on the same windows: massive activations gone, perplexity held?
     Verify(commands::VerifyArgs),
+    /// Run a recipe's ablation grid, one training run per point, and summarise them
+    Ablate(commands::AblateArgs),
+    /// Time a training step (or a forward pass) of a random LLaMA-shaped model with slots + LoRA
+    Bench(eabfit::bench::BenchArgs),
+    /// Write the adapted model as a Hugging Face folder (merged + EAB slots) and/or PEFT prefix adapter
+    Export(eabfit::export::ExportArgs),
+    /// One sequence's logits as JSON (the reference of scripts/peft_compare.py)
+    #[command(hide = true)]
+    Logits(eabfit::export::LogitsArgs),
 }
 
 fn main() {
@@ -48,6 +57,10 @@ fn main() {
         Command::Plot(a) => commands::plot_cmd(a),
         Command::Train(a) => commands::train_cmd(a),
         Command::Verify(a) => commands::verify_cmd(a),
+        Command::Ablate(a) => commands::ablate_cmd(a),
+        Command::Bench(a) => eabfit::bench::bench_cmd(a),
+        Command::Export(a) => eabfit::export::export_cmd(a),
+        Command::Logits(a) => eabfit::export::logits_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

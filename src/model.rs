@@ -137,7 +137,7 @@ impl Config {
     }
 
     /// Inverse RoPE frequencies, one per pair of head dims, with llama3 scaling applied.
-    fn inv_freq(&self) -> Vec<f64> {
+    pub fn inv_freq(&self) -> Vec<f64> {
         let hd = self.head_dim();
         let base: Vec<f64> = (0..hd)
             .step_by(2)

@@ -6,7 +6,13 @@ mod common;
 use common::{bin, planted};
 use std::process::Command;
 
-fn train(t: &common::Tiny, out: &std::path::Path, train: &std::path::Path, eval: &std::path::Path, extra: &[&str]) {
+fn train(
+    t: &common::Tiny,
+    out: &std::path::Path,
+    train: &std::path::Path,
+    eval: &std::path::Path,
+    extra: &[&str],
+) {
     let mut args = vec![
         "train".to_string(),
         concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny-debug.yaml").to_string(),
@@ -21,10 +27,30 @@ fn train(t: &common::Tiny, out: &std::path::Path, train: &std::path::Path, eval:
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-fn verify(t: &common::Tiny, adapter: &std::path::Path, eval: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+fn verify(
+    t: &common::Tiny,
+    adapter: &std::path::Path,
+    eval: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Output {
     Command::new(bin())
-        .args(["verify", "--model", &t.spec(), "--adapter", adapter.to_str().unwrap(), "--text", eval.to_str().unwrap(),
-            "--seq-len", "16", "--num-seqs", "2", "--max-ppl-increase", "0.05", "--out", out.to_str().unwrap()])
+        .args([
+            "verify",
+            "--model",
+            &t.spec(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--text",
+            eval.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--num-seqs",
+            "2",
+            "--max-ppl-increase",
+            "0.05",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap()
 }
@@ -36,22 +62,49 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
     let eval_txt = common::write_text(t.path(), "eval.txt", 100, 2);
     // Zero steps: the step-0 adapters (slots at their init, LoRA B = 0) leave the plant in place.
     let idle = t.path().join("idle");
-    train(&t, &idle, &train_txt, &eval_txt, &["train.steps=1", "optim.lr=1e-9"]);
+    train(
+        &t,
+        &idle,
+        &train_txt,
+        &eval_txt,
+        &["train.steps=1", "optim.lr=1e-9"],
+    );
     let o = verify(&t, &idle.join("best"), &eval_txt, &t.path().join("v-idle"));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("verify failed: massive_count"), "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path().join("v-idle/verify.json")).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.path().join("v-idle/verify.json")).unwrap(),
+    )
+    .unwrap();
     assert!(v["adapted"]["layers"][1]["massive_count"].as_u64().unwrap() > 0);
     assert_eq!(v["pass"], false);
     // Trained against the planted activation with LoRA on the birth layer's MLP.
     let fit = t.path().join("fit");
-    train(&t, &fit, &train_txt, &eval_txt, &["train.steps=40", "optim.lr=0.05", "adapters.lora.targets=[gate,up,down]",
-        "loss.ma.weight=0.01", "eval.every=10", "optim.grad_accum=1"]);
+    train(
+        &t,
+        &fit,
+        &train_txt,
+        &eval_txt,
+        &[
+            "train.steps=40",
+            "optim.lr=0.05",
+            "adapters.lora.targets=[gate,up,down]",
+            "loss.ma.weight=0.01",
+            "eval.every=10",
+            "optim.grad_accum=1",
+        ],
+    );
     let o = verify(&t, &fit.join("best"), &eval_txt, &t.path().join("v-fit"));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path().join("v-fit/verify.json")).unwrap()).unwrap();
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("v-fit/verify.json")).unwrap())
+            .unwrap();
     assert_eq!(v["adapted"]["layers"][1]["massive_count"], 0);
     assert!(v["base"]["layers"][1]["massive_count"].as_u64().unwrap() > 0);
     for f in ["verify.md", "verify.png", "verify.svg"] {

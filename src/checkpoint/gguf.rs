@@ -102,6 +102,7 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         raw_config,
         tokenizer,
         stored_dtype: stored,
+        eab: None,
         weights: Weights::InMemory(weights),
     })
 }

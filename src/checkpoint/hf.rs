@@ -1,6 +1,6 @@
 //! Hugging Face folders (config.json, safetensors shards, tokenizer.json) and hub ids.
 
-use super::{parse_config, Checkpoint, Format, Tok, Weights};
+use super::{parse_config, Checkpoint, EabExport, Format, Tok, Weights};
 use crate::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ pub(super) fn open_dir(dir: &Path) -> Result<Checkpoint> {
     let config_path = dir.join("config.json");
     let text = read(&config_path)?;
     let (config, raw_config) = parse_config(&config_path, &text)?;
+    let eab = EabExport::from_config(&config_path, &raw_config, &config)?;
     let files = shard_files(dir)?;
     let stored_dtype = check_shards(&files)?;
     let tokenizer = Tok::from_hf_dir(dir, &config)?;
@@ -24,6 +25,7 @@ pub(super) fn open_dir(dir: &Path) -> Result<Checkpoint> {
         raw_config,
         tokenizer,
         stored_dtype,
+        eab,
         weights: Weights::Safetensors(files),
     })
 }

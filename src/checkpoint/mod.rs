@@ -8,13 +8,14 @@ mod tokenizer;
 
 pub use tokenizer::Tok;
 
-use crate::adapters::Adapters;
+use crate::adapters::{slot_names, Adapters, EabSlot};
 use crate::model::{Config, Model};
 use crate::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,69 @@ pub struct Checkpoint {
     pub tokenizer: Tok,
     /// Stored dtype of the weights as the source has them (e.g. `Q4_1`, `BF16`).
     pub stored_dtype: String,
+    /// Set when the folder is an `eabfit export`: its config.json `eab` block.
+    pub eab: Option<EabExport>,
     weights: Weights,
+}
+
+/// The `eab` block `eabfit export --format hf` adds to config.json: the weights carry one EAB
+/// slot per listed layer, `model.layers.{i}.self_attn.eab_k` / `eab_v` of shape (KV, hd).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EabExport {
+    pub slot_tensors: String,
+    pub layers: Vec<usize>,
+    pub mask_first_token: bool,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub format_version: u32,
+}
+
+impl EabExport {
+    pub const FORMAT_VERSION: u32 = 1;
+    pub const SLOT_TENSORS: &'static str = "model.layers.{i}.self_attn.eab_k/eab_v";
+
+    /// The `eab` block of a config.json, checked against the config it sits in; `None` without one.
+    fn from_config(path: &Path, raw: &serde_json::Value, cfg: &Config) -> Result<Option<Self>> {
+        let Some(v) = raw.get("eab") else {
+            return Ok(None);
+        };
+        let e: Self = serde_json::from_value(v.clone())
+            .map_err(|err| Error::file(path, format!("`eab`: {err}")))?;
+        let bad = |msg: String| Err(Error::file(path, format!("`eab`: {msg}")));
+        if e.format_version != Self::FORMAT_VERSION {
+            return bad(format!(
+                "format_version {} is not supported (this eabfit reads {})",
+                e.format_version,
+                Self::FORMAT_VERSION
+            ));
+        }
+        if (e.n_kv_heads, e.head_dim) != (cfg.n_kv_heads(), cfg.head_dim()) {
+            return bad(format!(
+                "slots of {} x {} do not fit the model's {} KV heads x head_dim {}",
+                e.n_kv_heads,
+                e.head_dim,
+                cfg.n_kv_heads(),
+                cfg.head_dim()
+            ));
+        }
+        if let Some(l) = e.layers.iter().find(|&&l| l >= cfg.num_hidden_layers) {
+            return bad(format!(
+                "layer {l} does not exist (num_hidden_layers {})",
+                cfg.num_hidden_layers
+            ));
+        }
+        Ok(Some(e))
+    }
+
+    fn tensor_names(&self) -> HashSet<String> {
+        self.layers
+            .iter()
+            .flat_map(|&l| {
+                let (k, v) = slot_names(l);
+                [k, v]
+            })
+            .collect()
+    }
 }
 
 impl Checkpoint {
@@ -77,7 +140,20 @@ impl Checkpoint {
     /// Every weight, on `device` in `dtype`, read once: models built from one [`Base`] (the
     /// frozen teacher and the adapted student) share its storage.
     pub fn base(&self, dtype: DType, device: &Device) -> Result<Base> {
-        let tensors = match &self.weights {
+        // An export's slot tensors stay f32, like every adapter.
+        let slots = self
+            .eab
+            .as_ref()
+            .map(EabExport::tensor_names)
+            .unwrap_or_default();
+        let dtype_of = |name: &str| {
+            if slots.contains(name) {
+                DType::F32
+            } else {
+                dtype
+            }
+        };
+        let mut tensors: HashMap<String, Tensor> = match &self.weights {
             Weights::Safetensors(files) => {
                 // Safety: the files are only read; mmap of a file changed under us is the
                 // documented risk of every safetensors loader.
@@ -86,7 +162,9 @@ impl Checkpoint {
                 st.tensors()
                     .into_iter()
                     .map(|(name, _)| {
-                        let t = st.load(&name, device).and_then(|t| t.to_dtype(dtype));
+                        let t = st
+                            .load(&name, device)
+                            .and_then(|t| t.to_dtype(dtype_of(&name)));
                         t.map(|t| (name.clone(), t))
                             .map_err(|e| Error::file(&self.source, format!("tensor `{name}`: {e}")))
                     })
@@ -94,15 +172,56 @@ impl Checkpoint {
             }
             Weights::InMemory(ts) => ts
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype)?)))
+                .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype_of(k))?)))
                 .collect::<Result<_>>()?,
+        };
+        let eab = match &self.eab {
+            Some(e) => Some(self.take_slots(e, &mut tensors)?),
+            None => None,
         };
         Ok(Base {
             tensors,
             dtype,
             device: device.clone(),
             config: self.config.clone(),
+            eab,
             source: self.source.clone(),
+        })
+    }
+
+    /// Moves an export's slot tensors out of the weights into an [`Adapters`] of slots only.
+    fn take_slots(&self, e: &EabExport, tensors: &mut HashMap<String, Tensor>) -> Result<Adapters> {
+        let (kv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
+        let mut take = |name: String| -> Result<Tensor> {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                Error::file(
+                    &self.source,
+                    format!("config.json `eab` lists tensor `{name}`, the weights lack it"),
+                )
+            })?;
+            if t.dims() != [kv, hd] {
+                return Err(Error::file(
+                    &self.source,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected [{kv}, {hd}]",
+                        t.dims()
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let mut slots = vec![None; self.config.num_hidden_layers];
+        for &l in &e.layers {
+            let (k, v) = slot_names(l);
+            slots[l] = Some(EabSlot {
+                k: take(k)?,
+                v: take(v)?,
+            });
+        }
+        Ok(Adapters {
+            slots,
+            lora: HashMap::new(),
+            mask_first_token: e.mask_first_token,
         })
     }
 
@@ -131,13 +250,29 @@ pub struct Base {
     pub dtype: DType,
     pub device: Device,
     pub config: Config,
+    /// The EAB slots (f32) and mask_first_token of an `eabfit export`; `None` for other sources.
+    pub eab: Option<Adapters>,
     source: PathBuf,
 }
 
 impl Base {
+    /// `adapters` as models of this base run them: an export's own slots (with its
+    /// mask_first_token) join, unless `adapters` brings slots of its own.
+    pub fn effective_adapters(&self, adapters: &Adapters) -> Adapters {
+        match &self.eab {
+            Some(e) if adapters.slots.iter().all(Option::is_none) => Adapters {
+                slots: e.slots.clone(),
+                lora: adapters.lora.clone(),
+                mask_first_token: e.mask_first_token,
+            },
+            _ => adapters.clone(),
+        }
+    }
+
     pub fn model(&self, adapters: &Adapters) -> Result<Model> {
         let vb = VarBuilder::from_tensors(self.tensors.clone(), self.dtype, &self.device);
-        Model::load(vb, &self.config, adapters).map_err(|e| Error::file(&self.source, e))
+        Model::load(vb, &self.config, &self.effective_adapters(adapters))
+            .map_err(|e| Error::file(&self.source, e))
     }
 }
 

@@ -1,0 +1,985 @@
+//! `eabfit export`: an adapted model as files other tools read.
+//!
+//! - `hf`: LoRA merged into the base weights (`W + scale * B A`, in f32, then cast), the EAB
+//!   slots as extra tensors `model.layers.{i}.self_attn.eab_k` / `eab_v` (KV, hd), and an `eab`
+//!   block in config.json. eabfit loads such a folder as `--model` with its slots.
+//! - `peft`: the merged base without slots (a plain Hugging Face checkpoint) plus `peft_adapter/`,
+//!   a PEFT `PREFIX_TUNING` adapter of one virtual token whose per-layer key/value is the slot.
+//! - `both`: `OUT/hf` and `OUT/peft`.
+//!
+//! Why the prefix key is the slot key rotated to position 1: a slot key is never rotated, while
+//! queries are, by their position p. PEFT's prefix occupies cache position 0, so transformers
+//! gives the real tokens positions 1..T (PEFT even adds `num_virtual_tokens` to explicit
+//! `position_ids`). A query then scores `(R(p+1) q) . k = (R(p) q) . (R(-1) k)`, which equals
+//! the slot score `(R(p) q) . k'` exactly when `k = R(1) k'`; token-to-token scores depend on
+//! relative positions only, so they do not move. Values are never rotated.
+//!
+//! Everything is built in a temporary folder beside `--out` and renamed into place.
+
+use crate::adapters::{slot_names, AdapterSet, Adapters};
+use crate::checkpoint::{Checkpoint, EabExport, Format};
+use crate::model::Config;
+use crate::recipe::ExportFormat;
+use crate::runtime::{write_atomic, ModelArgs};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+/// The prefix position PEFT gives the slot (num_virtual_tokens = 1).
+pub const PREFIX_POSITION: f64 = 1.0;
+/// Files of a Hugging Face folder that travel with the weights.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Base model: Hugging Face folder, hub id or .gguf [default: the fetched SmolLM2-135M GGUF]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Adapter folder (adapter.safetensors + adapter_config.json), e.g. a run's best/ or final/
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder; written whole or not at all
+    #[arg(long)]
+    pub out: PathBuf,
+    /// hf (merged + EAB slots), peft (merged + PEFT prefix adapter) or both (OUT/hf, OUT/peft)
+    #[arg(long, default_value = "hf")]
+    pub format: String,
+    /// Replace an existing --out
+    #[arg(long)]
+    pub force: bool,
+    /// dtype of the written weights, f32 or bf16 (the merge runs in f32; slots stay f32)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Split the weights into model-0000k-of-0000n.safetensors + index above this many bytes
+    #[arg(long, default_value_t = 2_000_000_000)]
+    pub max_shard_size: u64,
+}
+
+/// What one export wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub format: &'static str,
+    pub dir: PathBuf,
+    pub shards: usize,
+    pub bytes: u64,
+}
+
+pub fn export_cmd(args: &ExportArgs) -> Result<()> {
+    let format = match args.format.as_str() {
+        "hf" => ExportFormat::Hf,
+        "peft" => ExportFormat::Peft,
+        "both" => ExportFormat::Both,
+        other => {
+            return Err(Error::Usage(format!(
+                "--format `{other}`: expected hf, peft or both"
+            )))
+        }
+    };
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(Error::Usage(format!(
+                "--dtype `{other}`: expected f32 or bf16"
+            )))
+        }
+    };
+    if args.max_shard_size == 0 {
+        return Err(Error::Usage("--max-shard-size must be at least 1".into()));
+    }
+    let model = ModelArgs {
+        model: args.model.clone(),
+        device: "cpu".into(),
+        dtype: None,
+    }
+    .model_spec()?;
+    let plan = ExportPlan {
+        model,
+        adapter: args.adapter.clone(),
+        out: args.out.clone(),
+        format,
+        force: args.force,
+        dtype,
+        max_shard_size: args.max_shard_size,
+    };
+    for e in export(&plan)? {
+        println!(
+            "{:<4} {} ({} shard{}, {:.1} MB)",
+            e.format,
+            e.dir.display(),
+            e.shards,
+            if e.shards == 1 { "" } else { "s" },
+            e.bytes as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+pub struct ExportPlan {
+    pub model: String,
+    pub adapter: PathBuf,
+    pub out: PathBuf,
+    pub format: ExportFormat,
+    pub force: bool,
+    pub dtype: DType,
+    pub max_shard_size: u64,
+}
+
+/// Checks everything, builds the export in a temporary folder beside `plan.out`, then moves it
+/// into place (replacing an old one only with `force`).
+pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
+    let ckpt = Checkpoint::open(&plan.model)?;
+    let out = absolute(&plan.out)?;
+    guard_paths(&ckpt, &plan.adapter, &out, plan.force)?;
+    let set = AdapterSet::load(&plan.adapter, &ckpt.config, &Device::Cpu)?;
+    let base = ckpt.base(DType::F32, &Device::Cpu)?;
+    let adapters = base.effective_adapters(&set.adapters());
+    let slot_layers: Vec<usize> = (0..ckpt.config.num_hidden_layers)
+        .filter(|&l| adapters.slots.get(l).is_some_and(Option::is_some))
+        .collect();
+    let changed_lora = lora_changes(&adapters)?;
+    if slot_layers.is_empty() && changed_lora.is_empty() {
+        return Err(Error::file(
+            &plan.adapter,
+            "the adapter changes nothing: every LoRA B is zero and it has no EAB slots",
+        ));
+    }
+    let peft = matches!(plan.format, ExportFormat::Peft | ExportFormat::Both);
+    if peft {
+        check_peft(&plan.adapter, &adapters, &ckpt.config)?;
+        if let Some(w) = ckpt.config.sliding_window {
+            eprintln!("warning: sliding_window {w}: transformers hides the PEFT prefix from queries {w} or more tokens after it, eabfit never hides the slot; the peft export matches eabfit on sequences shorter than {w} tokens");
+        }
+    }
+    let merged = merge(&base.tensors, &adapters)?;
+    let ctx = Ctx {
+        ckpt: &ckpt,
+        set: &set,
+        adapters: &adapters,
+        slot_layers: &slot_layers,
+        changed_lora: &changed_lora,
+        merged: &merged,
+        plan,
+    };
+
+    let parent = out
+        .parent()
+        .ok_or_else(|| Error::file(&out, "--out must name a folder"))?
+        .to_path_buf();
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::file(&out, "--out must name a folder"))?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| Error::file(&parent, format!("cannot create the folder of --out: {e}")))?;
+    let tmp = TempDir::new(parent.join(format!(".{name}.eabfit-tmp-{}", std::process::id())))?;
+    let mut done = vec![];
+    let dir_of = |sub: &str| -> PathBuf {
+        if plan.format == ExportFormat::Both {
+            tmp.0.join(sub)
+        } else {
+            tmp.0.clone()
+        }
+    };
+    let final_of = |sub: &str| -> PathBuf {
+        if plan.format == ExportFormat::Both {
+            out.join(sub)
+        } else {
+            out.clone()
+        }
+    };
+    if matches!(plan.format, ExportFormat::Hf | ExportFormat::Both) {
+        let (shards, bytes) = ctx.write_hf(&dir_of("hf"))?;
+        done.push(Exported {
+            format: "hf",
+            dir: final_of("hf"),
+            shards,
+            bytes,
+        });
+    }
+    if peft {
+        let (shards, bytes) = ctx.write_peft(&dir_of("peft"), &final_of("peft"))?;
+        done.push(Exported {
+            format: "peft",
+            dir: final_of("peft"),
+            shards,
+            bytes,
+        });
+    }
+    if plan.format == ExportFormat::Both {
+        let readme = "# eabfit export\n\n- `hf/`: merged weights with the EAB slots; eabfit loads it as `--model`.\n- `peft/`: merged weights without slots plus `peft_adapter/` (PEFT prefix tuning) for transformers + PEFT.\n\nEach folder has its own README.md.\n";
+        std::fs::write(tmp.0.join("README.md"), readme).map_err(|e| Error::file(&tmp.0, e))?;
+    }
+    tmp.commit(&out)?;
+    Ok(done)
+}
+
+/// Everything one export writes from.
+struct Ctx<'a> {
+    ckpt: &'a Checkpoint,
+    set: &'a AdapterSet,
+    adapters: &'a Adapters,
+    slot_layers: &'a [usize],
+    changed_lora: &'a [String],
+    merged: &'a HashMap<String, Tensor>,
+    plan: &'a ExportPlan,
+}
+
+impl Ctx<'_> {
+    fn write_hf(&self, dir: &Path) -> Result<(usize, u64)> {
+        mkdir(dir)?;
+        let mut tensors: Vec<(String, Tensor)> = self
+            .merged
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(self.plan.dtype)?)))
+            .collect::<Result<_>>()?;
+        for &l in self.slot_layers {
+            let slot = self.adapters.slots[l].as_ref().expect("slot layer");
+            let (kn, vn) = slot_names(l);
+            tensors.push((kn, slot.k.to_dtype(DType::F32)?));
+            tensors.push((vn, slot.v.to_dtype(DType::F32)?));
+        }
+        let written = write_weights(dir, tensors, self.plan.max_shard_size)?;
+        let eab = (!self.slot_layers.is_empty()).then(|| EabExport {
+            slot_tensors: EabExport::SLOT_TENSORS.into(),
+            layers: self.slot_layers.to_vec(),
+            mask_first_token: self.adapters.mask_first_token,
+            n_kv_heads: self.ckpt.config.n_kv_heads(),
+            head_dim: self.ckpt.config.head_dim(),
+            format_version: EabExport::FORMAT_VERSION,
+        });
+        write_json(&dir.join("config.json"), &self.config_json(eab.as_ref())?)?;
+        self.write_tokenizer(dir)?;
+        write_file(
+            &dir.join("README.md"),
+            self.model_card("hf", None).as_bytes(),
+        )?;
+        Ok(written)
+    }
+
+    fn write_peft(&self, dir: &Path, final_dir: &Path) -> Result<(usize, u64)> {
+        mkdir(dir)?;
+        let tensors: Vec<(String, Tensor)> = self
+            .merged
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(self.plan.dtype)?)))
+            .collect::<Result<_>>()?;
+        let written = write_weights(dir, tensors, self.plan.max_shard_size)?;
+        write_json(&dir.join("config.json"), &self.config_json(None)?)?;
+        self.write_tokenizer(dir)?;
+        let cfg = &self.ckpt.config;
+        let adapter_dir = dir.join("peft_adapter");
+        mkdir(&adapter_dir)?;
+        let token_dim = cfg.n_kv_heads() * cfg.head_dim();
+        let adapter_config = json!({
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": 1,
+            "token_dim": token_dim,
+            "num_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.n_kv_heads(),
+            "num_transformer_submodules": 1,
+            "encoder_hidden_size": token_dim,
+            "prefix_projection": false,
+            "init_weights": null,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "auto_mapping": null,
+            "revision": null,
+            "base_model_name_or_path": final_dir.display().to_string(),
+        });
+        write_json(&adapter_dir.join("adapter_config.json"), &adapter_config)?;
+        let pe = prompt_embeddings(self.adapters, cfg)?;
+        let st = adapter_dir.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("prompt_embeddings", pe)]), &st)
+            .map_err(|e| Error::file(&st, e))?;
+        write_file(
+            &dir.join("README.md"),
+            self.model_card("peft", Some(final_dir)).as_bytes(),
+        )?;
+        Ok(written)
+    }
+
+    /// The source's config.json (or the one built from GGUF metadata), `eab` block replaced.
+    fn config_json(&self, eab: Option<&EabExport>) -> Result<Value> {
+        let mut c = self.ckpt.raw_config.clone();
+        let obj = c
+            .as_object_mut()
+            .ok_or_else(|| Error::file(&self.ckpt.source, "config is not a JSON object"))?;
+        obj.remove("eab");
+        if self.ckpt.format == Format::Gguf {
+            obj.retain(|_, v| !v.is_null());
+            let arch = match self.ckpt.config.model_type.as_deref() {
+                Some("mistral") => "MistralForCausalLM",
+                _ => "LlamaForCausalLM",
+            };
+            obj.entry("architectures").or_insert(json!([arch]));
+            obj.entry("hidden_act").or_insert(json!("silu"));
+        }
+        let dtype = json!(match self.plan.dtype {
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        });
+        let mut set_dtype = false;
+        for key in ["torch_dtype", "dtype"] {
+            if let Some(v) = obj.get_mut(key) {
+                *v = dtype.clone();
+                set_dtype = true;
+            }
+        }
+        if !set_dtype {
+            obj.insert("torch_dtype".into(), dtype);
+        }
+        if let Some(e) = eab {
+            obj.insert(
+                "eab".into(),
+                serde_json::to_value(e).map_err(|e| Error::Msg(e.to_string()))?,
+            );
+        }
+        Ok(c)
+    }
+
+    /// Copies a folder's tokenizer files; a GGUF's rebuilt tokenizer is saved as tokenizer.json.
+    fn write_tokenizer(&self, dir: &Path) -> Result<()> {
+        let tok = &self.ckpt.tokenizer;
+        if self.ckpt.format == Format::HfDir {
+            for f in TOKENIZER_FILES {
+                let src = self.ckpt.source.join(f);
+                if src.is_file() {
+                    std::fs::copy(&src, dir.join(f)).map_err(|e| Error::file(&src, e))?;
+                }
+            }
+            return Ok(());
+        }
+        let text = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
+        let mut inner = tok.inner.clone();
+        if let (true, Some(bos), Some(id)) = (tok.add_bos, text(tok.bos), tok.bos) {
+            use tokenizers::processors::template::TemplateProcessing;
+            let tp = TemplateProcessing::builder()
+                .try_single(vec![format!("{bos}:0"), "$A:0".into()])
+                .and_then(|b| {
+                    b.try_pair(vec![
+                        format!("{bos}:0"),
+                        "$A:0".into(),
+                        format!("{bos}:1"),
+                        "$B:1".into(),
+                    ])
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    b.special_tokens(vec![(bos.clone(), id)])
+                        .build()
+                        .map_err(|e| e.to_string())
+                });
+            match tp {
+                Ok(tp) => {
+                    inner.with_post_processor(Some(tp));
+                }
+                Err(e) => eprintln!("warning: tokenizer.json will not add BOS itself: {e}"),
+            }
+        }
+        let path = dir.join("tokenizer.json");
+        inner
+            .save(&path, false)
+            .map_err(|e| Error::file(&path, e))?;
+        let tc = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": tok.add_bos,
+            "add_eos_token": false,
+            "bos_token": text(tok.bos),
+            "eos_token": text(tok.eos),
+            "model_max_length": self.ckpt.config.max_position_embeddings,
+            "clean_up_tokenization_spaces": false,
+        });
+        write_json(&dir.join("tokenizer_config.json"), &tc)
+    }
+
+    fn model_card(&self, format: &str, peft_dir: Option<&Path>) -> String {
+        let c = &self.ckpt.config;
+        let m = &self.set.meta;
+        let tok = &self.ckpt.tokenizer;
+        let src_name = self
+            .ckpt
+            .source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.ckpt.source.display().to_string());
+        let arch = c.model_type.as_deref().unwrap_or("llama");
+        let mut s = format!("# {src_name} + EAB ({format} export)\n\n");
+        s += &format!(
+            "`{src_name}` ({arch}, {} layers, hidden {}, {} query / {} KV heads of {}) retrofitted by \
+             eabfit with Explicit Attention Bias: per layer and KV head one extra key/value \
+             slot `(k', v')` (f32, never rotated) that every query attends to, \
+             `softmax([Q K^T, Q k'] / sqrt(d)) [V; v']`, so that the model no longer needs massive activations \
+             to make an attention sink.\n\n",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.n_kv_heads(),
+            c.head_dim()
+        );
+        s += "## What is in it\n\n";
+        if self.slot_layers.is_empty() {
+            s += "- No EAB slots: the adapter only carried LoRA.\n";
+        } else {
+            s += &format!(
+                "- EAB slots in layers {:?}; mask_first_token = {} ({}).\n",
+                self.slot_layers,
+                self.adapters.mask_first_token,
+                if self.adapters.mask_first_token {
+                    "position 0 is hidden from every query, the slot stands in for it"
+                } else {
+                    "position 0 stays visible"
+                }
+            );
+        }
+        if self.changed_lora.is_empty() {
+            s += "- No LoRA update (all B were zero).\n";
+        } else {
+            s += &format!(
+                "- LoRA (rank {}, alpha {}, scale {}) merged into {} projection(s): `W + scale * B A`, computed in f32: {}.\n",
+                m.lora_rank,
+                m.lora_alpha,
+                m.lora_scale(),
+                self.changed_lora.len(),
+                self.changed_lora.join(", ")
+            );
+        }
+        s += &format!(
+            "- Weights in {}.\n\n",
+            match self.plan.dtype {
+                DType::BF16 => "bf16 (merged in f32, then rounded); slot tensors stay f32",
+                _ => "f32",
+            }
+        );
+        if format == "hf" {
+            s += "## Running it\n\nThe model must run with its EAB slots. They are the tensors \
+                  `model.layers.{i}.self_attn.eab_k` / `eab_v` of shape [n_kv_heads, head_dim], \
+                  listed by the `eab` block of config.json. eabfit loads this folder directly and \
+                  uses them:\n\n```sh\neabfit ppl --model THIS_FOLDER --text FILE\neabfit scan --model THIS_FOLDER --text FILE\n```\n\n\
+                  Plain transformers ignores the slot tensors (it warns about unexpected keys) and \
+                  then computes a different, wrong model. For transformers + PEFT use \
+                  `eabfit export --format peft`.\n\n";
+        } else {
+            let dir = peft_dir.map_or("THIS_FOLDER".into(), |d| d.display().to_string());
+            s += &format!(
+                "## Running it\n\nThe weights here are a plain Hugging Face checkpoint (LoRA merged, no slots). \
+                 The slots are `peft_adapter/`, a PEFT prefix-tuning adapter of one virtual token whose \
+                 per-layer key/value is the slot:\n\n```python\nimport torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\
+                 base = AutoModelForCausalLM.from_pretrained(\"{dir}\", dtype=torch.float32)\n\
+                 model = PeftModel.from_pretrained(base, \"{dir}/peft_adapter\")\n```\n\n\
+                 Without the adapter the model is wrong. Positions: PEFT puts the prefix at position 0 and \
+                 the tokens at 1..T; the stored prefix key is the slot key rotated (RoPE) to position 1, \
+                 which makes every attention score equal eabfit's, where tokens sit at 0..T-1 and the slot \
+                 key is never rotated. `prompt_embeddings` is [1, num_layers * 2 * n_kv_heads * head_dim]: \
+                 per layer the key, then the value, each [n_kv_heads, head_dim].\n\n"
+            );
+            if let Some(w) = c.sliding_window {
+                s += &format!(
+                    "Sliding window {w}: transformers hides the prefix from queries {w} or more positions \
+                     after it; eabfit never hides the slot. Outputs match eabfit on sequences shorter than {w} tokens.\n\n"
+                );
+            }
+        }
+        s += &format!(
+            "## BOS\n\nadd_bos = {}: {}\n\n",
+            tok.add_bos,
+            match (tok.add_bos, tok.bos) {
+                (true, Some(b)) => format!(
+                    "every sequence starts with BOS {b} ({:?}), as in training.",
+                    tok.token_text(b)
+                ),
+                (true, None) => "BOS is expected but the tokenizer names none.".into(),
+                (false, _) => "no BOS is prepended.".into(),
+            }
+        );
+        s += &format!(
+            "## How it was made\n\n- Base: `{}` ({})\n- Adapter: `{}` (base recorded in the adapter: `{}`)\n- \
+             `eabfit export --format {} --dtype {}` (eabfit {})\n",
+            self.ckpt.source.display(),
+            self.ckpt.format,
+            self.plan.adapter.display(),
+            m.base_model,
+            match self.plan.format {
+                ExportFormat::Hf => "hf",
+                ExportFormat::Peft => "peft",
+                ExportFormat::Both => "both",
+            },
+            if self.plan.dtype == DType::BF16 { "bf16" } else { "f32" },
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some((path, v)) = absolute(&self.plan.adapter)
+            .ok()
+            .and_then(|a| find_verify(&a))
+        {
+            s += &verify_section(&path, &v);
+        }
+        s
+    }
+}
+
+/// Prefixes of LoRA pairs whose update is not exactly zero.
+fn lora_changes(adapters: &Adapters) -> Result<Vec<String>> {
+    let mut v = vec![];
+    for (prefix, l) in &adapters.lora {
+        let nonzero = |t: &Tensor| -> Result<bool> {
+            Ok(t.abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?
+                > 0.0)
+        };
+        if l.scale != 0.0 && nonzero(&l.a)? && nonzero(&l.b)? {
+            v.push(prefix.clone());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// `W + scale * B A` for every LoRA pair, in f32; every other tensor as it is.
+pub fn merge(
+    tensors: &HashMap<String, Tensor>,
+    adapters: &Adapters,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    for (prefix, l) in &adapters.lora {
+        let name = format!("{prefix}.weight");
+        let w = out
+            .get(&name)
+            .ok_or_else(|| Error::tensor(&name, "LoRA targets it, the base lacks it"))?;
+        let delta =
+            (l.b.to_dtype(DType::F32)?
+                .matmul(&l.a.to_dtype(DType::F32)?)?
+                * l.scale)?;
+        if delta.dims() != w.dims() {
+            return Err(Error::tensor(
+                &name,
+                format!(
+                    "shape {:?}, the LoRA update has {:?}",
+                    w.dims(),
+                    delta.dims()
+                ),
+            ));
+        }
+        let merged = (w + delta)?;
+        out.insert(name, merged);
+    }
+    Ok(out)
+}
+
+fn check_peft(adapter: &Path, adapters: &Adapters, cfg: &Config) -> Result<()> {
+    if adapters.mask_first_token {
+        return Err(Error::file(
+            adapter,
+            "--format peft needs mask_first_token = false, the adapter has mask_first_token = true \
+             (a PEFT prefix cannot hide position 0); use --format hf, which eabfit runs",
+        ));
+    }
+    let missing: Vec<usize> = (0..cfg.num_hidden_layers)
+        .filter(|&l| adapters.slots.get(l).map_or(true, Option::is_none))
+        .collect();
+    if missing.len() == cfg.num_hidden_layers {
+        return Err(Error::file(
+            adapter,
+            "--format peft needs EAB slots, the adapter has none; use --format hf (the merged model is then a plain Hugging Face checkpoint)",
+        ));
+    }
+    if !missing.is_empty() {
+        return Err(Error::file(
+            adapter,
+            format!("--format peft needs an EAB slot in every layer (a PEFT prefix reaches all of them), layers {missing:?} have none; use --format hf"),
+        ));
+    }
+    Ok(())
+}
+
+/// Per-layer slots as PEFT's `prompt_embeddings` [1, L * 2 * KV * hd]: PEFT views it as
+/// (batch, 1, L*2, KV, hd) and permutes to per-layer (key, value) of (batch, KV, 1, hd), so the
+/// flat index is ((l * 2 + kv) * KV + h) * hd + d. Keys rotated to [`PREFIX_POSITION`].
+pub fn prompt_embeddings(adapters: &Adapters, cfg: &Config) -> Result<Tensor> {
+    let inv = cfg.inv_freq();
+    let (n_layers, kv, hd) = (cfg.num_hidden_layers, cfg.n_kv_heads(), cfg.head_dim());
+    let mut flat = Vec::with_capacity(n_layers * 2 * kv * hd);
+    for l in 0..n_layers {
+        let slot = adapters.slots[l]
+            .as_ref()
+            .ok_or_else(|| Error::Msg(format!("layer {l} has no EAB slot")))?;
+        for row in slot.k.to_dtype(DType::F32)?.to_vec2::<f32>()? {
+            flat.extend(rope_rotate(&row, &inv, PREFIX_POSITION));
+        }
+        for row in slot.v.to_dtype(DType::F32)?.to_vec2::<f32>()? {
+            flat.extend(row);
+        }
+    }
+    let n = flat.len();
+    Ok(Tensor::from_vec(flat, (1, n), &Device::Cpu)?)
+}
+
+/// Rotate-half RoPE (the Hugging Face layout) of one head vector to position `pos`.
+pub fn rope_rotate(x: &[f32], inv_freq: &[f64], pos: f64) -> Vec<f32> {
+    let half = x.len() / 2;
+    let mut out = vec![0f32; x.len()];
+    for i in 0..half {
+        let (s, c) = (pos * inv_freq[i]).sin_cos();
+        let (x1, x2) = (x[i] as f64, x[i + half] as f64);
+        out[i] = (x1 * c - x2 * s) as f32;
+        out[i + half] = (x2 * c + x1 * s) as f32;
+    }
+    out
+}
+
+/// Writes `model.safetensors`, or shards + `model.safetensors.index.json` when the tensors
+/// exceed `max_shard` bytes. Returns (shards, bytes).
+fn write_weights(
+    dir: &Path,
+    mut tensors: Vec<(String, Tensor)>,
+    max_shard: u64,
+) -> Result<(usize, u64)> {
+    tensors.sort_by_key(|(n, _)| natural_key(n));
+    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let mut used = 0u64;
+    for (n, t) in tensors {
+        let s = size(&t);
+        if used > 0 && used + s > max_shard {
+            shards.push(vec![]);
+            used = 0;
+        }
+        used += s;
+        shards.last_mut().expect("one shard").push((n, t));
+    }
+    let count = shards.len();
+    if count == 1 {
+        let path = dir.join("model.safetensors");
+        let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
+        candle_core::safetensors::save(&map, &path).map_err(|e| Error::file(&path, e))?;
+        return Ok((1, total));
+    }
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let path = dir.join(&file);
+        for (n, _) in &shard {
+            weight_map.insert(n.clone(), file.clone());
+        }
+        let map: HashMap<String, Tensor> = shard.into_iter().collect();
+        candle_core::safetensors::save(&map, &path).map_err(|e| Error::file(&path, e))?;
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    Ok((count, total))
+}
+
+/// `model.layers.10.x` after `model.layers.9.x`.
+fn natural_key(name: &str) -> Vec<(u8, usize, String)> {
+    name.split('.')
+        .map(|p| match p.parse::<usize>() {
+            Ok(n) => (0, n, String::new()),
+            Err(_) => (1, 0, p.to_string()),
+        })
+        .collect()
+}
+
+/// A `verify.json` beside the (absolute) adapter path: in it, its `verify/`, its parent or the
+/// parent's `verify/`.
+fn find_verify(adapter: &Path) -> Option<(PathBuf, Value)> {
+    let dirs: Vec<&Path> = std::iter::once(adapter).chain(adapter.parent()).collect();
+    dirs.iter()
+        .flat_map(|d| [d.join("verify.json"), d.join("verify").join("verify.json")])
+        .find_map(|p| {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+            v.is_object().then_some((p, v))
+        })
+}
+
+fn verify_section(path: &Path, v: &Value) -> String {
+    let f = |x: &Value| x.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+    let massive = |r: &Value| -> String {
+        r["layers"].as_array().map_or("-".into(), |ls| {
+            ls.iter()
+                .filter_map(|l| l["massive_count"].as_u64())
+                .sum::<u64>()
+                .to_string()
+        })
+    };
+    let mut s = format!("\n## Verification\n\nFrom `{}`:\n\n", path.display());
+    s += "| | base | adapted |\n|---|---|---|\n";
+    s += &format!(
+        "| perplexity | {} | {} |\n",
+        f(&v["base"]["ppl"]),
+        f(&v["adapted"]["ppl"])
+    );
+    s += &format!(
+        "| massive activations | {} | {} |\n",
+        massive(&v["base"]),
+        massive(&v["adapted"])
+    );
+    s += &format!(
+        "\nppl increase {}, KL(base || adapted) {}, verdict: {}\n",
+        v["ppl_increase"]
+            .as_f64()
+            .map_or("-".into(), |x| format!("{:+.2}%", 100.0 * x)),
+        f(&v["kl"]),
+        match v["pass"].as_bool() {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "-",
+        }
+    );
+    if let Some(checks) = v["checks"].as_array() {
+        for c in checks {
+            s += &format!(
+                "- {}: {} (limit {}) {}\n",
+                c["name"].as_str().unwrap_or("?"),
+                f(&c["value"]),
+                f(&c["limit"]),
+                if c["pass"].as_bool() == Some(true) {
+                    "pass"
+                } else {
+                    "FAIL"
+                }
+            );
+        }
+    }
+    s
+}
+
+/// Refuses an `--out` that would write into the source model, delete it or the adapter, or
+/// replace an existing folder without `--force`.
+fn guard_paths(ckpt: &Checkpoint, adapter: &Path, out: &Path, force: bool) -> Result<()> {
+    let src = absolute(&ckpt.source)?;
+    if ckpt.format == Format::HfDir && out.starts_with(&src) {
+        return Err(Error::file(
+            out,
+            format!(
+                "--out is inside the source model's folder {}; eabfit never writes there",
+                src.display()
+            ),
+        ));
+    }
+    if src.starts_with(out) {
+        return Err(Error::file(
+            out,
+            format!("--out holds the source model {}", src.display()),
+        ));
+    }
+    let adapter_abs = absolute(adapter)?;
+    if adapter_abs.starts_with(out) {
+        return Err(Error::file(
+            out,
+            format!("--out holds the adapter {}", adapter_abs.display()),
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(out) {
+        if !force {
+            return Err(Error::file(
+                out,
+                "already exists; pass --force to replace it",
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(Error::file(
+                out,
+                "exists and is not a folder; --force replaces folders only",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `p` made absolute: its longest existing ancestor canonicalized, the rest (`.` and `..`
+/// resolved) appended.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::file(p, e))?
+            .join(p)
+    };
+    let mut norm = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                norm.pop();
+            }
+            other => norm.push(other),
+        }
+    }
+    let mut existing = norm.clone();
+    let mut rest = vec![];
+    while std::fs::symlink_metadata(&existing).is_err() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(n), Some(parent)) => {
+                rest.push(n.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    for n in rest.iter().rev() {
+        out.push(n);
+    }
+    Ok(out)
+}
+
+/// The export's temporary folder: removed on drop unless committed.
+struct TempDir(PathBuf, bool);
+
+impl TempDir {
+    fn new(path: PathBuf) -> Result<Self> {
+        if path.exists() {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        std::fs::create_dir(&path).map_err(|e| {
+            Error::file(
+                &path,
+                format!("cannot write beside --out (is its folder writable?): {e}"),
+            )
+        })?;
+        Ok(Self(path, false))
+    }
+
+    /// Renames the folder to `out`; an existing `out` is moved aside first and removed after.
+    fn commit(mut self, out: &Path) -> Result<()> {
+        let old = self.0.with_file_name(format!(
+            "{}.old",
+            self.0.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let replacing = out.exists();
+        if replacing {
+            std::fs::rename(out, &old)
+                .map_err(|e| Error::file(out, format!("cannot move the old export aside: {e}")))?;
+        }
+        if let Err(e) = std::fs::rename(&self.0, out) {
+            if replacing {
+                let _ = std::fs::rename(&old, out);
+            }
+            return Err(Error::file(
+                out,
+                format!("cannot move the export into place: {e}"),
+            ));
+        }
+        if replacing {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        self.1 = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn mkdir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))
+}
+
+fn write_file(path: &Path, body: &[u8]) -> Result<()> {
+    std::fs::write(path, body).map_err(|e| Error::file(path, e))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let body = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
+    write_file(path, body.as_bytes())
+}
+
+/// `eabfit logits` (hidden): one sequence's logits as JSON, the reference that
+/// `scripts/peft_compare.py` holds transformers + PEFT against.
+#[derive(Debug, clap::Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter folder to run on the model
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Token ids, comma-separated
+    #[arg(long, value_delimiter = ',', conflicts_with = "text")]
+    pub ids: Vec<u32>,
+    /// Text to tokenize instead (BOS prepended when the tokenizer config says so)
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Where the JSON goes: {"ids": [...], "logits": [[...] per position], ...}
+    #[arg(long)]
+    pub json: PathBuf,
+}
+
+pub fn logits_cmd(args: &LogitsArgs) -> Result<()> {
+    let ckpt = args.model.open()?;
+    let device = args.model.device()?;
+    let base = ckpt.base(args.model.dtype(&device)?, &device)?;
+    let adapters = match &args.adapter {
+        Some(d) => AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
+        None => Adapters::none(),
+    };
+    let ids = match (&args.text, args.ids.is_empty()) {
+        (Some(t), _) => {
+            let mut ids = vec![];
+            if let (true, Some(b)) = (ckpt.tokenizer.add_bos, ckpt.tokenizer.bos) {
+                ids.push(b);
+            }
+            ids.extend(ckpt.tokenizer.encode(t)?);
+            ids
+        }
+        (None, false) => args.ids.clone(),
+        (None, true) => return Err(Error::Usage("logits needs --ids or --text".into())),
+    };
+    if ids.is_empty() {
+        return Err(Error::Usage("no tokens to run".into()));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= ckpt.config.vocab_size) {
+        return Err(Error::Usage(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            ckpt.config.vocab_size
+        )));
+    }
+    let effective = base.effective_adapters(&adapters);
+    let model = base.model(&adapters)?;
+    let logits = model
+        .logits(&Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let v = json!({
+        "model": ckpt.source.display().to_string(),
+        "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
+        "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+        "slot_layers": (0..ckpt.config.num_hidden_layers)
+            .filter(|&l| effective.slots.get(l).is_some_and(Option::is_some))
+            .collect::<Vec<_>>(),
+        "mask_first_token": effective.mask_first_token,
+        "ids": ids,
+        "logits": logits,
+    });
+    let body = serde_json::to_string(&v).map_err(|e| Error::file(&args.json, e))?;
+    write_atomic(&args.json, body.as_bytes())?;
+    println!(
+        "{} positions x {} logits -> {}",
+        ids.len(),
+        ckpt.config.vocab_size,
+        args.json.display()
+    );
+    Ok(())
+}
