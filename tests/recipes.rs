@@ -1,0 +1,22 @@
+//! Every shipped recipe parses, validates, and says in its header what it is for and how to run it.
+
+#[test]
+fn shipped_recipes_load_and_document_their_launch_command() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "yaml") {
+            continue;
+        }
+        let r = eabfit::recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let header: Vec<&str> = text.lines().take_while(|l| l.starts_with('#')).collect();
+        assert!(header.len() >= 2, "{}: no header", p.display());
+        assert!(header.iter().any(|l| l.contains("eabfit ")), "{}: header gives no command", p.display());
+        // The resolved copy a run saves parses back to the same recipe.
+        assert_eq!(eabfit::recipe::parse_str(&r.to_yaml(), "resolved", &[]).unwrap(), r);
+        n += 1;
+    }
+    assert!(n >= 5, "{n} recipes");
+}
