@@ -246,3 +246,43 @@ fn bad_flags_exit_2() {
     let out = run(&["info", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A hub id resolves through the hf-hub cache layout (refs/main -> snapshots/<rev>/) offline;
+/// an id that is not cached is a clear error when nothing can be downloaded.
+#[test]
+fn hub_ids_resolve_through_the_cache() {
+    let t = tiny(Arch::Llama, 8);
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--tiny-org--tiny-llama");
+    let snap = repo.join("snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(t.path().join(f), snap.join(f)).unwrap();
+    }
+    let out = Command::new(bin())
+        .args(["info", "--model", "tiny-org/tiny-llama"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(snap.to_str().unwrap()));
+    let out = Command::new(bin())
+        .args(["info", "--model", "tiny-org/absent"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, &["tiny-org/absent", "not in the hf-hub cache"]);
+}

@@ -13,9 +13,16 @@ fn shipped_recipes_load_and_document_their_launch_command() {
         let text = std::fs::read_to_string(&p).unwrap();
         let header: Vec<&str> = text.lines().take_while(|l| l.starts_with('#')).collect();
         assert!(header.len() >= 2, "{}: no header", p.display());
-        assert!(header.iter().any(|l| l.contains("eabfit ")), "{}: header gives no command", p.display());
+        assert!(
+            header.iter().any(|l| l.contains("eabfit ")),
+            "{}: header gives no command",
+            p.display()
+        );
         // The resolved copy a run saves parses back to the same recipe.
-        assert_eq!(eabfit::recipe::parse_str(&r.to_yaml(), "resolved", &[]).unwrap(), r);
+        assert_eq!(
+            eabfit::recipe::parse_str(&r.to_yaml(), "resolved", &[]).unwrap(),
+            r
+        );
         n += 1;
     }
     assert!(n >= 5, "{n} recipes");

@@ -94,6 +94,12 @@ pub(super) fn open_hub(id: &str) -> Result<Checkpoint> {
         if let Some(p) = cached.get(name) {
             return Ok(p);
         }
+        if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+            return Err(Error::Msg(format!(
+                "{id}: `{name}` is not in the hf-hub cache ({}) and HF_HUB_OFFLINE=1",
+                cache.path().display()
+            )));
+        }
         let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
             .with_progress(false)
             .build()

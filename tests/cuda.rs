@@ -1,0 +1,311 @@
+//! CPU vs CUDA on tiny random checkpoints with EAB slots in every layer (position 0 masked) and
+//! LoRA: logits, the gradient of every adapter tensor, three AdamW steps, bf16 logits, and the
+//! `bench` command's CUDA paths. Built only with `--features cuda`; needs a CUDA device 0 (run
+//! on the GPU machine through scripts/gpu-test.sh).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{tiny, Arch};
+use eabfit::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
+use eabfit::checkpoint::{Base, Checkpoint};
+use eabfit::loss::kl_to_teacher;
+use eabfit::model::Model;
+use eabfit::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device 0")
+}
+
+/// Two rows of token ids inside the tiny vocabulary (61 ids), position 0 = BOS.
+fn ids(dev: &Device) -> Tensor {
+    let rows: [[u32; 12]; 2] = [
+        [1, 5, 9, 3, 17, 22, 40, 8, 8, 31, 12, 6],
+        [1, 50, 2, 44, 7, 7, 19, 33, 58, 4, 11, 27],
+    ];
+    Tensor::new(&rows, dev).unwrap()
+}
+
+/// Slots in every layer with position 0 hidden, LoRA r4 on q and down of layers 0 and 2; slots
+/// ~N(0, 0.3), LoRA A ~N(0, 0.2) and B set nonzero (B = 0 would leave A without gradient).
+fn adapters_cpu(base: &Base, seed: u64) -> AdapterSet {
+    let cfg = &base.config;
+    let mut meta = AdapterMeta::for_config(cfg, "tiny");
+    meta.eab_layers = (0..cfg.num_hidden_layers).collect();
+    meta.mask_first_token = true;
+    meta.lora_rank = 4;
+    meta.lora_alpha = 8.0;
+    meta.lora_targets = vec!["q".into(), "down".into()];
+    meta.lora_layers = vec![0, 2];
+    let set = AdapterSet::new(
+        meta,
+        SlotInit::Normal { std: 0.3, seed },
+        0.2,
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(seed + 7);
+    for (name, var) in &set.vars {
+        if name.contains("lora_B") {
+            let n = var.elem_count();
+            let data: Vec<f32> = (0..n).map(|_| (rng.gen::<f32>() - 0.5) * 0.4).collect();
+            var.set(&Tensor::from_vec(data, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    set
+}
+
+/// An independent copy of `set` (new Vars) on `dev`.
+fn copy_to(set: &AdapterSet, dev: &Device) -> AdapterSet {
+    let vars = set
+        .vars
+        .iter()
+        .map(|(k, v)| {
+            let t = v.as_tensor().to_device(dev).unwrap().copy().unwrap();
+            (k.clone(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    AdapterSet {
+        meta: set.meta.clone(),
+        vars,
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    max_abs(&(a - b).unwrap())
+}
+
+struct Side {
+    teacher: Model,
+    student: Model,
+    set: AdapterSet,
+    dev: Device,
+}
+
+fn side(ckpt: &Checkpoint, set: AdapterSet, dtype: DType, dev: &Device) -> Side {
+    let base = ckpt.base(dtype, dev).unwrap();
+    Side {
+        teacher: base.model(&Adapters::none()).unwrap(),
+        student: base.model(&set.adapters()).unwrap(),
+        set,
+        dev: dev.clone(),
+    }
+}
+
+/// Both sides of one tiny checkpoint: f32 CPU and f32 CUDA with equal adapters.
+fn sides(arch: Arch, seed: u64) -> (common::Tiny, Side, Side) {
+    let t = tiny(arch, seed);
+    let ckpt = Checkpoint::open(&t.spec()).unwrap();
+    let base = ckpt.base(DType::F32, &Device::Cpu).unwrap();
+    let set = adapters_cpu(&base, seed);
+    let gpu_set = copy_to(&set, &gpu());
+    let cpu = side(&ckpt, set, DType::F32, &Device::Cpu);
+    let cuda = side(&ckpt, gpu_set, DType::F32, &gpu());
+    (t, cpu, cuda)
+}
+
+impl Side {
+    /// KL(teacher || student) and the gradient of every adapter var, by name.
+    fn loss_and_grads(&self) -> (f32, BTreeMap<String, Tensor>) {
+        let ids = ids(&self.dev);
+        let s = self.student.logits(&ids).unwrap();
+        let t = self.teacher.logits(&ids).unwrap();
+        let loss = kl_to_teacher(&s, &t, 1.0).unwrap();
+        let gs = loss.backward().unwrap();
+        let grads = self
+            .set
+            .vars
+            .iter()
+            .map(|(name, var)| {
+                let g = gs
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
+                (name.clone(), g.clone())
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    }
+
+    /// One training step as train.rs takes it (clip 1.0, AdamW); returns the loss.
+    fn train_step(&self, opt: &mut AdamW) -> f32 {
+        let (loss, mut grads) = self.loss_and_grads();
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        opt.step(&self.set.vars, &grads, 1e-2).unwrap();
+        loss
+    }
+}
+
+#[test]
+fn f32_logits_match_cpu() {
+    for (arch, seed) in [(Arch::Llama, 11), (Arch::Llama3, 12), (Arch::Mistral, 13)] {
+        let (_t, cpu, cuda) = sides(arch, seed);
+        for (what, c, g) in [
+            ("student", &cpu.student, &cuda.student),
+            ("teacher", &cpu.teacher, &cuda.teacher),
+        ] {
+            let lc = c.logits(&ids(&Device::Cpu)).unwrap();
+            let lg = g.logits(&ids(&cuda.dev)).unwrap();
+            assert_eq!(lc.dims(), lg.dims());
+            let d = max_abs_diff(&lc, &lg);
+            let scale = max_abs(&lc).max(1.0);
+            eprintln!("{arch:?} {what}: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
+            assert!(
+                d <= 1e-4 * scale,
+                "{arch:?} {what}: max |diff| {d} > 1e-4 x {scale}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_gradients_of_every_adapter_match_cpu() {
+    for (arch, seed) in [(Arch::Llama, 21), (Arch::Mistral, 22)] {
+        let (_t, cpu, cuda) = sides(arch, seed);
+        let (lc, gc) = cpu.loss_and_grads();
+        let (lg, gg) = cuda.loss_and_grads();
+        assert!(lc > 1e-4, "the adapters change nothing: KL {lc}");
+        assert!((lc - lg).abs() <= 1e-5 * lc.max(1.0), "loss {lc} vs {lg}");
+        assert_eq!(gc.len(), cpu.set.vars.len());
+        for (name, g) in &gc {
+            let scale = max_abs(g);
+            assert!(scale > 0.0, "{arch:?} {name}: zero gradient");
+            let d = max_abs_diff(g, &gg[name]);
+            eprintln!("{arch:?} {name}: max |g| {scale:.3e}, max |cpu - cuda| {d:.3e}");
+            assert!(
+                d <= 1e-3 * scale,
+                "{arch:?} {name}: relative gradient error {} > 1e-3",
+                d / scale
+            );
+        }
+    }
+}
+
+#[test]
+fn three_adamw_steps_give_the_same_adapters() {
+    let (_t, cpu, cuda) = sides(Arch::Llama, 31);
+    let before: BTreeMap<String, Tensor> = cpu
+        .set
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    let cfg = AdamWConfig {
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut opt_c = AdamW::new(cfg, &cpu.set.vars).unwrap();
+    let mut opt_g = AdamW::new(cfg, &cuda.set.vars).unwrap();
+    for step in 0..3 {
+        let lc = cpu.train_step(&mut opt_c);
+        let lg = cuda.train_step(&mut opt_g);
+        eprintln!("step {step}: loss cpu {lc:.6} cuda {lg:.6}");
+        assert!(
+            (lc - lg).abs() <= 1e-5 * lc.max(1.0),
+            "step {step}: {lc} vs {lg}"
+        );
+    }
+    for (name, v) in &cpu.set.vars {
+        let moved = max_abs_diff(v.as_tensor(), &before[name]);
+        assert!(moved > 1e-3, "{name} did not move ({moved})");
+        let d = max_abs_diff(v.as_tensor(), cuda.set.vars[name].as_tensor());
+        eprintln!("{name}: moved {moved:.3e}, max |cpu - cuda| {d:.3e}");
+        assert!(d <= 1e-4, "{name}: max |cpu - cuda| {d} after 3 steps");
+    }
+}
+
+#[test]
+fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
+    let t = tiny(Arch::Llama, 41);
+    let ckpt = Checkpoint::open(&t.spec()).unwrap();
+    let base = ckpt.base(DType::F32, &Device::Cpu).unwrap();
+    let set = adapters_cpu(&base, 41);
+    let gpu_set = copy_to(&set, &gpu());
+    let cpu = side(&ckpt, set, DType::F32, &Device::Cpu);
+    let bf = side(&ckpt, gpu_set, DType::BF16, &gpu());
+    let lc = cpu.student.logits(&ids(&Device::Cpu)).unwrap();
+    let lb = bf.student.logits(&ids(&bf.dev)).unwrap();
+    assert_eq!(lb.dtype(), DType::F32, "logits come back in f32");
+    let d = max_abs_diff(&lc, &lb);
+    let scale = max_abs(&lc);
+    eprintln!("bf16 cuda vs f32 cpu: max |diff| {d:.3e}, max |logit| {scale:.2}");
+    assert!(d <= 5e-2 * scale, "max |diff| {d} > 5e-2 x {scale}");
+    // and bf16 training produces finite gradients for every adapter
+    let (loss, grads) = bf.loss_and_grads();
+    assert!(loss.is_finite());
+    for (name, g) in grads {
+        let m = max_abs(&g);
+        assert!(m.is_finite() && m > 0.0, "{name}: gradient max {m}");
+    }
+}
+
+#[test]
+fn bench_runs_on_cuda_and_reports_memory() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        b: eabfit::bench::BenchArgs,
+    }
+    for mode in ["train", "forward"] {
+        let cli = Cli::parse_from([
+            "bench",
+            "--shape",
+            "tiny",
+            "--device",
+            "cuda",
+            "--mode",
+            mode,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--keep-pool",
+        ]);
+        let r = eabfit::bench::run(&cli.b).unwrap();
+        eprintln!("{}", eabfit::bench::summary_line(&r));
+        assert_eq!(r.dtype, "bf16");
+        assert!(r.tokens_per_s > 0.0 && r.ms_per_step > 0.0);
+        let peak = r.peak_alloc_gib.expect("pool statistics on CUDA");
+        let weights = r.weights_alloc_gib.expect("pool statistics on CUDA");
+        // Pool statistics are per device: with tests in parallel they include other tests'.
+        assert!(
+            peak > 0.0 && weights > 0.0,
+            "peak {peak}, weights {weights}"
+        );
+        if mode == "train" {
+            assert!(r.loss.is_some_and(f64::is_finite));
+            assert!(r.phases_ms.contains_key("backward"));
+        }
+    }
+}
