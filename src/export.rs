@@ -506,9 +506,9 @@ impl Ctx<'_> {
         s += &format!(
             "## How it was made\n\n- Base: `{}` ({})\n- Adapter: `{}` (base recorded in the adapter: `{}`)\n- \
              `eabfit export --format {} --dtype {}` (eabfit {})\n",
-            self.ckpt.source.display(),
+            absolute(&self.ckpt.source).unwrap_or_else(|_| self.ckpt.source.clone()).display(),
             self.ckpt.format,
-            self.plan.adapter.display(),
+            absolute(&self.plan.adapter).unwrap_or_else(|_| self.plan.adapter.clone()).display(),
             m.base_model,
             match self.plan.format {
                 ExportFormat::Hf => "hf",

@@ -242,6 +242,26 @@ fn three_adamw_steps_give_the_same_adapters() {
     }
 }
 
+fn rms(t: &Tensor) -> f32 {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// bf16 on CUDA against f32 on the CPU, within what bf16 allows on these tiny models: their
+/// weights are large (attention scores of tens, written by a bf16 matmul before the f32
+/// softmax), so bf16 on the CPU itself lands at 2-4% RMS and 3-7.5% max relative to the
+/// largest logit over seeds 41-55 (seed 41: 2.7% / 3.4%). Bounds: RMS 5%, max 10%. A broken
+/// kernel gives errors of order one. The bf16 CPU vs bf16 CUDA gap is printed for reference.
 #[test]
 fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
     let t = tiny(Arch::Llama, 41);
@@ -249,16 +269,32 @@ fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
     let base = ckpt.base(DType::F32, &Device::Cpu).unwrap();
     let set = adapters_cpu(&base, 41);
     let gpu_set = copy_to(&set, &gpu());
+    let cpu_bf_set = copy_to(&set, &Device::Cpu);
     let cpu = side(&ckpt, set, DType::F32, &Device::Cpu);
     let bf = side(&ckpt, gpu_set, DType::BF16, &gpu());
-    let lc = cpu.student.logits(&ids(&Device::Cpu)).unwrap();
-    let lb = bf.student.logits(&ids(&bf.dev)).unwrap();
-    assert_eq!(lb.dtype(), DType::F32, "logits come back in f32");
-    let d = max_abs_diff(&lc, &lb);
-    let scale = max_abs(&lc);
-    eprintln!("bf16 cuda vs f32 cpu: max |diff| {d:.3e}, max |logit| {scale:.2}");
-    assert!(d <= 5e-2 * scale, "max |diff| {d} > 5e-2 x {scale}");
-    // and bf16 training produces finite gradients for every adapter
+    let cpu_bf = side(&ckpt, cpu_bf_set, DType::BF16, &Device::Cpu);
+    for (what, c, b, cb) in [
+        ("student", &cpu.student, &bf.student, &cpu_bf.student),
+        ("teacher", &cpu.teacher, &bf.teacher, &cpu_bf.teacher),
+    ] {
+        let lc = c.logits(&ids(&Device::Cpu)).unwrap();
+        let lb = b.logits(&ids(&bf.dev)).unwrap();
+        let lcb = cb.logits(&ids(&Device::Cpu)).unwrap();
+        assert_eq!(lb.dtype(), DType::F32, "logits come back in f32");
+        let scale = max_abs(&lc);
+        let rel_max = max_abs_diff(&lc, &lb) / scale;
+        let diff = (&lc - &lb.to_device(&Device::Cpu).unwrap()).unwrap();
+        let rel_rms = rms(&diff) / rms(&lc);
+        let cpu_rel_max = max_abs_diff(&lc, &lcb) / scale;
+        let gap = max_abs_diff(&lb, &lcb) / scale;
+        eprintln!(
+            "{what}: bf16 cuda vs f32 cpu: max {rel_max:.4}, rms {rel_rms:.4} (relative); \
+             bf16 cpu vs f32 cpu: max {cpu_rel_max:.4}; bf16 cuda vs bf16 cpu: max {gap:.4}"
+        );
+        assert!(rel_rms <= 5e-2, "{what}: relative RMS error {rel_rms} > 5e-2");
+        assert!(rel_max <= 1e-1, "{what}: max error {rel_max} x max |logit| > 1e-1");
+    }
+    // bf16 training gives a finite, nonzero gradient for every adapter.
     let (loss, grads) = bf.loss_and_grads();
     assert!(loss.is_finite());
     for (name, g) in grads {
