@@ -67,7 +67,7 @@ fi
 {
   echo "# $(date -u '+%F %T') UTC on $(hostname)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' 2>&1 | tail -n1
+  echo "python $py (torch/transformers/peft versions are in each torch report)"
   echo "steps $steps after $warmup warm-up; batches tried: $batches"
 } | tee "$out/env.txt" >&2
 

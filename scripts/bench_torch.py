@@ -109,6 +109,8 @@ def build(a, torch):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
+    model.to(device)  # no-op when the device context took (it does in transformers 5.17)
+    assert model.config._attn_implementation == a.attn, model.config._attn_implementation
     model.requires_grad_(False)
     model.train()  # no dropout in Llama; train() as a training run would have it
     return cfg, model, dtype, device

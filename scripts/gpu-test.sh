@@ -86,7 +86,7 @@ fi
 
 {
   echo "# $(date -u '+%F %T') UTC on $(hostname)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 } | tee "$out/summary.txt"
 failed=0
@@ -105,11 +105,11 @@ for t in "${targets[@]}"; do
   timeout "${GPU_TEST_TIMEOUT:-300}" "$exe" --test-threads=1 --nocapture "${extra[@]}" > "$out/$name.log" 2>&1
   rc=$?
   set -e
-  result=$(grep -E '^test result:' "$out/$name.log" | tail -n1)
+  result=$(grep -E '^test result:' "$out/$name.log" | tail -n1 || true)
   echo "$name: rc $rc in $(( $(date +%s) - start )) s; ${result:-no result line}" | tee -a "$out/summary.txt"
   if [ $rc -ne 0 ]; then
     failed=1
-    grep -E '^test .* FAILED$|panicked at|^---- ' "$out/$name.log" | head -n 40 | tee -a "$out/summary.txt"
+    { grep -E '^test .* FAILED$|panicked at|^---- ' "$out/$name.log" || true; } | head -n 40 | tee -a "$out/summary.txt"
     tail -n 20 "$out/$name.log"
   fi
 done

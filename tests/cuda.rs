@@ -291,8 +291,14 @@ fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
             "{what}: bf16 cuda vs f32 cpu: max {rel_max:.4}, rms {rel_rms:.4} (relative); \
              bf16 cpu vs f32 cpu: max {cpu_rel_max:.4}; bf16 cuda vs bf16 cpu: max {gap:.4}"
         );
-        assert!(rel_rms <= 5e-2, "{what}: relative RMS error {rel_rms} > 5e-2");
-        assert!(rel_max <= 1e-1, "{what}: max error {rel_max} x max |logit| > 1e-1");
+        assert!(
+            rel_rms <= 5e-2,
+            "{what}: relative RMS error {rel_rms} > 5e-2"
+        );
+        assert!(
+            rel_max <= 1e-1,
+            "{what}: max error {rel_max} x max |logit| > 1e-1"
+        );
     }
     // bf16 training gives a finite, nonzero gradient for every adapter.
     let (loss, grads) = bf.loss_and_grads();
