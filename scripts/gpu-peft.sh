@@ -40,6 +40,14 @@ json.dump({"add_bos_token": False}, open(os.path.join(out, "tokenizer_config.jso
 random.seed(1)
 open(os.path.join(out, "train.txt"), "w").write(" ".join(f"w{random.randrange(3, cfg.vocab_size)}" for _ in range(2000)))
 PY
+  if [ $shape = smollm2 ]; then
+    # scan on CUDA (bf16 and f32) of the SmolLM2-shaped model, 10 x 512 tokens, timed
+    for dt in bf16 f32; do
+      /usr/bin/time -f "scan cuda $dt wall %e s" "$E" scan --model $m --device cuda --dtype $dt --text $m/train.txt \
+        --seq-len 512 --num-seqs 3 --abs 0 --ratio 50 > "$OUT/scan-cuda-$dt.txt" 2>&1 || status=1
+      tail -2 "$OUT/scan-cuda-$dt.txt" | tee -a "$OUT/summary.txt"
+    done
+  fi
   run=$work/$shape-run
   "$E" train recipes/tiny-debug.yaml model.path=$m data.train=$m/train.txt data.eval=$m/train.txt \
     train.out_dir=$run log.dir=$work/tb adapters.eab.init=normal adapters.eab.init_std=0.5 \
