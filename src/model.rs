@@ -413,9 +413,12 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // contiguous: with a slot the (B, H, T, T) view has row stride T + 1, which CUDA's
+        // matmul does not take.
         let mut out = probs
             .narrow(D::Minus1, 0, t)?
             .to_dtype(v.dtype())?
+            .contiguous()?
             .matmul(&v)?; // (B, H, T, hd)
         if let Some(slot) = &self.slot {
             let vs = self

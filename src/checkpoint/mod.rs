@@ -280,7 +280,53 @@ impl Base {
 fn parse_config(path: &Path, text: &str) -> Result<(Config, serde_json::Value)> {
     let raw: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|e| Error::file(path, e))?;
+    let cfg: Config =
+        serde_json::from_value(with_rope_parameters(&raw)).map_err(|e| Error::file(path, e))?;
     cfg.validate().map_err(|e| Error::file(path, e))?;
     Ok((cfg, raw))
+}
+
+/// transformers 5 writes RoPE settings as `rope_parameters: {rope_type, rope_theta, ...}`
+/// instead of top-level `rope_theta` / `rope_scaling`; reading only the old keys would run such a
+/// model with the default theta, silently wrong.
+fn with_rope_parameters(raw: &serde_json::Value) -> serde_json::Value {
+    let mut v = raw.clone();
+    let Some(rp) = raw.get("rope_parameters").filter(|p| p.is_object()) else {
+        return v;
+    };
+    if v.get("rope_theta").is_none() {
+        if let Some(theta) = rp.get("rope_theta") {
+            v["rope_theta"] = theta.clone();
+        }
+    }
+    let kind = rp
+        .get("rope_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    if kind != "default" && v.get("rope_scaling").is_none_or(|s| s.is_null()) {
+        v["rope_scaling"] = rp.clone();
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transformers5_rope_parameters_are_read() {
+        let text = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "rms_norm_eps": 1e-5, "vocab_size": 10,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+        let (cfg, _) = parse_config(Path::new("config.json"), text).unwrap();
+        assert_eq!(cfg.rope_theta, 500000.0);
+        let rs = cfg.rope_scaling.unwrap();
+        assert_eq!((rs.rope_type.as_str(), rs.factor), ("llama3", 8.0));
+        let plain = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "rms_norm_eps": 1e-5, "vocab_size": 10, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}"#;
+        let (cfg, _) = parse_config(Path::new("config.json"), plain).unwrap();
+        assert_eq!(cfg.rope_theta, 100000.0);
+        assert!(cfg.rope_scaling.is_none());
+    }
 }
