@@ -5,7 +5,7 @@ use crate::checkpoint::Tok;
 use crate::data::Windows;
 use crate::model::{Edit, Model, Taps};
 use crate::perplexity::nll_sum;
-use crate::scan::{scan, Massive, Rule};
+use crate::scan::{scan, window_layer, Massive, Rule};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -120,18 +120,11 @@ pub fn intervene(
             },
         )?;
         // The same dims, wherever they are massive in this window.
-        let h = &base.hidden[layer];
-        let (_, t, d) = h.dims3()?;
-        let vals: Vec<f32> = h
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut mags: Vec<f32> = vals.iter().map(|v| v.abs()).collect();
-        let mid = mags.len() / 2;
-        let median = *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
-        let hits: Vec<(usize, usize)> = (0..t)
-            .flat_map(|p| means.keys().map(move |&dim| (p, dim)))
-            .filter(|&(p, dim)| dim < d && rule.flags(vals[p * d + dim] as f64, median))
+        let hits: Vec<(usize, usize)> = window_layer(&base.hidden[layer], &rule)?
+            .flagged
+            .into_iter()
+            .filter(|(_, dim, _)| means.contains_key(dim))
+            .map(|(position, dim, _)| (position, dim))
             .collect();
         edited += hits.len();
         let edits = |value: &dyn Fn(usize) -> f32| Taps {

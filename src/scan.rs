@@ -150,13 +150,13 @@ impl ScanReport {
 }
 
 /// Statistics of one layer output (1, T, D) of one window.
-struct WindowLayer {
-    top: [f64; 3],
-    median: f64,
-    flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
+pub(crate) struct WindowLayer {
+    pub top: [f64; 3],
+    pub median: f64,
+    pub flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
 }
 
-fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
+pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
     let (_, t, d) = h.dims3()?;
     let vals: Vec<f32> = h
         .to_dtype(candle_core::DType::F32)?

@@ -62,20 +62,8 @@ fn info_reports_architecture_and_tokenizer() {
 /// Reference perplexity from candle-transformers' llama: for every prefix, its last-position
 /// logits give the next token's log-probability.
 fn reference_ppl(dir: &std::path::Path, windows: &[Vec<u32>]) -> f64 {
-    use candle_nn::VarBuilder;
     use candle_transformers::models::llama;
-    let cfg: llama::LlamaConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let model = llama::Llama::load(vb, &cfg).unwrap();
+    let (model, cfg) = common::candle_llama(dir);
     let (mut nll, mut n) = (0f64, 0usize);
     for w in windows {
         for p in 1..w.len() {
@@ -91,14 +79,7 @@ fn reference_ppl(dir: &std::path::Path, windows: &[Vec<u32>]) -> f64 {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = max
-                + logits
-                    .iter()
-                    .map(|&l| (l as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - logits[w[p] as usize] as f64;
+            nll += common::nll_f64(&logits, w[p]);
             n += 1;
         }
     }

@@ -38,18 +38,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn candle_llama_logits(dir: &std::path::Path) -> Tensor {
     use candle_transformers::models::llama;
-    let cfg: llama::LlamaConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let model = llama::Llama::load(vb, &cfg).unwrap();
+    let (model, cfg) = common::candle_llama(dir);
     let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
     let ids = Tensor::new(IDS, &Device::Cpu)
         .unwrap()

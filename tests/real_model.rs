@@ -35,14 +35,7 @@ fn quantized_ppl(gguf: &std::path::Path, windows: &Windows) -> f64 {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = max
-                + logits
-                    .iter()
-                    .map(|&l| (l as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - logits[w[p + 1] as usize] as f64;
+            nll += common::nll_f64(&logits, w[p + 1]);
             n += 1;
         }
     }

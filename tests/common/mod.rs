@@ -262,3 +262,37 @@ pub fn planted(seed: u64) -> Tiny {
     write_checkpoint(dir.path(), &config, &w);
     Tiny { dir, config }
 }
+
+/// -log softmax(logits)[target], in f64: the tests' own next-token loss.
+pub fn nll_f64(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    lse - logits[target as usize] as f64
+}
+
+/// candle-transformers' own llama on a folder the fixture wrote: the independent reference.
+pub fn candle_llama(
+    dir: &Path,
+) -> (
+    candle_transformers::models::llama::Llama,
+    candle_transformers::models::llama::Config,
+) {
+    use candle_transformers::models::llama;
+    let cfg: llama::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    (llama::Llama::load(vb, &cfg).unwrap(), cfg)
+}
