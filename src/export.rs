@@ -590,7 +590,7 @@ fn check_peft(adapter: &Path, adapters: &Adapters, cfg: &Config) -> Result<()> {
         ));
     }
     let missing: Vec<usize> = (0..cfg.num_hidden_layers)
-        .filter(|&l| adapters.slots.get(l).map_or(true, Option::is_none))
+        .filter(|&l| adapters.slots.get(l).is_none_or(Option::is_none))
         .collect();
     if missing.len() == cfg.num_hidden_layers {
         return Err(Error::file(

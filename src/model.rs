@@ -97,20 +97,20 @@ impl Config {
                     .into(),
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {h}",
                 self.hidden_size
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()
             ));
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || h % kv != 0 {
+        if kv == 0 || !h.is_multiple_of(kv) {
             return Err(format!(
                 "num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"
             ));
@@ -554,7 +554,7 @@ impl Model {
         // attend to (an all -inf row), and its NaN would reach every logit.
         if adapters.mask_first_token {
             if let Some(i) = (0..cfg.num_hidden_layers)
-                .find(|&i| adapters.slots.get(i).map_or(true, Option::is_none))
+                .find(|&i| adapters.slots.get(i).is_none_or(Option::is_none))
             {
                 candle_core::bail!(
                     "mask_first_token needs an EAB slot in every layer: layer {i} has none, so position 0 would have nothing to attend to"

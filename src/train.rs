@@ -519,7 +519,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         opt.step(&set.vars, &grads, lr)?;
         state.step += 1;
         let tps = tokens_done as f64 / start.elapsed().as_secs_f64();
-        if state.step % r.log.every == 0 || state.step == total {
+        if state.step.is_multiple_of(r.log.every) || state.step == total {
             log.scalar("train/loss", l_tot, state.step)?;
             log.scalar("train/hold", l_hold, state.step)?;
             log.scalar("train/ma", l_ma, state.step)?;
@@ -536,7 +536,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             "loss {l_tot:.4} hold {l_hold:.4} ma {l_ma:.4} lr {lr:.2e} {tps:.0} tok/s"
         ));
         bar.set_position(state.step as u64);
-        if state.step % r.eval.every == 0 || state.step == total {
+        if state.step.is_multiple_of(r.eval.every) || state.step == total {
             let (f, report) = evaluate(r, &s, &student, state.step)?;
             log_eval(&mut log, &f, &report)?;
             bar.suspend(|| eprintln!("step {}: {}", state.step, one_line(&f)));
@@ -546,7 +546,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             }
             last = f;
         }
-        if state.step % r.train.checkpoint_every == 0 || state.step == total {
+        if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total {
             let ck = out_dir
                 .join("checkpoints")
                 .join(format!("step-{:06}", state.step));
