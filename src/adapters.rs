@@ -7,7 +7,7 @@
 //! `adapter_config.json` ([`AdapterMeta`]).
 
 use crate::model::Config;
-use crate::runtime::write_atomic;
+use crate::runtime::{save_safetensors, write_atomic};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -216,10 +216,7 @@ impl AdapterSet {
     /// Writes `adapter.safetensors` and `adapter_config.json` into `dir` (each atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-        let st = dir.join("adapter.safetensors");
-        let tmp = dir.join(".adapter.safetensors.tmp");
-        candle_core::safetensors::save(&self.tensors(), &tmp).map_err(|e| Error::file(&tmp, e))?;
-        std::fs::rename(&tmp, &st).map_err(|e| Error::file(&st, e))?;
+        save_safetensors(&self.tensors(), &dir.join("adapter.safetensors"))?;
         let meta = serde_json::to_string_pretty(&self.meta).map_err(|e| Error::file(dir, e))?;
         write_atomic(&dir.join("adapter_config.json"), meta.as_bytes())
     }

@@ -301,8 +301,7 @@ impl Ctx<'_> {
         write_json(&adapter_dir.join("adapter_config.json"), &adapter_config)?;
         let pe = prompt_embeddings(self.adapters, cfg)?;
         let st = adapter_dir.join("adapter_model.safetensors");
-        candle_core::safetensors::save(&HashMap::from([("prompt_embeddings", pe)]), &st)
-            .map_err(|e| Error::file(&st, e))?;
+        crate::runtime::save_safetensors(&HashMap::from([("prompt_embeddings", pe)]), &st)?;
         write_file(
             &dir.join("README.md"),
             self.model_card("peft", Some(final_dir)).as_bytes(),
@@ -667,7 +666,7 @@ fn write_weights(
     if count == 1 {
         let path = dir.join("model.safetensors");
         let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
-        candle_core::safetensors::save(&map, &path).map_err(|e| Error::file(&path, e))?;
+        crate::runtime::save_safetensors(&map, &path)?;
         return Ok((1, total));
     }
     let mut weight_map = BTreeMap::new();
@@ -678,7 +677,7 @@ fn write_weights(
             weight_map.insert(n.clone(), file.clone());
         }
         let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        candle_core::safetensors::save(&map, &path).map_err(|e| Error::file(&path, e))?;
+        crate::runtime::save_safetensors(&map, &path)?;
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     write_json(&dir.join("model.safetensors.index.json"), &index)?;

@@ -69,7 +69,7 @@ impl AdamW {
         for (k, t) in &self.v {
             all.insert(format!("v.{k}"), t.clone());
         }
-        candle_core::safetensors::save(&all, path).map_err(|e| Error::file(path, e))
+        crate::runtime::save_safetensors(&all, path)
     }
 
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
