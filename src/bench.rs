@@ -410,7 +410,7 @@ impl Bench {
         let loss = {
             let out = self.student.forward(&ids, &Taps::default())?;
             ph.mark("student_forward", &dev)?;
-            let t_logits = teacher.logits(&ids)?;
+            let t_logits = teacher.infer(&ids)?;
             ph.mark("teacher_forward", &dev)?;
             let hold = kl_to_teacher(&out.logits, &t_logits, 1.0)?;
             ph.mark("kl", &dev)?;
@@ -435,7 +435,7 @@ impl Bench {
 
     fn forward_step(&mut self, step: usize, ph: &mut Phases) -> Result<()> {
         let ids = self.ids(step)?;
-        let logits = self.student.logits(&ids)?;
+        let logits = self.student.infer(&ids)?;
         ph.mark("forward", &self.device)?;
         drop(logits);
         Ok(())

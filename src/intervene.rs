@@ -116,6 +116,7 @@ pub fn intervene(
             &ids,
             &Taps {
                 hidden: true,
+                inference: true,
                 ..Default::default()
             },
         )?;
@@ -137,6 +138,7 @@ pub fn intervene(
                     value: value(dim),
                 })
                 .collect(),
+            inference: true,
             ..Default::default()
         };
         nll[0] += nll_sum(&base.logits, &ids)?.to_scalar::<f32>()? as f64;

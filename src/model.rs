@@ -183,6 +183,9 @@ pub struct Taps {
     pub first_kv: bool,
     /// Entries of layer outputs to overwrite in flight (the paper's interventions).
     pub edits: Vec<Edit>,
+    /// A pass nobody differentiates (teacher, scan, eval): use candle's fused RMSNorm, RoPE and
+    /// softmax kernels, which are faster and have no backward.
+    pub inference: bool,
 }
 
 /// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
@@ -261,7 +264,10 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
+        if fused {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(acc(dtype))?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -305,9 +311,18 @@ impl Rope {
         })
     }
 
-    /// x: (B, H, T, hd) -> same, rotated by position.
-    fn apply(&self, x: &Tensor) -> CResult<Tensor> {
+    /// x: (B, H, T, hd) -> same, rotated by position. `fused` takes candle's kernel (no
+    /// backward), which wants the half tables.
+    fn apply(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
+        if fused {
+            let half = |table: &Tensor| table.narrow(0, 0, t)?.narrow(1, 0, hd / 2)?.contiguous(); // (T, hd/2)
+            return candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &half(&self.cos)?,
+                &half(&self.sin)?,
+            );
+        }
         let cos = self.cos.narrow(0, 0, t)?; // (T, hd)
         let sin = self.sin.narrow(0, 0, t)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
@@ -386,8 +401,8 @@ impl Attention {
             .reshape((b, t, kv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope.apply(&q.contiguous()?)?;
-        let k = rope.apply(&k.contiguous()?)?;
+        let q = rope.apply(&q.contiguous()?, taps.inference)?;
+        let k = rope.apply(&k.contiguous()?, taps.inference)?;
         let first_kv = if taps.first_kv {
             Some((
                 k.narrow(2, 0, 1)?.squeeze(2)?,
@@ -412,7 +427,11 @@ impl Attention {
             }
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = if taps.inference {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
         // contiguous: with a slot the (B, H, T, T) view has row stride T + 1, which CUDA's
         // matmul does not take.
         let mut out = probs
@@ -522,14 +541,17 @@ impl Block {
         mask: &Tensor,
         taps: &Taps,
     ) -> CResult<(Tensor, AttnOut)> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, mask, taps)?;
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x, taps.inference)?,
+            rope,
+            mask,
+            taps,
+        )?;
         let x = (x + &attn.out)?;
         let x = (&x
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
+                .forward(&self.post_attention_layernorm.forward(&x, taps.inference)?)?)?;
         Ok((x, attn))
     }
 }
@@ -653,7 +675,7 @@ impl Model {
             out.attn.extend(attn.stats);
             out.first_kv.extend(attn.first_kv);
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward(&x, taps.inference)?;
         out.logits = x
             .reshape((b * t, d))?
             .matmul(&self.lm_head.t()?)?
@@ -662,9 +684,22 @@ impl Model {
         Ok(out)
     }
 
-    /// Logits only, (B, T, V) f32.
+    /// Logits only, (B, T, V) f32, differentiable.
     pub fn logits(&self, input_ids: &Tensor) -> CResult<Tensor> {
         Ok(self.forward(input_ids, &Taps::default())?.logits)
+    }
+
+    /// Logits only, through the fused kernels: for passes nobody differentiates.
+    pub fn infer(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        Ok(self
+            .forward(
+                input_ids,
+                &Taps {
+                    inference: true,
+                    ..Default::default()
+                },
+            )?
+            .logits)
     }
 }
 

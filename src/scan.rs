@@ -212,6 +212,7 @@ pub fn scan_taps() -> Taps {
     Taps {
         hidden: true,
         attn: true,
+        inference: true,
         ..Default::default()
     }
 }

@@ -198,6 +198,7 @@ fn first_token_kv(s: &Setup, n: usize) -> Result<Vec<(Tensor, Tensor)>> {
             &ids,
             &Taps {
                 first_kv: true,
+                inference: true,
                 ..Default::default()
             },
         )?;
@@ -256,7 +257,7 @@ fn losses(
     )?;
     let hold = match r.loss.hold.kind {
         recipe::HoldKind::Kl => {
-            let teacher = s.teacher.logits(ids)?;
+            let teacher = s.teacher.infer(ids)?;
             kl_to_teacher(&out.logits, &teacher, r.loss.hold.temperature)?
         }
         recipe::HoldKind::Lm => lm_loss(&out.logits, ids)?,

@@ -266,3 +266,41 @@ fn every_weight_gradient_matches_finite_differences() {
         }
     }
 }
+
+/// The fused inference path (candle's rms_norm, rope, softmax_last_dim) computes the same model
+/// as the differentiable one, slots and masks included.
+#[test]
+fn fused_inference_path_matches_the_differentiable_one() {
+    use eabfit::adapters::{AdapterMeta, AdapterSet, SlotInit};
+    for (arch, mask) in [
+        (Arch::Llama, false),
+        (Arch::Llama3, true),
+        (Arch::Mistral, true),
+    ] {
+        let t = tiny(arch, 9);
+        let ckpt = Checkpoint::open(&t.spec()).unwrap();
+        let base = ckpt.base(DType::F32, &Device::Cpu).unwrap();
+        let mut meta = AdapterMeta::for_config(&ckpt.config, "tiny");
+        meta.eab_layers = (0..ckpt.config.num_hidden_layers).collect();
+        meta.mask_first_token = mask;
+        let set = AdapterSet::new(
+            meta,
+            SlotInit::Normal { std: 0.5, seed: 3 },
+            0.0,
+            3,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for adapters in [Adapters::none(), set.adapters()] {
+            let model = base.model(&adapters).unwrap();
+            let ids = Tensor::new(IDS, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let exact = model.logits(&ids).unwrap();
+            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let d = max_abs_diff(&exact, &model.infer(&ids).unwrap());
+            assert!(d < 1e-5 * scale, "{arch:?} mask {mask}: max |diff| {d}, max |logit| {scale}");
+        }
+    }
+}
