@@ -185,6 +185,29 @@ fn f32_logits_match_cpu() {
     }
 }
 
+/// The fused inference kernels on CUDA (rms_norm, rope, softmax_last_dim) against the CPU's
+/// differentiable path, with slots in every layer.
+#[test]
+fn f32_fused_inference_on_cuda_matches_cpu() {
+    for (arch, seed) in [(Arch::Llama, 14), (Arch::Llama3, 15), (Arch::Mistral, 16)] {
+        let (_t, cpu, cuda) = sides(arch, seed);
+        for (what, c, g) in [
+            ("student", &cpu.student, &cuda.student),
+            ("teacher", &cpu.teacher, &cuda.teacher),
+        ] {
+            let lc = c.logits(&ids(&Device::Cpu)).unwrap();
+            let lg = g.infer(&ids(&cuda.dev)).unwrap();
+            let d = max_abs_diff(&lc, &lg);
+            let scale = max_abs(&lc).max(1.0);
+            eprintln!("{arch:?} {what} fused: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
+            assert!(
+                d <= 1e-4 * scale,
+                "{arch:?} {what}: max |diff| {d} > 1e-4 x {scale}"
+            );
+        }
+    }
+}
+
 #[test]
 fn f32_gradients_of_every_adapter_match_cpu() {
     for (arch, seed) in [(Arch::Llama, 21), (Arch::Mistral, 22)] {

@@ -298,9 +298,19 @@ fn fused_inference_path_matches_the_differentiable_one() {
                 .unsqueeze(0)
                 .unwrap();
             let exact = model.logits(&ids).unwrap();
-            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let scale = exact
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
             let d = max_abs_diff(&exact, &model.infer(&ids).unwrap());
-            assert!(d < 1e-5 * scale, "{arch:?} mask {mask}: max |diff| {d}, max |logit| {scale}");
+            assert!(
+                d < 1e-5 * scale,
+                "{arch:?} mask {mask}: max |diff| {d}, max |logit| {scale}"
+            );
         }
     }
 }
