@@ -449,20 +449,17 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
     });
     let mut log = RunLogger::create(&r.log.dir.join(&run_name))?;
     let student = s.base.model(&set.adapters())?;
-    let (base_figures, base_report) = evaluate(r, &s, &s.teacher, 0)?;
+    // The base figures need the suppression term, whose target came from the base scan: one
+    // more pass over the (few) eval windows.
+    let (base_figures, _) = evaluate(r, &s, &s.teacher, 0)?;
     if state.step0.is_none() {
         let (f0, rep0) = evaluate(r, &s, &student, 0)?;
         log_eval(&mut log, &f0, &rep0)?;
-        std::fs::create_dir_all(out_dir.join("best")).map_err(|e| Error::file(&out_dir, e))?;
         set.save(&out_dir.join("best"))?;
+        println!("base:   {}", one_line(&base_figures));
+        println!("step 0: {}", one_line(&f0));
         state.best = Some(f0.clone());
         state.step0 = Some(f0);
-        println!("base:   {}", one_line(&base_figures));
-        println!(
-            "step 0: {}",
-            one_line(state.step0.as_ref().unwrap_or(&base_figures))
-        );
-        let _ = base_report;
     }
     let total = r.train.steps;
     let bar = indicatif::ProgressBar::new(total as u64);
