@@ -452,20 +452,9 @@ fn adapter_gradients_match_finite_differences() {
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
             let (a, b) = var.as_tensor().dims2().unwrap();
             let u = noise(&mut rng, (a, b), 1.0).to_dtype(DType::F64).unwrap();
-            let analytic = (g * &u)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let w0 = var.as_tensor().copy().unwrap();
-            let eps = 1e-5;
-            var.set(&(&w0 + (&u * eps).unwrap()).unwrap()).unwrap();
-            let plus = fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-            var.set(&(&w0 - (&u * eps).unwrap()).unwrap()).unwrap();
-            let minus = fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-            var.set(&w0).unwrap();
-            let fd = (plus - minus) / (2.0 * eps);
+            let (analytic, fd) = common::directional(var, g, &u, || {
+                fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap()
+            });
             let rel = (fd - analytic).abs() / fd.abs().max(1e-8);
             assert!(
                 rel < 1e-3,

@@ -243,20 +243,9 @@ fn every_weight_gradient_matches_finite_differences() {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
             let u = Tensor::randn(0f64, 1.0, var.shape(), &Device::Cpu).unwrap();
-            let analytic = (g * &u)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let w0 = var.as_tensor().copy().unwrap();
-            let eps = 1e-5;
-            var.set(&(&w0 + (&u * eps).unwrap()).unwrap()).unwrap();
-            let plus = fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-            var.set(&(&w0 - (&u * eps).unwrap()).unwrap()).unwrap();
-            let minus = fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-            var.set(&w0).unwrap();
-            let fd = (plus - minus) / (2.0 * eps);
+            let (analytic, fd) = common::directional(var, g, &u, || {
+                fd_loss(&model, &ids, &r).to_scalar::<f64>().unwrap()
+            });
             let rel = (fd - analytic).abs() / fd.abs().max(1e-8);
             assert!(
                 rel < 1e-2,

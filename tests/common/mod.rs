@@ -296,3 +296,29 @@ pub fn candle_llama(
     };
     (llama::Llama::load(vb, &cfg).unwrap(), cfg)
 }
+
+/// Gradient check along a direction `u`: the analytic `<g, u>` and the central difference
+/// `(L(w + eps u) - L(w - eps u)) / (2 eps)`, with `var` restored afterwards.
+pub fn directional(
+    var: &candle_core::Var,
+    g: &Tensor,
+    u: &Tensor,
+    loss: impl Fn() -> f64,
+) -> (f64, f64) {
+    let analytic = (g * u)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let w0 = var.as_tensor().copy().unwrap();
+    let eps = 1e-5;
+    var.set(&(&w0 + (u * eps).unwrap()).unwrap()).unwrap();
+    let plus = loss();
+    var.set(&(&w0 - (u * eps).unwrap()).unwrap()).unwrap();
+    let minus = loss();
+    var.set(&w0).unwrap();
+    (analytic, (plus - minus) / (2.0 * eps))
+}
