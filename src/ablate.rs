@@ -126,23 +126,9 @@ impl Row {
 
 /// Trains and verifies one point; its figures are those of the adapters verify checks (`best/`).
 fn run_point(r: &Recipe) -> Result<(Summary, bool, f64)> {
-    let (dir, summary) = train(r, None)?;
-    let plan = VerifyPlan {
-        model: r.model.path.clone(),
-        device: r.model.device.clone(),
-        dtype: r.model.dtype.map(|d| d.name().to_string()),
-        adapter: dir.join("best"),
-        text: r.data.eval.clone(),
-        seq_len: r.data.seq_len,
-        num_seqs: r.data.eval_windows,
-        rule: crate::scan::Rule {
-            abs: r.eval.abs,
-            ratio: r.eval.ratio,
-        },
-        max_massive: r.verify.max_massive,
-        max_ppl_increase: r.verify.max_ppl_increase,
-        out: dir.join("verify"),
-    };
+    let (_, summary) = train(r, None)?;
+    // train writes into r.train.out_dir, which is where the recipe's plan looks.
+    let plan = VerifyPlan::from_recipe(r);
     let report = verify(&plan)?;
     Ok((summary, report.pass, report.adapted.ppl))
 }

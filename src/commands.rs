@@ -394,61 +394,56 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
         Some(p) => Some(crate::recipe::load(p, &args.overrides)?),
         None => None,
     };
-    let adapter = match (&args.adapter, &recipe) {
-        (Some(a), _) => a.clone(),
-        (None, Some(r)) => r.train.out_dir.join("best"),
-        (None, None) => {
-            return Err(Error::Usage(
-                "verify needs a RECIPE or --adapter DIR".into(),
-            ))
+    // The recipe (or, without one, the defaults of a plain scan) first; flags given win.
+    let mut plan = match &recipe {
+        Some(r) => VerifyPlan::from_recipe(r),
+        None => {
+            let adapter = args
+                .adapter
+                .clone()
+                .ok_or_else(|| Error::Usage("verify needs a RECIPE or --adapter DIR".into()))?;
+            VerifyPlan {
+                model: args.model.model_spec()?,
+                device: args.model.device.clone(),
+                dtype: None,
+                text: text_path(&None)?,
+                seq_len: 128,
+                num_seqs: 4,
+                rule: Rule::default(),
+                max_massive: 0,
+                max_ppl_increase: 0.01,
+                out: adapter.join("verify"),
+                adapter,
+            }
         }
     };
-    let model = match (&args.model.model, &recipe) {
-        (Some(m), _) => m.clone(),
-        (None, Some(r)) => r.model.path.clone(),
-        (None, None) => args.model.model_spec()?,
-    };
-    let text = match (&args.text, &recipe) {
-        (Some(t), _) => t.clone(),
-        (None, Some(r)) => r.data.eval.clone(),
-        (None, None) => text_path(&None)?,
-    };
-    let r = recipe.as_ref();
-    let plan = VerifyPlan {
-        model,
-        device: r
-            .filter(|_| args.model.device == "cpu")
-            .map_or(args.model.device.clone(), |r| r.model.device.clone()),
-        dtype: args
-            .model
-            .dtype
-            .clone()
-            .or_else(|| r.and_then(|r| r.model.dtype.map(|d| d.name().to_string()))),
-        text,
-        seq_len: args.seq_len.or(r.map(|r| r.data.seq_len)).unwrap_or(128),
-        num_seqs: args
-            .num_seqs
-            .or(r.map(|r| r.data.eval_windows))
-            .unwrap_or(4),
-        rule: RuleArgs {
-            abs: args.abs.or(r.map(|r| r.eval.abs)).unwrap_or(100.0),
-            ratio: args.ratio.or(r.map(|r| r.eval.ratio)).unwrap_or(1000.0),
-        }
-        .rule()?,
-        max_massive: args
-            .max_massive
-            .or(r.map(|r| r.verify.max_massive))
-            .unwrap_or(0),
-        max_ppl_increase: args
-            .max_ppl_increase
-            .or(r.map(|r| r.verify.max_ppl_increase))
-            .unwrap_or(0.01),
-        out: args.out.clone().unwrap_or_else(|| match r {
-            Some(r) => r.train.out_dir.join("verify"),
-            None => adapter.join("verify"),
-        }),
-        adapter,
-    };
+    if let Some(m) = &args.model.model {
+        plan.model = m.clone();
+    }
+    if args.model.device != "cpu" {
+        plan.device = args.model.device.clone();
+    }
+    if let Some(d) = &args.model.dtype {
+        plan.dtype = Some(d.clone());
+    }
+    if let Some(a) = &args.adapter {
+        plan.adapter = a.clone();
+    }
+    if let Some(t) = &args.text {
+        plan.text = t.clone();
+    }
+    plan.seq_len = args.seq_len.unwrap_or(plan.seq_len);
+    plan.num_seqs = args.num_seqs.unwrap_or(plan.num_seqs);
+    plan.rule = RuleArgs {
+        abs: args.abs.unwrap_or(plan.rule.abs),
+        ratio: args.ratio.unwrap_or(plan.rule.ratio),
+    }
+    .rule()?;
+    plan.max_massive = args.max_massive.unwrap_or(plan.max_massive);
+    plan.max_ppl_increase = args.max_ppl_increase.unwrap_or(plan.max_ppl_increase);
+    if let Some(o) = &args.out {
+        plan.out = o.clone();
+    }
     if plan.seq_len == 0 || plan.num_seqs == 0 {
         return Err(Error::Usage(
             "--seq-len and --num-seqs must be at least 1".into(),

@@ -78,9 +78,7 @@ fn ratio_mask(h: &Tensor, ratio: f64) -> CResult<Tensor> {
     let mut mask = vec![0f32; vals.len()];
     for s in 0..b {
         let chunk = &vals[s * t * d..(s + 1) * t * d];
-        let mut sorted = chunk.to_vec();
-        let mid = sorted.len() / 2;
-        let median = *sorted.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
+        let median = crate::scan::upper_median(&mut chunk.to_vec());
         for (i, &v) in chunk.iter().enumerate() {
             if v as f64 >= ratio * median {
                 mask[s * t * d + i] = 1.0;

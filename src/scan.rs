@@ -156,6 +156,13 @@ pub(crate) struct WindowLayer {
     pub flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
 }
 
+/// The upper median of `mags` (the element at len/2 in sorted order), reordering it in place so
+/// that everything from len/2 on is at least the median: the one definition of "median |h|".
+pub(crate) fn upper_median(mags: &mut [f32]) -> f64 {
+    let mid = mags.len() / 2;
+    *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64
+}
+
 pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
     let (_, t, d) = h.dims3()?;
     let vals: Vec<f32> = h
@@ -163,10 +170,9 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
         .flatten_all()?
         .to_vec1()?;
     let mut mags: Vec<f32> = vals.iter().map(|v| v.abs()).collect();
-    let mid = mags.len() / 2;
-    let median = *mags.select_nth_unstable_by(mid, f32::total_cmp).1 as f64;
+    let median = upper_median(&mut mags);
     let mut top = [0f64; 3];
-    for &m in &mags[mid..] {
+    for &m in &mags[mags.len() / 2..] {
         let m = m as f64;
         if m > top[0] {
             top = [m, top[0], top[1]];

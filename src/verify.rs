@@ -6,6 +6,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{read_text, Windows};
 use crate::loss::kl_to_teacher;
 use crate::plot::LayerSeries;
+use crate::recipe::Recipe;
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
@@ -26,6 +27,29 @@ pub struct VerifyPlan {
     pub max_massive: usize,
     pub max_ppl_increase: f64,
     pub out: PathBuf,
+}
+
+impl VerifyPlan {
+    /// What a recipe's run is verified on: its `best/` adapters, eval text and windows, the eval
+    /// rule and the `verify:` limits.
+    pub fn from_recipe(r: &Recipe) -> Self {
+        Self {
+            model: r.model.path.clone(),
+            device: r.model.device.clone(),
+            dtype: r.model.dtype.map(|d| d.name().to_string()),
+            adapter: r.train.out_dir.join("best"),
+            text: r.data.eval.clone(),
+            seq_len: r.data.seq_len,
+            num_seqs: r.data.eval_windows,
+            rule: Rule {
+                abs: r.eval.abs,
+                ratio: r.eval.ratio,
+            },
+            max_massive: r.verify.max_massive,
+            max_ppl_increase: r.verify.max_ppl_increase,
+            out: r.train.out_dir.join("verify"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
