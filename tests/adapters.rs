@@ -68,30 +68,6 @@ fn noise(rng: &mut StdRng, shape: (usize, usize), std: f64) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 /// Meta with a slot in every layer and, when `lora` is given, LoRA (rank, alpha, targets, layers).
 fn meta(
     cfg: &Config,
@@ -337,7 +313,7 @@ fn eab_attention_matches_naive_loops() {
             .flat_map(|s| naive.logits(s).into_iter().flatten())
             .collect();
         let reference = Tensor::from_vec(reference, (2, 11, cfg.vocab_size), &Device::Cpu).unwrap();
-        let scale = max_abs(&reference);
+        let scale = common::max_abs(&reference);
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-8)] {
             let model = load_model(&weights, &cfg, dtype, &adapters);
             let out = model
@@ -349,7 +325,7 @@ fn eab_attention_matches_naive_loops() {
                     },
                 )
                 .unwrap();
-            let rel = max_abs_diff(&out.logits, &reference) / scale;
+            let rel = common::max_abs_diff(&out.logits, &reference) / scale;
             assert!(
                 rel < tol,
                 "mask_first_token {mask_first_token} {dtype:?}: relative error {rel}"
@@ -499,8 +475,8 @@ fn first_token_init_keeps_outputs_when_the_first_token_is_fixed() {
             assert_eq!(v.dims(), &[3, cfg.n_kv_heads(), cfg.head_dim()]);
             // Causal: position 0 is BOS alone in every row.
             for b in 1..3 {
-                assert!(max_abs_diff(&k.i(b).unwrap(), &k.i(0).unwrap()) < 1e-6);
-                assert!(max_abs_diff(&v.i(b).unwrap(), &v.i(0).unwrap()) < 1e-6);
+                assert!(common::max_abs_diff(&k.i(b).unwrap(), &k.i(0).unwrap()) < 1e-6);
+                assert!(common::max_abs_diff(&v.i(b).unwrap(), &v.i(0).unwrap()) < 1e-6);
             }
             (k.i(0).unwrap(), v.i(0).unwrap())
         })
@@ -525,12 +501,12 @@ fn first_token_init_keeps_outputs_when_the_first_token_is_fixed() {
         let ids = batch(&seqs);
         let want = base.logits(&ids).unwrap();
         let got = masked.logits(&ids).unwrap();
-        let d = max_abs_diff(&got, &want);
+        let d = common::max_abs_diff(&got, &want);
         assert!(d < 1e-5, "len {len}: max |diff| {d}");
         // A lone BOS reads (k0, v0) twice or once: the same average. Longer rows see the
         // sink's weight doubled.
         if len > 1 {
-            let moved = max_abs_diff(&unmasked.logits(&ids).unwrap(), &want);
+            let moved = common::max_abs_diff(&unmasked.logits(&ids).unwrap(), &want);
             assert!(
                 moved > 1e-4,
                 "len {len}: unmasked slot left logits unchanged ({moved})"
@@ -587,7 +563,7 @@ fn lora_merge_equivalence() {
     let from_merged = load_model(&merged, &cfg, DType::F32, &Adapters::none())
         .logits(&ids)
         .unwrap();
-    let rel = max_abs_diff(&with_lora, &from_merged) / max_abs(&from_merged);
+    let rel = common::max_abs_diff(&with_lora, &from_merged) / common::max_abs(&from_merged);
     assert!(rel < 1e-5, "f32: relative error {rel}");
     // f64 model, adapters in f64 too: the equivalence up to rounding.
     let mut adapters64 = adapters.clone();
@@ -601,13 +577,13 @@ fn lora_merge_equivalence() {
     let from_merged64 = load_model(&merged, &cfg, DType::F64, &Adapters::none())
         .logits(&ids)
         .unwrap();
-    let d = max_abs_diff(&with_lora64, &from_merged64);
+    let d = common::max_abs_diff(&with_lora64, &from_merged64);
     assert!(d < 1e-10, "f64: max |diff| {d}");
     // LoRA does change the function, so the comparison is not vacuous.
     let base = load_model(&weights, &cfg, DType::F32, &Adapters::none())
         .logits(&ids)
         .unwrap();
-    let moved = max_abs_diff(&with_lora, &base);
+    let moved = common::max_abs_diff(&with_lora, &base);
     assert!(moved > 1e-2, "LoRA changes the logits: {moved}");
 }
 
@@ -640,7 +616,7 @@ fn adapter_save_load_round_trip_and_shape_errors() {
         let t = back.vars[name].as_tensor();
         assert_eq!(t.dims(), var.as_tensor().dims(), "{name}");
         assert_eq!(t.dtype(), DType::F32, "{name}");
-        assert_eq!(max_abs_diff(t, var.as_tensor()), 0.0, "{name}");
+        assert_eq!(common::max_abs_diff(t, var.as_tensor()), 0.0, "{name}");
     }
 
     let edits: [(&str, fn(&mut Config)); 2] = [

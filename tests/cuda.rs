@@ -76,33 +76,6 @@ fn copy_to(set: &AdapterSet, dev: &Device) -> AdapterSet {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    max_abs(&(a - b).unwrap())
-}
-
 struct Side {
     teacher: Model,
     student: Model,
@@ -174,8 +147,8 @@ fn f32_logits_match_cpu() {
             let lc = c.logits(&ids(&Device::Cpu)).unwrap();
             let lg = g.logits(&ids(&cuda.dev)).unwrap();
             assert_eq!(lc.dims(), lg.dims());
-            let d = max_abs_diff(&lc, &lg);
-            let scale = max_abs(&lc).max(1.0);
+            let d = common::max_abs_diff(&lc, &lg);
+            let scale = common::max_abs(&lc).max(1.0);
             eprintln!("{arch:?} {what}: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
             assert!(
                 d <= 1e-4 * scale,
@@ -197,8 +170,8 @@ fn f32_fused_inference_on_cuda_matches_cpu() {
         ] {
             let lc = c.logits(&ids(&Device::Cpu)).unwrap();
             let lg = g.infer(&ids(&cuda.dev)).unwrap();
-            let d = max_abs_diff(&lc, &lg);
-            let scale = max_abs(&lc).max(1.0);
+            let d = common::max_abs_diff(&lc, &lg);
+            let scale = common::max_abs(&lc).max(1.0);
             eprintln!("{arch:?} {what} fused: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
             assert!(
                 d <= 1e-4 * scale,
@@ -218,9 +191,9 @@ fn f32_gradients_of_every_adapter_match_cpu() {
         assert!((lc - lg).abs() <= 1e-5 * lc.max(1.0), "loss {lc} vs {lg}");
         assert_eq!(gc.len(), cpu.set.vars.len());
         for (name, g) in &gc {
-            let scale = max_abs(g);
+            let scale = common::max_abs(g);
             assert!(scale > 0.0, "{arch:?} {name}: zero gradient");
-            let d = max_abs_diff(g, &gg[name]);
+            let d = common::max_abs_diff(g, &gg[name]);
             eprintln!("{arch:?} {name}: max |g| {scale:.3e}, max |cpu - cuda| {d:.3e}");
             assert!(
                 d <= 1e-3 * scale,
@@ -257,9 +230,9 @@ fn three_adamw_steps_give_the_same_adapters() {
         );
     }
     for (name, v) in &cpu.set.vars {
-        let moved = max_abs_diff(v.as_tensor(), &before[name]);
+        let moved = common::max_abs_diff(v.as_tensor(), &before[name]);
         assert!(moved > 1e-3, "{name} did not move ({moved})");
-        let d = max_abs_diff(v.as_tensor(), cuda.set.vars[name].as_tensor());
+        let d = common::max_abs_diff(v.as_tensor(), cuda.set.vars[name].as_tensor());
         eprintln!("{name}: moved {moved:.3e}, max |cpu - cuda| {d:.3e}");
         assert!(d <= 1e-4, "{name}: max |cpu - cuda| {d} after 3 steps");
     }
@@ -304,12 +277,12 @@ fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
         let lb = b.logits(&ids(&bf.dev)).unwrap();
         let lcb = cb.logits(&ids(&Device::Cpu)).unwrap();
         assert_eq!(lb.dtype(), DType::F32, "logits come back in f32");
-        let scale = max_abs(&lc);
-        let rel_max = max_abs_diff(&lc, &lb) / scale;
+        let scale = common::max_abs(&lc);
+        let rel_max = common::max_abs_diff(&lc, &lb) / scale;
         let diff = (&lc - &lb.to_device(&Device::Cpu).unwrap()).unwrap();
         let rel_rms = rms(&diff) / rms(&lc);
-        let cpu_rel_max = max_abs_diff(&lc, &lcb) / scale;
-        let gap = max_abs_diff(&lb, &lcb) / scale;
+        let cpu_rel_max = common::max_abs_diff(&lc, &lcb) / scale;
+        let gap = common::max_abs_diff(&lb, &lcb) / scale;
         eprintln!(
             "{what}: bf16 cuda vs f32 cpu: max {rel_max:.4}, rms {rel_rms:.4} (relative); \
              bf16 cpu vs f32 cpu: max {cpu_rel_max:.4}; bf16 cuda vs bf16 cpu: max {gap:.4}"
@@ -327,7 +300,7 @@ fn bf16_logits_are_within_bf16_precision_of_f32_cpu() {
     let (loss, grads) = bf.loss_and_grads();
     assert!(loss.is_finite());
     for (name, g) in grads {
-        let m = max_abs(&g);
+        let m = common::max_abs(&g);
         assert!(m.is_finite() && m > 0.0, "{name}: gradient max {m}");
     }
 }

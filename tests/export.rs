@@ -125,21 +125,6 @@ fn ids(seed: u64, n: usize, vocab: usize) -> Tensor {
     Tensor::from_vec(rows, (2, n), &Device::Cpu).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-}
-
 /// Logits of base + adapters in memory (the reference every export is held against).
 fn reference_logits(tiny: &Tiny, adapter: &Path, ids: &Tensor) -> Tensor {
     let ckpt = Checkpoint::open(&tiny.spec()).unwrap();
@@ -189,8 +174,8 @@ fn hf_export_round_trips_through_eabfit() {
         let ids = ids(3, 12, vocab);
         let want = reference_logits(&tiny, &adapter, &ids);
         let got = export_logits(&out, &ids);
-        let scale = max_abs(&want).max(1.0);
-        let d = max_diff(&got, &want);
+        let scale = common::max_abs(&want).max(1.0);
+        let d = common::max_abs_diff(&got, &want);
         assert!(
             d <= 1e-5 * scale,
             "{arch:?}: export vs in memory {d} (scale {scale})"
@@ -211,11 +196,11 @@ fn hf_export_round_trips_through_eabfit() {
             eabfit::model::Model::load(vb, &ckpt.config, &Adapters::none()).unwrap()
         };
         assert!(
-            max_diff(&merged_only.logits(&ids).unwrap(), &want) > 1e-3,
+            common::max_abs_diff(&merged_only.logits(&ids).unwrap(), &want) > 1e-3,
             "{arch:?}: slots change nothing?"
         );
         // `plain` got no slots of its own, so the export's joined: the same as `got`.
-        assert!(max_diff(&plain.logits(&ids).unwrap(), &got) == 0.0);
+        assert!(common::max_abs_diff(&plain.logits(&ids).unwrap(), &got) == 0.0);
 
         // config.json: the source's, plus the eab block.
         let c = json(&out.join("config.json"));
@@ -410,14 +395,14 @@ fn sharded_export_equals_the_single_file_one() {
     assert_eq!(index["metadata"]["total_size"], total as u64);
     let sharded_ts = tensors(&sharded);
     for (name, t) in &single_ts {
-        assert_eq!(max_diff(t, &sharded_ts[name]), 0.0, "{name}");
+        assert_eq!(common::max_abs_diff(t, &sharded_ts[name]), 0.0, "{name}");
     }
     let vocab = tiny.config["vocab_size"].as_u64().unwrap() as usize;
     let ids = ids(4, 10, vocab);
     let want = reference_logits(&tiny, &adapter, &ids);
-    let d = max_diff(&export_logits(&sharded, &ids), &want);
+    let d = common::max_abs_diff(&export_logits(&sharded, &ids), &want);
     assert!(
-        d <= 1e-5 * max_abs(&want).max(1.0),
+        d <= 1e-5 * common::max_abs(&want).max(1.0),
         "sharded export vs in memory {d}"
     );
 }
@@ -462,7 +447,7 @@ fn merged_weights_are_w_plus_scale_b_a() {
                 assert!(moved > 1e-3, "{name}: the merge moved nothing");
                 merged += 1;
             }
-            _ => assert_eq!(max_diff(w, &got[name]), 0.0, "{name} changed"),
+            _ => assert_eq!(common::max_abs_diff(w, &got[name]), 0.0, "{name} changed"),
         }
     }
     assert_eq!(merged, 6, "q, v, down of layers 0 and 2");
@@ -482,11 +467,11 @@ fn merged_weights_are_w_plus_scale_b_a() {
         let t16 = &got16[name];
         if name.contains("eab_") {
             assert_eq!(t16.dtype(), DType::F32, "{name}");
-            assert_eq!(max_diff(t, t16), 0.0);
+            assert_eq!(common::max_abs_diff(t, t16), 0.0);
         } else {
             assert_eq!(t16.dtype(), DType::BF16, "{name}");
             assert_eq!(
-                max_diff(&t.to_dtype(DType::BF16).unwrap(), t16),
+                common::max_abs_diff(&t.to_dtype(DType::BF16).unwrap(), t16),
                 0.0,
                 "{name}"
             );
@@ -543,7 +528,7 @@ fn peft_export_layout_and_prompt_embeddings() {
     let hf_ts = tensors(&hf_dir);
     for (name, t) in &ts {
         assert_eq!(
-            max_diff(t, &hf_ts[name]),
+            common::max_abs_diff(t, &hf_ts[name]),
             0.0,
             "{name}: peft and hf merges differ"
         );
@@ -586,7 +571,7 @@ fn peft_export_layout_and_prompt_embeddings() {
         let key = pkv.get(2 * layer).unwrap().reshape((kv, hd)).unwrap();
         let value = pkv.get(2 * layer + 1).unwrap().reshape((kv, hd)).unwrap();
         assert_eq!(
-            max_diff(&value, set.vars[&vn].as_tensor()),
+            common::max_abs_diff(&value, set.vars[&vn].as_tensor()),
             0.0,
             "layer {layer} value"
         );
@@ -890,9 +875,9 @@ fn a_trained_adapter_exports_and_reloads() {
     let vocab = tiny.config["vocab_size"].as_u64().unwrap() as usize;
     let ids = ids(5, 16, vocab);
     let want = reference_logits(&tiny, &adapter, &ids);
-    let d = max_diff(&export_logits(&out, &ids), &want);
+    let d = common::max_abs_diff(&export_logits(&out, &ids), &want);
     assert!(
-        d <= 1e-5 * max_abs(&want).max(1.0),
+        d <= 1e-5 * common::max_abs(&want).max(1.0),
         "trained export vs in memory {d}"
     );
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();

@@ -18,32 +18,15 @@ fn our_logits(spec: &str) -> Tensor {
     let model = ckpt
         .load_model(DType::F32, &Device::Cpu, &Adapters::none())
         .unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = common::row(IDS);
     model.logits(&ids).unwrap().i((0, IDS.len() - 1)).unwrap() // (V,)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn candle_llama_logits(dir: &std::path::Path) -> Tensor {
     use candle_transformers::models::llama;
     let (model, cfg) = common::candle_llama(dir);
     let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = common::row(IDS);
     model
         .forward(&ids, 0, &mut cache)
         .unwrap()
@@ -54,14 +37,14 @@ fn candle_llama_logits(dir: &std::path::Path) -> Tensor {
 #[test]
 fn llama_logits_match_candle_transformers() {
     let t = tiny(Arch::Llama, 1);
-    let d = max_abs_diff(&our_logits(&t.spec()), &candle_llama_logits(t.path()));
+    let d = common::max_abs_diff(&our_logits(&t.spec()), &candle_llama_logits(t.path()));
     assert!(d < 1e-4, "max |diff| {d}");
 }
 
 #[test]
 fn llama3_rope_scaling_and_tied_head_match_candle_transformers() {
     let t = tiny(Arch::Llama3, 2);
-    let d = max_abs_diff(&our_logits(&t.spec()), &candle_llama_logits(t.path()));
+    let d = common::max_abs_diff(&our_logits(&t.spec()), &candle_llama_logits(t.path()));
     assert!(d < 1e-4, "max |diff| {d}");
 }
 
@@ -82,19 +65,16 @@ fn mistral_sliding_window_matches_candle_transformers() {
         .unwrap()
     };
     let mut model = mistral::Model::new(&cfg, vb).unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = common::row(IDS);
     let reference = model.forward(&ids, 0).unwrap().flatten_all().unwrap();
     let ours = our_logits(&t.spec());
-    let d = max_abs_diff(&ours, &reference);
+    let d = common::max_abs_diff(&ours, &reference);
     assert!(d < 1e-4, "max |diff| {d}");
     // The window matters here: without it the logits differ.
     let mut no_window = t.config.clone();
     no_window.as_object_mut().unwrap().remove("sliding_window");
     std::fs::write(t.path().join("config.json"), no_window.to_string()).unwrap();
-    assert!(max_abs_diff(&our_logits(&t.spec()), &reference) > 1e-3);
+    assert!(common::max_abs_diff(&our_logits(&t.spec()), &reference) > 1e-3);
 }
 
 /// Every position's logits, not only the last: position p of a long run equals the last
@@ -106,19 +86,13 @@ fn logits_cover_every_position() {
     let model = ckpt
         .load_model(DType::F32, &Device::Cpu, &Adapters::none())
         .unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = common::row(IDS);
     let all = model.logits(&ids).unwrap();
     assert_eq!(all.dims(), &[1, IDS.len(), 61]);
     for p in [0, 3, 7] {
-        let cut = Tensor::new(&IDS[..=p], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let cut = common::row(&IDS[..=p]);
         let last = model.logits(&cut).unwrap().i((0, p)).unwrap();
-        assert!(max_abs_diff(&all.i((0, p)).unwrap(), &last) < 1e-5);
+        assert!(common::max_abs_diff(&all.i((0, p)).unwrap(), &last) < 1e-5);
     }
 }
 
@@ -129,10 +103,7 @@ fn taps_expose_and_edit_hidden_states() {
     let model = ckpt
         .load_model(DType::F32, &Device::Cpu, &Adapters::none())
         .unwrap();
-    let ids = Tensor::new(IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = common::row(IDS);
     let base = model
         .forward(
             &ids,
@@ -166,7 +137,7 @@ fn taps_expose_and_edit_hidden_states() {
         ..Default::default()
     };
     let out = model.forward(&ids, &same).unwrap();
-    assert!(max_abs_diff(&out.logits, &base.logits) < 1e-6);
+    assert!(common::max_abs_diff(&out.logits, &base.logits) < 1e-6);
     let moved = Taps {
         hidden: true,
         edits: vec![Edit {
@@ -186,15 +157,15 @@ fn taps_expose_and_edit_hidden_states() {
             .unwrap(),
         50.0
     );
-    assert!(max_abs_diff(&out.hidden[0], &base.hidden[0]) == 0.0);
+    assert!(common::max_abs_diff(&out.hidden[0], &base.hidden[0]) == 0.0);
     assert!(
-        max_abs_diff(
+        common::max_abs_diff(
             &out.logits.i((0, 3)).unwrap(),
             &base.logits.i((0, 3)).unwrap()
         ) < 1e-6,
         "causal: earlier positions unchanged"
     );
-    assert!(max_abs_diff(&out.logits, &base.logits) > 1e-3);
+    assert!(common::max_abs_diff(&out.logits, &base.logits) > 1e-3);
 }
 
 /// Loss = sum(logits * R) for a fixed random R; every weight is a Var in f64.
@@ -229,10 +200,7 @@ fn every_weight_gradient_matches_finite_differences() {
             &Adapters::none(),
         )
         .unwrap();
-        let ids = Tensor::new(&IDS[..9], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let ids = common::row(&IDS[..9]);
         let r = Tensor::randn(0f64, 1.0, (1, 9, cfg.vocab_size), &Device::Cpu).unwrap();
         let grads = fd_loss(&model, &ids, &r).backward().unwrap();
         let mut names: Vec<&String> = vars.keys().collect();
@@ -282,20 +250,10 @@ fn fused_inference_path_matches_the_differentiable_one() {
         .unwrap();
         for adapters in [Adapters::none(), set.adapters()] {
             let model = base.model(&adapters).unwrap();
-            let ids = Tensor::new(IDS, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let ids = common::row(IDS);
             let exact = model.logits(&ids).unwrap();
-            let scale = exact
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1.0);
-            let d = max_abs_diff(&exact, &model.infer(&ids).unwrap());
+            let scale = common::max_abs(&exact).max(1.0);
+            let d = common::max_abs_diff(&exact, &model.infer(&ids).unwrap());
             assert!(
                 d < 1e-5 * scale,
                 "{arch:?} mask {mask}: max |diff| {d}, max |logit| {scale}"

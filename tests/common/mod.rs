@@ -322,3 +322,37 @@ pub fn directional(
     var.set(&w0).unwrap();
     (analytic, (plus - minus) / (2.0 * eps))
 }
+
+/// max |t| of a tensor on any device, in any float dtype, as f64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    let t = t
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// max |a - b| of two tensors on any devices, in any float dtypes, as f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let f64_cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+    };
+    max_abs(&(f64_cpu(a) - f64_cpu(b)).unwrap())
+}
+
+/// A batch of one sequence, (1, T), on the CPU.
+pub fn row(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
