@@ -21,8 +21,8 @@
 //! (also used, as a reference point only, for f32 runs).
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, EabSlot, Lora, SlotInit, TARGETS};
-use crate::loss::kl_to_teacher;
 use crate::model::{Config, Model, Taps};
+use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::{Error, Result};
@@ -408,11 +408,11 @@ impl Bench {
         let ids = self.ids(step)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let loss = {
-            let out = self.student.forward(&ids, &Taps::default())?;
+            let (last, _) = self.student.forward_trunk(&ids, &Taps::default())?;
             ph.mark("student_forward", &dev)?;
-            let t_logits = teacher.infer(&ids)?;
+            let (t_last, _) = teacher.forward_trunk(&ids, &Taps::default())?;
             ph.mark("teacher_forward", &dev)?;
-            let hold = kl_to_teacher(&out.logits, &t_logits, 1.0)?;
+            let hold = kl_through_head(&last, &t_last, self.student.lm_head(), 1.0)?;
             ph.mark("kl", &dev)?;
             let gs = hold.backward()?;
             ph.mark("backward", &dev)?;
@@ -422,8 +422,7 @@ impl Bench {
                 }
             }
             hold.to_dtype(DType::F64)?.to_scalar::<f64>()?
-            // the graph, the gradient store (frozen-weight gradients included) and both
-            // logits go here, before the update, as in train.rs
+            // the graph and the gradient store go here, before the update, as in train.rs
         };
         ph.mark("free_graph", &dev)?;
         clip_grad_norm(&mut grads, 1.0)?;
@@ -435,7 +434,7 @@ impl Bench {
 
     fn forward_step(&mut self, step: usize, ph: &mut Phases) -> Result<()> {
         let ids = self.ids(step)?;
-        let logits = self.student.infer(&ids)?;
+        let logits = self.student.logits(&ids)?;
         ph.mark("forward", &self.device)?;
         drop(logits);
         Ok(())

@@ -116,7 +116,6 @@ pub fn intervene(
             &ids,
             &Taps {
                 hidden: true,
-                inference: true,
                 ..Default::default()
             },
         )?;
@@ -138,7 +137,6 @@ pub fn intervene(
                     value: value(dim),
                 })
                 .collect(),
-            inference: true,
             ..Default::default()
         };
         nll[0] += nll_sum(&base.logits, &ids)?.to_scalar::<f32>()? as f64;

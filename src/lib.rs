@@ -1,7 +1,7 @@
 //! eabfit: retrofit Explicit Attention Bias (EAB) onto frozen LLaMA and Mistral checkpoints.
 //!
-//! Modules follow the data flow: checkpoint -> model (+ adapters) -> data -> perplexity
-//! -> metrics -> plot, with `runtime` holding the flags every command shares.
+//! Modules follow the data flow: checkpoint -> model (+ adapters, on `ops`) -> data ->
+//! perplexity -> metrics -> plot, with `runtime` holding the flags every command shares.
 
 pub mod ablate;
 pub mod adapters;
@@ -15,6 +15,7 @@ pub mod intervene;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod perplexity;
 pub mod plot;

@@ -1,12 +1,15 @@
-//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral) built from differentiable candle ops.
+//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral), differentiable end to end.
 //!
-//! Unlike candle-transformers' `llama.rs` it returns logits for every position, has no fused op
-//! without a backward (RMSNorm, softmax and RoPE are composed from basic ops), exposes each
-//! layer's output hidden state through [`Taps`], and takes adapters (EAB slots, LoRA) through
-//! its constructor. Names passed to `vb.pp()` are the Hugging Face tensor names.
+//! Unlike candle-transformers' `llama.rs` it returns logits for every position, runs RMSNorm,
+//! RoPE, attention and the frozen projections through `crate::ops` (fused forwards with real
+//! backwards; candle's own fused kernels have none), exposes each layer's output hidden state
+//! through [`Taps`], and takes adapters (EAB slots, LoRA) through its constructor. Names passed
+//! to `vb.pp()` are the Hugging Face tensor names.
 
 use crate::adapters::{Adapters, EabSlot, Lora};
-use candle_core::{DType, Device, Tensor, D};
+use crate::ops::attention::{self, Spec};
+use crate::ops::{linear::linear, norm::rms_norm, rope::rope};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -183,9 +186,6 @@ pub struct Taps {
     pub first_kv: bool,
     /// Entries of layer outputs to overwrite in flight (the paper's interventions).
     pub edits: Vec<Edit>,
-    /// A pass nobody differentiates (teacher, scan, eval): use candle's fused RMSNorm, RoPE and
-    /// softmax kernels, which are faster and have no backward.
-    pub inference: bool,
 }
 
 /// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
@@ -199,11 +199,7 @@ pub struct Edit {
 
 /// Attention mass that queries put on position 0 and on the EAB slot, averaged over the batch,
 /// the heads and the queries 1..T (query 0 has nowhere else to look). Scalar f32 tensors.
-#[derive(Debug, Clone)]
-pub struct AttnStats {
-    pub first_token: Tensor,
-    pub slot: Option<Tensor>,
-}
+pub type AttnStats = attention::Stats;
 
 #[derive(Debug)]
 pub struct Output {
@@ -237,7 +233,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let (b, t, d) = x.dims3()?;
         let x2 = x.reshape((b * t, d))?; // (B*T, in)
-        let mut y = x2.matmul(&self.weight.t()?)?; // (B*T, out)
+        let mut y = linear(&x2, &self.weight)?; // (B*T, out)
         if let Some(l) = &self.lora {
             // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal).
             let xa = x2.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?; // (B*T, r)
@@ -249,7 +245,6 @@ impl Linear {
     }
 }
 
-/// RMSNorm from basic ops, computed in f32: candle's fused `rms_norm` has no backward.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -264,21 +259,13 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
-        if fused {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
-        }
-        let dtype = x.dtype();
-        let x = x.to_dtype(acc(dtype))?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        rms_norm(x, &self.weight, self.eps)
     }
 }
 
-/// cos/sin tables for rotate-half RoPE (the Hugging Face layout), (max_pos, head_dim).
+/// cos/sin tables for rotate-half RoPE (the Hugging Face layout), (max_pos, head_dim / 2): the
+/// two halves of a head share their frequencies.
 #[derive(Debug, Clone)]
 struct Rope {
     cos: Tensor,
@@ -292,13 +279,10 @@ impl Rope {
         let mut cos = Vec::with_capacity(n * inv.len() * 2);
         let mut sin = Vec::with_capacity(n * inv.len() * 2);
         for p in 0..n {
-            // The two halves repeat the same frequencies: rotate_half pairs dim i with i + hd/2.
-            for _ in 0..2 {
-                cos.extend(inv.iter().map(|f| (p as f64 * f).cos()));
-                sin.extend(inv.iter().map(|f| (p as f64 * f).sin()));
-            }
+            cos.extend(inv.iter().map(|f| (p as f64 * f).cos()));
+            sin.extend(inv.iter().map(|f| (p as f64 * f).sin()));
         }
-        let shape = (n, inv.len() * 2);
+        let shape = (n, inv.len());
         // Rounded through f32 as before for f32/bf16/f16 models; full precision for f64 ones.
         let table = |v: Vec<f64>| -> CResult<Tensor> {
             Tensor::from_vec(v, shape, dev)?
@@ -311,24 +295,11 @@ impl Rope {
         })
     }
 
-    /// x: (B, H, T, hd) -> same, rotated by position. `fused` takes candle's kernel (no
-    /// backward), which wants the half tables.
-    fn apply(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
-        let (_, _, t, hd) = x.dims4()?;
-        if fused {
-            let half = |table: &Tensor| table.narrow(0, 0, t)?.narrow(1, 0, hd / 2)?.contiguous(); // (T, hd/2)
-            return candle_nn::rotary_emb::rope(
-                &x.contiguous()?,
-                &half(&self.cos)?,
-                &half(&self.sin)?,
-            );
-        }
-        let cos = self.cos.narrow(0, 0, t)?; // (T, hd)
-        let sin = self.sin.narrow(0, 0, t)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    /// x: (B, H, T, hd) -> same, rotated by positions 0..T.
+    fn apply(&self, x: &Tensor) -> CResult<Tensor> {
+        let t = x.dim(2)?;
+        let table = |tab: &Tensor| tab.narrow(0, 0, t)?.contiguous(); // (T, hd/2)
+        rope(x, &table(&self.cos)?, &table(&self.sin)?)
     }
 }
 
@@ -370,19 +341,7 @@ impl Attention {
         })
     }
 
-    /// (B, KV, T, hd) -> (B, H, T, hd): each KV head serves H/KV query heads.
-    fn repeat_kv(&self, x: &Tensor) -> CResult<Tensor> {
-        let rep = self.n_heads / self.n_kv;
-        if rep == 1 {
-            return Ok(x.clone());
-        }
-        let (b, kv, t, hd) = x.dims4()?;
-        x.unsqueeze(2)?
-            .expand((b, kv, rep, t, hd))?
-            .reshape((b, kv * rep, t, hd))
-    }
-
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<AttnOut> {
+    fn forward(&self, x: &Tensor, rope: &Rope, masks: &Masks, taps: &Taps) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let q = self
@@ -400,9 +359,9 @@ impl Attention {
             .forward(x)?
             .reshape((b, t, kv, hd))?
             .transpose(1, 2)?
-            .contiguous()?;
-        let q = rope.apply(&q.contiguous()?, taps.inference)?;
-        let k = rope.apply(&k.contiguous()?, taps.inference)?;
+            .contiguous()?; // (B, KV, T, hd)
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
         let first_kv = if taps.first_kv {
             Some((
                 k.narrow(2, 0, 1)?.squeeze(2)?,
@@ -411,78 +370,54 @@ impl Attention {
         } else {
             None
         };
-        let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?); // (B, H, T, hd)
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Scores and softmax in f32: bf16 logits of a sink position lose the tail mass.
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, T)
-        let scores = scores.broadcast_add(&mask.to_dtype(acc(q.dtype()))?)?;
-        let scores = match &self.slot {
+        // The slot is key 0 of every KV head, ahead of the tokens; position-free, never rotated.
+        let (k, v, mask, spec) = match &self.slot {
             Some(slot) => {
-                let ks = self
-                    .slot_heads(&slot.k, q.dtype())?
-                    .unsqueeze(0)?
-                    .unsqueeze(3)?; // (1, H, hd, 1)
-                let s = (q.broadcast_matmul(&ks)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, 1)
-                Tensor::cat(&[&scores, &s], D::Minus1)? // (B, H, T, T+1)
+                let lead = |x: &Tensor| -> CResult<Tensor> {
+                    x.to_dtype(k.dtype())?
+                        .unsqueeze(0)?
+                        .unsqueeze(2)?
+                        .broadcast_as((b, kv, 1, hd)) // (B, KV, 1, hd)
+                };
+                (
+                    Tensor::cat(&[&lead(&slot.k)?, &k], 2)?, // (B, KV, 1+T, hd)
+                    Tensor::cat(&[&lead(&slot.v)?, &v], 2)?,
+                    &masks.slot,
+                    masks.spec(1),
+                )
             }
-            None => scores,
+            None => (k, v, &masks.plain, masks.spec(0)),
         };
-        let probs = if taps.inference {
-            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-        } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        };
-        // contiguous: with a slot the (B, H, T, T) view has row stride T + 1, which CUDA's
-        // matmul does not take.
-        let mut out = probs
-            .narrow(D::Minus1, 0, t)?
-            .to_dtype(v.dtype())?
-            .contiguous()?
-            .matmul(&v)?; // (B, H, T, hd)
-        if let Some(slot) = &self.slot {
-            let vs = self
-                .slot_heads(&slot.v, v.dtype())?
-                .unsqueeze(0)?
-                .unsqueeze(2)?; // (1, H, 1, hd)
-            let p_slot = probs.narrow(D::Minus1, t, 1)?.to_dtype(v.dtype())?; // (B, H, T, 1)
-            out = (out + p_slot.broadcast_mul(&vs)?)?;
-        }
-        let stats = if taps.attn {
-            Some(attn_stats(&probs, t)?)
-        } else {
-            None
-        };
-        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        let mask = mask
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("attention mask not built".into()))?;
+        let (out, stats) = attention::attention(&q, &k, &v, mask, &spec, taps.attn)?; // (B, T, H, hd)
+        let out = out.reshape((b, t, h * hd))?; // (B, T, H*hd)
         Ok(AttnOut {
             out: self.o_proj.forward(&out)?,
             stats,
             first_kv,
         })
     }
-
-    /// Slot vectors are stored per KV head, (KV, hd); query heads of a group share one.
-    fn slot_heads(&self, x: &Tensor, dtype: DType) -> CResult<Tensor> {
-        let rep = self.n_heads / self.n_kv;
-        let x = x.to_dtype(dtype)?;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (kv, hd) = x.dims2()?;
-        x.unsqueeze(1)?
-            .expand((kv, rep, hd))?
-            .reshape((kv * rep, hd)) // (H, hd)
-    }
 }
 
-fn attn_stats(probs: &Tensor, t: usize) -> CResult<AttnStats> {
-    let queries = probs.narrow(2, 1.min(t - 1), t - 1.min(t - 1))?; // (B, H, T-1, T[+1])
-    let first_token = queries.narrow(D::Minus1, 0, 1)?.mean_all()?;
-    let slot = if probs.dim(D::Minus1)? > t {
-        Some(queries.narrow(D::Minus1, t, 1)?.mean_all()?)
-    } else {
-        None
-    };
-    Ok(AttnStats { first_token, slot })
+/// The additive masks of one forward pass: one for layers without a slot, one for layers with.
+struct Masks {
+    plain: Option<Tensor>,
+    slot: Option<Tensor>,
+    window: Option<usize>,
+    hide_first: bool,
+}
+
+impl Masks {
+    fn spec(&self, slots: usize) -> Spec {
+        Spec {
+            slots,
+            window: self.window,
+            hide_first: self.hide_first,
+            block: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -538,20 +473,17 @@ impl Block {
         &self,
         x: &Tensor,
         rope: &Rope,
-        mask: &Tensor,
+        masks: &Masks,
         taps: &Taps,
     ) -> CResult<(Tensor, AttnOut)> {
-        let attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x, taps.inference)?,
-            rope,
-            mask,
-            taps,
-        )?;
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, masks, taps)?;
         let x = (x + &attn.out)?;
         let x = (&x
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&x, taps.inference)?)?)?;
+                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
         Ok((x, attn))
     }
 }
@@ -626,27 +558,32 @@ impl Model {
         &self.layers[layer].mlp.down_proj
     }
 
-    /// Additive f32 mask (T, T): causal, Mistral's sliding window, and (with EAB) position 0
-    /// hidden from every query, the slot taking its place.
-    fn mask(&self, t: usize) -> CResult<Tensor> {
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let data: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..t).map(move |j| {
-                    let hidden = j > i || i - j >= window || (self.mask_first_token && j == 0);
-                    if hidden {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(data, (t, t), &self.device)
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
-    /// input_ids: (B, T) u32 -> logits (B, T, V) f32 plus whatever `taps` asked for.
-    pub fn forward(&self, input_ids: &Tensor, taps: &Taps) -> CResult<Output> {
+    /// The masks the layers of this model need for T tokens.
+    fn masks(&self, t: usize) -> CResult<Masks> {
+        let mut m = Masks {
+            plain: None,
+            slot: None,
+            window: self.cfg.sliding_window,
+            hide_first: self.mask_first_token,
+        };
+        let dt = self.dtype();
+        if self.layers.iter().any(|l| l.self_attn.slot.is_some()) {
+            m.slot = Some(attention::mask(t, t + 1, &m.spec(1), dt, &self.device)?);
+        }
+        if self.layers.iter().any(|l| l.self_attn.slot.is_none()) {
+            m.plain = Some(attention::mask(t, t, &m.spec(0), dt, &self.device)?);
+        }
+        Ok(m)
+    }
+
+    /// input_ids: (B, T) u32 -> the final normed hidden state (B, T, D) in the model dtype, plus
+    /// whatever `taps` asked for; `Output::logits` is left a scalar zero. Training computes
+    /// its hold term through the head in chunks from here ([`crate::ops::kl`]).
+    pub fn forward_trunk(&self, input_ids: &Tensor, taps: &Taps) -> CResult<(Tensor, Output)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -659,7 +596,7 @@ impl Model {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, d))?; // (B, T, D)
-        let mask = self.mask(t)?;
+        let masks = self.masks(t)?;
         let mut out = Output {
             logits: Tensor::zeros((), DType::F32, &self.device)?,
             hidden: vec![],
@@ -667,7 +604,7 @@ impl Model {
             first_kv: vec![],
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let (h, attn) = layer.forward(&x, &self.rope, &mask, taps)?;
+            let (h, attn) = layer.forward(&x, &self.rope, &masks, taps)?;
             x = apply_edits(&h, i, &taps.edits)?;
             if taps.hidden {
                 out.hidden.push(x.clone());
@@ -675,31 +612,27 @@ impl Model {
             out.attn.extend(attn.stats);
             out.first_kv.extend(attn.first_kv);
         }
-        let x = self.norm.forward(&x, taps.inference)?;
-        out.logits = x
-            .reshape((b * t, d))?
-            .matmul(&self.lm_head.t()?)?
+        Ok((self.norm.forward(&x)?, out))
+    }
+
+    /// Final normed hidden (B, T, D) -> logits (B, T, V) in f32 (f64 for an f64 model).
+    pub fn head(&self, x: &Tensor) -> CResult<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        linear(&x.reshape((b * t, d))?, &self.lm_head)? // (B*T, V)
             .reshape((b, t, ()))?
-            .to_dtype(acc(x.dtype()))?;
+            .to_dtype(acc(x.dtype()))
+    }
+
+    /// input_ids: (B, T) u32 -> logits (B, T, V) f32 plus whatever `taps` asked for.
+    pub fn forward(&self, input_ids: &Tensor, taps: &Taps) -> CResult<Output> {
+        let (x, mut out) = self.forward_trunk(input_ids, taps)?;
+        out.logits = self.head(&x)?;
         Ok(out)
     }
 
     /// Logits only, (B, T, V) f32, differentiable.
     pub fn logits(&self, input_ids: &Tensor) -> CResult<Tensor> {
         Ok(self.forward(input_ids, &Taps::default())?.logits)
-    }
-
-    /// Logits only, through the fused kernels: for passes nobody differentiates.
-    pub fn infer(&self, input_ids: &Tensor) -> CResult<Tensor> {
-        Ok(self
-            .forward(
-                input_ids,
-                &Taps {
-                    inference: true,
-                    ..Default::default()
-                },
-            )?
-            .logits)
     }
 }
 

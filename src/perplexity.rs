@@ -35,7 +35,7 @@ pub fn perplexity(model: &Model, windows: &Windows) -> Result<Perplexity> {
     let mut tokens = 0usize;
     for w in &windows.ids {
         let ids = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
-        let logits = model.infer(&ids)?;
+        let logits = model.logits(&ids)?;
         total += nll_sum(&logits, &ids)?.to_scalar::<f32>()? as f64;
         tokens += w.len() - 1;
     }

@@ -218,7 +218,6 @@ pub fn scan_taps() -> Taps {
     Taps {
         hidden: true,
         attn: true,
-        inference: true,
         ..Default::default()
     }
 }

@@ -12,6 +12,7 @@ use crate::data::{read_text, Windows};
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
 use crate::metrics::RunLogger;
 use crate::model::{Model, Taps};
+use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::recipe::{self, Recipe};
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
@@ -198,7 +199,6 @@ fn first_token_kv(s: &Setup, n: usize) -> Result<Vec<(Tensor, Tensor)>> {
             &ids,
             &Taps {
                 first_kv: true,
-                inference: true,
                 ..Default::default()
             },
         )?;
@@ -248,7 +248,7 @@ fn losses(
     ids: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let ma_on = r.loss.ma.weight > 0.0 && !s.ma_layers.is_empty();
-    let out = student.forward(
+    let (last, out) = student.forward_trunk(
         ids,
         &Taps {
             hidden: ma_on,
@@ -257,10 +257,11 @@ fn losses(
     )?;
     let hold = match r.loss.hold.kind {
         recipe::HoldKind::Kl => {
-            let teacher = s.teacher.infer(ids)?;
-            kl_to_teacher(&out.logits, &teacher, r.loss.hold.temperature)?
+            // The teacher builds no graph: nothing in it is trained.
+            let (teacher, _) = s.teacher.forward_trunk(ids, &Taps::default())?;
+            kl_through_head(&last, &teacher, student.lm_head(), r.loss.hold.temperature)?
         }
-        recipe::HoldKind::Lm => lm_loss(&out.logits, ids)?,
+        recipe::HoldKind::Lm => lm_loss(&student.head(&last)?, ids)?,
     };
     let ma = if ma_on {
         let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();

@@ -1,0 +1,86 @@
+//! Custom ops with a real backward: the layer between the model and the devices.
+//!
+//! candle's fused kernels (`rms_norm`, `rope`, `softmax_last_dim`) have no backward, and its
+//! composite ops keep every f32 intermediate alive for the backward pass. Each op here computes
+//! its forward from detached inputs (fused kernels or blocked composites, on any device), hands
+//! the result to candle as a custom op's output, and writes its own backward from the inputs
+//! alone, recomputing what it needs (the flash-attention idea applied to every op). The model
+//! calls these and nothing else reaches a device directly.
+//!
+//! - [`linear`]: a frozen projection whose backward returns only the input gradient.
+//! - [`attention`]: causal / sliding-window attention over [slot; tokens], GQA, blocked over
+//!   queries; keeps only its output for the backward pass.
+//! - [`norm`]: RMSNorm.
+//! - [`rope`]: rotate-half rotary embedding; its backward is the inverse rotation.
+//! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
+
+pub mod attention;
+pub mod kl;
+pub mod linear;
+pub mod norm;
+pub mod rope;
+
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// A forward result computed outside a custom op, moved into the op's output on first use so
+/// that the graph holds one copy of it, not two.
+struct Given(Mutex<Option<Tensor>>);
+
+impl Given {
+    fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
+    }
+
+    fn take(&self) -> CResult<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("custom op state poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("custom op forward ran twice".into()))
+    }
+
+    /// The result's storage, contiguous and owned, as candle's op output.
+    fn cpu(&self) -> CResult<(CpuStorage, Shape)> {
+        let t = self.take()?.contiguous()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((exact_cpu(c, l)?, l.shape().clone())),
+            _ => candle_core::bail!("custom op: forward result is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> CResult<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = self.take()?.contiguous()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) if l.start_offset() == 0 => Ok((c.try_clone(l)?, l.shape().clone())),
+            Storage::Cuda(c) => {
+                // A view into a larger buffer: copy just its elements.
+                let dev = c.device().clone();
+                let mut dst = unsafe { dev.alloc_uninit(l.shape(), c.dtype())? };
+                c.copy_strided_src(&mut dst, 0, l)?;
+                Ok((dst, l.shape().clone()))
+            }
+            _ => candle_core::bail!("custom op: forward result is not on a CUDA device"),
+        }
+    }
+}
+
+/// The elements a contiguous layout addresses, as an owned CPU storage.
+fn exact_cpu(c: &CpuStorage, l: &Layout) -> CResult<CpuStorage> {
+    use candle_core::backend::BackendStorage;
+    let n = l.shape().elem_count();
+    let (start, end) = (l.start_offset(), l.start_offset() + n);
+    Ok(match c {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        other => candle_core::bail!("custom op: unsupported dtype {:?}", other.dtype()),
+    })
+}

@@ -1,0 +1,107 @@
+//! RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` with a backward that keeps nothing but x.
+//!
+//! The composite form keeps four f32 copies of x per norm for the backward pass (the cast, its
+//! square, the normalised value and the product): tens of GiB for a 7B model at batch 4. The
+//! forward here is candle's fused kernel (f32 accumulation inside); the backward recomputes
+//! r = 1/rms(x) and, with g = dy * w,
+//!
+//!   dx = r * (g - x * r^2 * mean(g * x)),   dw = sum over rows of dy * x * r.
+
+use super::Given;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Computing dtype: f32 for half types, the input's own for f32 and f64.
+fn acc(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// The forward from detached tensors; f64 (no fused kernel) is composed from basic ops.
+fn forward(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    if x.dtype() == DType::F64 {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return x.broadcast_mul(&r)?.broadcast_mul(w);
+    }
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+}
+
+struct RmsNormOp {
+    out: Given,
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let ac = acc(x.dtype());
+        let (xf, dyf, wf) = (
+            x.detach().to_dtype(ac)?,
+            dy.to_dtype(ac)?,
+            w.detach().to_dtype(ac)?,
+        );
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?; // (..., 1)
+        let g = dyf.broadcast_mul(&wf)?;
+        let proj = (&g * &xf)?.mean_keepdim(D::Minus1)?; // (..., 1)
+        let dx = (g - xf.broadcast_mul(&(r.sqr()? * proj)?)?)?.broadcast_mul(&r)?;
+        let dw = if w.track_op() {
+            let d = wf.dim(0)?;
+            let dw = (dyf * xf.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
+            Some(dw.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((Some(dx.to_dtype(x.dtype())?), dw))
+    }
+}
+
+/// x: (..., D), w: (D) of x's dtype -> (..., D).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let y = forward(&x.detach(), &w.detach(), eps)?;
+    if !(x.track_op() || w.track_op()) {
+        return Ok(y);
+    }
+    x.apply_op2(
+        w,
+        RmsNormOp {
+            out: Given::new(y),
+            eps,
+        },
+    )
+}

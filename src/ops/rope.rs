@@ -1,0 +1,58 @@
+//! Rotate-half rotary embedding (the Hugging Face layout): `y = x cos + rotate_half(x) sin`.
+//!
+//! A rotation's adjoint is its inverse, the rotation by the negative angle, so the backward is
+//! the forward kernel again with `-sin`: `dx = dy cos - rotate_half(dy sin)` (the two halves of
+//! a head share their frequencies). Both directions run candle's fused kernel, which has no
+//! backward of its own.
+
+use super::Given;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+type CResult<T> = candle_core::Result<T>;
+
+struct RopeOp {
+    out: Given,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        Ok(Some(candle_nn::rotary_emb::rope(
+            &dy,
+            &self.cos,
+            &self.sin.neg()?,
+        )?))
+    }
+}
+
+/// x: (B, H, T, hd); cos, sin: (T, hd/2) of x's dtype, the angles of positions 0..T.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(RopeOp {
+        out: Given::new(y),
+        cos: cos.clone(),
+        sin: sin.clone(),
+    })
+}
