@@ -6,9 +6,11 @@
 # scripts/cuda-build.sh or scripts/gpu-test.sh --pack):
 #   scripts/bench-gpu.sh                     # results under $OUT (default ./bench-out)
 #
-# Cases (BENCH_CASES, "shape:mode:seq" words), default:
-#   llama2-7b:train:2048 llama-1b:train:2048 llama2-7b:forward:2048 llama-1b:forward:2048
-# For each case eabfit tries the batches in BENCH_BATCHES (default "4 2 1") until one fits
+# Cases (BENCH_CASES, "shape:mode:seq[:batches]" words, batches comma-separated), default: the
+# cases of issue 10:
+#   llama2-7b:train:2048:4,2,1 llama-1b:train:2048:8,4,2,1 llama2-7b:forward:2048:4
+#   llama-1b:forward:2048:4 llama2-7b:train:4096:1
+# For each case eabfit tries the case's batches (else BENCH_BATCHES, default "4 2 1") until one fits
 # (eabfit bench exits 3 on CUDA out-of-memory); PyTorch then runs at the batch eabfit got (or, if
 # eabfit fitted none, the first of BENCH_BATCHES that fits). A train case that fits at no batch
 # is retried once at half the sequence length with batches "2 1" (both tools), time allowing.
@@ -19,7 +21,9 @@
 # (default 530 s): a run that would not fit in what is left is skipped and marked so.
 #
 # Writes $OUT/results.jsonl (one object per run: case, tool, status, batch, nvidia-smi peak, the
-# tool's own JSON report), $OUT/table.md (printed at the end), logs in $OUT/logs/.
+# tool's own JSON report), $OUT/table.md (printed at the end), $OUT/benchmarks.json (per case:
+# eabfit and PyTorch tokens/s, peak GiB, batch, ratio, date; docs/benchmarks.json is a copy),
+# logs in $OUT/logs/.
 # Environment: EABFIT_BIN (default .device-bin/eabfit[.xz]), PYTHON (default the torch venv),
 # BENCH_DEVICE (cuda; `cpu` with tiny cases for a smoke test without a GPU).
 set -uo pipefail
@@ -31,7 +35,7 @@ out=${OUT:-./bench-out}
 steps=${BENCH_STEPS:-5}
 warmup=${BENCH_WARMUP:-2}
 batches=${BENCH_BATCHES:-4 2 1}
-cases=${BENCH_CASES:-llama2-7b:train:2048 llama-1b:train:2048 llama2-7b:forward:2048 llama-1b:forward:2048}
+cases=${BENCH_CASES:-llama2-7b:train:2048:4,2,1 llama-1b:train:2048:8,4,2,1 llama2-7b:forward:2048:4 llama-1b:forward:2048:4 llama2-7b:train:4096:1}
 device=${BENCH_DEVICE:-cuda}
 run_timeout=${BENCH_RUN_TIMEOUT:-180}
 min_run_s=${BENCH_MIN_RUN_S:-30}
@@ -161,8 +165,8 @@ bench_case() {
 declare -A fit
 retry=()
 for c in $cases; do
-  IFS=: read -r shape mode seq <<< "$c"
-  bench_case "$shape" "$mode" "$seq" "$batches"
+  IFS=: read -r shape mode seq cb <<< "$c"
+  bench_case "$shape" "$mode" "$seq" "${cb:+${cb//,/ }}${cb:-$batches}"
   fit[$c]=$CASE_FIT
   if [ -z "$CASE_FIT" ] && [ "$mode" = train ] && [ "$seq" -ge "${BENCH_RETRY_MIN_SEQ:-1024}" ]; then retry+=("$shape:$mode:$(( seq / 2 ))"); fi
 done
@@ -173,7 +177,7 @@ for c in "${retry[@]}"; do
 done
 # The allocator knobs, on the first train case that fitted.
 for c in $cases; do
-  IFS=: read -r shape mode seq <<< "$c"
+  IFS=: read -r shape mode seq cb <<< "$c"
   if [ "$mode" = train ] && [ -n "${fit[$c]:-}" ] && [ "$device" != cpu ]; then
     bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --keep-pool --no-event-tracking
     break
@@ -222,6 +226,30 @@ print()
 print("MFU: 6N tokens/step for train (teacher fwd 2N + student fwd 2N + activation-gradient bwd 2N),"
       " 2N for forward; N = matmul parameters incl. lm_head; peak 989 TFLOP/s (H200 dense bf16)."
       " peak alloc: eabfit = CUDA memory-pool high-water mark, torch = max_memory_allocated.")
+EOF
+# --- JSON summary: one object per case --------------------------------------------------------
+"$py" - "$results" > "$out/benchmarks.json" <<'EOF'
+import json, sys, datetime
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cases = {}
+for r in rows:
+    if r["note"]:
+        continue
+    c = cases.setdefault(r["case"], {"case": r["case"]})
+    rep = r["report"] or {}
+    prev = c.get(r["tool"])
+    if prev and prev["status"] == "ok":
+        continue
+    c[r["tool"]] = {"status": r["status"], "batch": r["batch"],
+                    "tokens_per_s": rep.get("tokens_per_s"),
+                    "peak_gib": rep.get("peak_alloc_gib", rep.get("peak_gib")),
+                    "ms_per_step": rep.get("ms_per_step")}
+for c in cases.values():
+    e, t = c.get("eabfit", {}), c.get("torch", {})
+    if e.get("tokens_per_s") and t.get("tokens_per_s"):
+        c["ratio"] = e["tokens_per_s"] / t["tokens_per_s"]
+print(json.dumps({"date": datetime.datetime.utcnow().strftime("%Y-%m-%d"),
+                  "cases": list(cases.values())}, indent=1))
 EOF
 log "done in $(( $(date +%s) - t0 )) s; results in $out"
 cat "$out/table.md"

@@ -13,6 +13,7 @@ pub mod error;
 pub mod export;
 pub mod intervene;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod ops;

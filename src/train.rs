@@ -10,6 +10,7 @@ use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
 use crate::data::{read_text, Windows};
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
+use crate::memory::CudaKnobs;
 use crate::metrics::RunLogger;
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
@@ -51,6 +52,9 @@ pub struct Summary {
     pub massive_dims: Vec<usize>,
     pub rule: Rule,
     pub tokens_per_s: f64,
+    /// CUDA: high-water mark of the device memory pool over the run, GiB.
+    #[serde(default)]
+    pub peak_gib: Option<f64>,
     pub wall_s: f64,
     pub final_losses: BTreeMap<String, f64>,
 }
@@ -471,6 +475,8 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
+    let mem = CudaKnobs::apply(&device, false, false)?;
+    mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
     let mut last = state.step0.clone().unwrap_or(base_figures.clone());
@@ -554,6 +560,15 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
     }
     bar.finish_and_clear();
     log.close()?;
+    let peak_gib = mem.peak().map(|b| b as f64 / (1u64 << 30) as f64);
+    let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "trained {tokens_done} tokens in {:.1} s: {tps:.0} tokens/s{}",
+        start.elapsed().as_secs_f64(),
+        peak_gib.map_or(String::new(), |g| format!(
+            ", peak device memory {g:.1} GiB"
+        ))
+    );
     set.save(&out_dir.join("final"))?;
     let step0 = state.step0.clone().unwrap_or(base_figures.clone());
     let summary = Summary {
@@ -564,7 +579,8 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         birth_layers: s.birth.clone(),
         massive_dims: s.base_scan.massive_dims.clone(),
         rule: s.base_scan.rule,
-        tokens_per_s: tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        tokens_per_s: tps,
+        peak_gib,
         wall_s: start.elapsed().as_secs_f64(),
         final_losses,
     };

@@ -1,6 +1,7 @@
 //! CPU vs CUDA on tiny random checkpoints with EAB slots in every layer (position 0 masked) and
 //! LoRA: logits, the gradient of every adapter tensor, three AdamW steps, bf16 logits, and the
-//! `bench` command's CUDA paths. Built only with `--features cuda`; needs a CUDA device 0 (run
+//! `bench` command's CUDA paths; and every op of `eabfit::ops` on CUDA against the CPU (forward
+//! and the gradient of every input, f32 within 1e-4 relative, bf16 within 3%). Built only with `--features cuda`; needs a CUDA device 0 (run
 //! on the GPU machine through scripts/gpu-test.sh).
 #![cfg(feature = "cuda")]
 
@@ -150,29 +151,6 @@ fn f32_logits_match_cpu() {
             let d = common::max_abs_diff(&lc, &lg);
             let scale = common::max_abs(&lc).max(1.0);
             eprintln!("{arch:?} {what}: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
-            assert!(
-                d <= 1e-4 * scale,
-                "{arch:?} {what}: max |diff| {d} > 1e-4 x {scale}"
-            );
-        }
-    }
-}
-
-/// The fused inference kernels on CUDA (rms_norm, rope, softmax_last_dim) against the CPU's
-/// differentiable path, with slots in every layer.
-#[test]
-fn f32_fused_inference_on_cuda_matches_cpu() {
-    for (arch, seed) in [(Arch::Llama, 14), (Arch::Llama3, 15), (Arch::Mistral, 16)] {
-        let (_t, cpu, cuda) = sides(arch, seed);
-        for (what, c, g) in [
-            ("student", &cpu.student, &cuda.student),
-            ("teacher", &cpu.teacher, &cuda.teacher),
-        ] {
-            let lc = c.logits(&ids(&Device::Cpu)).unwrap();
-            let lg = g.infer(&ids(&cuda.dev)).unwrap();
-            let d = common::max_abs_diff(&lc, &lg);
-            let scale = common::max_abs(&lc).max(1.0);
-            eprintln!("{arch:?} {what} fused: max |cpu - cuda| {d:.3e} (max |logit| {scale:.2})");
             assert!(
                 d <= 1e-4 * scale,
                 "{arch:?} {what}: max |diff| {d} > 1e-4 x {scale}"
@@ -346,4 +324,147 @@ fn bench_runs_on_cuda_and_reports_memory() {
             assert!(r.phases_ms.contains_key("backward"));
         }
     }
+}
+
+/// Random uniform(-1, 1) tensor on the CPU.
+fn rnd(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs `f` on copies of `inputs` (as Vars of `dtype`) on `dev`; returns the output and the
+/// gradient of every input under the loss sum(out * r), all on the CPU in f32.
+fn run_op(
+    inputs: &[Tensor],
+    dev: &Device,
+    dtype: DType,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let r = rnd(out.dims(), 99)
+        .to_dtype(out.dtype())
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    let g = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let back = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let grads = ts
+        .iter()
+        .map(|t| back(g.get(t).expect("gradient")))
+        .collect();
+    (back(&out), grads)
+}
+
+fn compare_op(name: &str, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) {
+    let dev = gpu();
+    let (oc, gc) = run_op(inputs, &Device::Cpu, DType::F32, f);
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+        let (og, gg) = run_op(inputs, &dev, dtype, f);
+        let rel =
+            |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) / common::max_abs(b).max(1e-6);
+        let e = rel(&og, &oc);
+        eprintln!("{name} {dtype:?}: output rel {e:.2e}");
+        assert!(e < tol, "{name} {dtype:?}: output rel {e}");
+        for (i, (a, b)) in gg.iter().zip(&gc).enumerate() {
+            let e = rel(a, b);
+            eprintln!("{name} {dtype:?}: input {i} gradient rel {e:.2e}");
+            assert!(
+                e < tol * 2.0,
+                "{name} {dtype:?}: input {i} gradient rel {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ops_on_cuda_match_cpu() {
+    use eabfit::ops::attention::{attention, mask, Spec};
+    use eabfit::ops::{kl, linear, norm, rope};
+    // attention: slot as key 0, GQA 8/2, window, first token hidden, 37 queries in blocks of 16
+    let (b, h, kv, t, hd) = (2, 8, 2, 37, 64);
+    for (slots, window, hide_first) in [(1, None, true), (1, Some(9), false), (0, Some(5), false)] {
+        let s = t + slots;
+        let spec = Spec {
+            slots,
+            window,
+            hide_first,
+            block: 16,
+        };
+        let f = move |x: &[Tensor]| {
+            let m = mask(t, s, &spec, x[0].dtype(), x[0].device()).unwrap();
+            attention(&x[0], &x[1], &x[2], &m, &spec, false).unwrap().0
+        };
+        let inputs = [
+            rnd(&[b, h, t, hd], 1),
+            rnd(&[b, kv, s, hd], 2),
+            rnd(&[b, kv, s, hd], 3),
+        ];
+        compare_op(
+            &format!("attention slots {slots} window {window:?} hide {hide_first}"),
+            &inputs,
+            &f,
+        );
+    }
+    compare_op("rms_norm", &[rnd(&[3, 5, 96], 4), rnd(&[96], 5)], &|x| {
+        norm::rms_norm(&x[0], &x[1], 1e-5).unwrap()
+    });
+    let ang = rnd(&[t, hd / 2], 6);
+    compare_op("rope", &[rnd(&[b, h, t, hd], 7)], &move |x| {
+        let dt = x[0].dtype();
+        let dev = x[0].device();
+        let c = ang
+            .cos()
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let sn = ang
+            .sin()
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        rope::rope(&x[0], &c, &sn).unwrap()
+    });
+    compare_op("linear", &[rnd(&[40, 96], 8)], &|x| {
+        let w = rnd(&[24, 96], 9)
+            .to_dtype(x[0].dtype())
+            .unwrap()
+            .to_device(x[0].device())
+            .unwrap();
+        linear::linear(&x[0], &w).unwrap()
+    });
+    compare_op("kl", &[rnd(&[2, 9, 32], 10)], &|x| {
+        let dev = x[0].device();
+        let dt = x[0].dtype();
+        let ht = rnd(&[2, 9, 32], 11)
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let w = (rnd(&[300, 32], 12) * 3.0)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        kl::kl_chunked(&x[0], &ht, &w, 1.0, 5)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    });
 }

@@ -10,7 +10,7 @@
 //! - [`linear`]: a frozen projection whose backward returns only the input gradient.
 //! - [`attention`]: causal / sliding-window attention over [slot; tokens], GQA, blocked over
 //!   queries; keeps only its output for the backward pass.
-//! - [`norm`]: RMSNorm.
+//! - [`norm`]: RMSNorm, computed by a fused kernel with a recomputing backward.
 //! - [`rope`]: rotate-half rotary embedding; its backward is the inverse rotation.
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
 
