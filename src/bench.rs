@@ -158,6 +158,9 @@ pub struct BenchArgs {
     /// No EAB slots (LoRA only)
     #[arg(long)]
     pub no_eab: bool,
+    /// Recompute each decoder block in the backward pass (train.recompute)
+    #[arg(long)]
+    pub recompute: bool,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
@@ -217,6 +220,8 @@ pub struct BenchReport {
     /// Per-phase times of the last warm-up step, each closed by a synchronisation (ms).
     pub phases_ms: BTreeMap<String, f64>,
     pub keep_pool: bool,
+    /// Blocks recomputed in the backward pass (`--recompute`).
+    pub recompute: bool,
     pub event_tracking: bool,
     pub setup_s: f64,
 }
@@ -376,6 +381,7 @@ struct Bench {
     seq: usize,
     seed: u64,
     lr: f64,
+    recompute: bool,
     set: AdapterSet,
     /// Train mode: the frozen base with no adapters.
     teacher: Option<Model>,
@@ -409,7 +415,11 @@ impl Bench {
         let ids = self.ids(step)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let loss = {
-            let (last, _) = self.student.forward_trunk(&ids, &Taps::default())?;
+            let taps = Taps {
+                recompute: self.recompute,
+                ..Default::default()
+            };
+            let (last, _) = self.student.forward_trunk(&ids, &taps)?;
             ph.mark("student_forward", &dev)?;
             let (t_last, _) = teacher.forward_trunk(&ids, &Taps::default())?;
             ph.mark("teacher_forward", &dev)?;
@@ -511,6 +521,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         seq,
         seed: args.seed,
         lr: args.lr,
+        recompute: args.recompute,
         set,
         teacher,
         student,
@@ -610,6 +621,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         phases_ms: phases,
         keep_pool: args.keep_pool,
         event_tracking: cuda.event_tracking,
+        recompute: args.recompute,
         setup_s,
     })
 }

@@ -8,10 +8,12 @@
 
 use crate::adapters::{Adapters, EabSlot, Lora};
 use crate::ops::attention::{self, Spec};
+use crate::ops::recompute::{recompute, BlockFn};
 use crate::ops::{linear::linear, norm::rms_norm, rope::rope};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -186,6 +188,10 @@ pub struct Taps {
     pub first_kv: bool,
     /// Entries of layer outputs to overwrite in flight (the paper's interventions).
     pub edits: Vec<Edit>,
+    /// Keep only each block's input for the backward pass and run the block again there
+    /// (activation recomputation; blocks with LoRA are kept whole). Only `hidden` combines
+    /// with it.
+    pub recompute: bool,
 }
 
 /// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
@@ -402,6 +408,7 @@ impl Attention {
 }
 
 /// The additive masks of one forward pass: one for layers without a slot, one for layers with.
+#[derive(Clone)]
 struct Masks {
     plain: Option<Tensor>,
     slot: Option<Tensor>,
@@ -485,6 +492,35 @@ impl Block {
                 .mlp
                 .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
         Ok((x, attn))
+    }
+
+    fn lora_free(&self) -> bool {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .all(|l| l.lora.is_none())
+    }
+
+    /// The block through [`recompute`]: its slot (the only trainable tensors of a LoRA-free
+    /// block) goes in as the op's parameters.
+    fn recomputed(&self, x: &Tensor, rope: &Rope, masks: &Masks) -> CResult<Tensor> {
+        let (block, rope, masks) = (self.clone(), rope.clone(), masks.clone());
+        let params = match &self.self_attn.slot {
+            Some(s) => vec![s.k.clone(), s.v.clone()],
+            None => vec![],
+        };
+        let f: BlockFn =
+            Arc::new(move |x: &Tensor| Ok(block.forward(x, &rope, &masks, &Taps::default())?.0));
+        recompute(f, x, &params)
     }
 }
 
@@ -603,7 +639,17 @@ impl Model {
             attn: vec![],
             first_kv: vec![],
         };
+        if taps.recompute && (taps.attn || taps.first_kv || !taps.edits.is_empty()) {
+            candle_core::bail!("recompute combines with the hidden-state tap only");
+        }
         for (i, layer) in self.layers.iter().enumerate() {
+            if taps.recompute && layer.lora_free() {
+                x = layer.recomputed(&x, &self.rope, &masks)?;
+                if taps.hidden {
+                    out.hidden.push(x.clone());
+                }
+                continue;
+            }
             let (h, attn) = layer.forward(&x, &self.rope, &masks, taps)?;
             x = apply_edits(&h, i, &taps.edits)?;
             if taps.hidden {

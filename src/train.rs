@@ -256,6 +256,7 @@ fn losses(
         ids,
         &Taps {
             hidden: ma_on,
+            recompute: r.train.recompute,
             ..Default::default()
         },
     )?;

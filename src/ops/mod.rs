@@ -13,11 +13,13 @@
 //! - [`norm`]: RMSNorm, computed by a fused kernel with a recomputing backward.
 //! - [`rope`]: rotate-half rotary embedding; its backward is the inverse rotation.
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
+//! - [`recompute`]: activation recomputation of a decoder block.
 
 pub mod attention;
 pub mod kl;
 pub mod linear;
 pub mod norm;
+pub mod recompute;
 pub mod rope;
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
