@@ -56,7 +56,7 @@ impl Given {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> CResult<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
+        use candle_core::backend::{BackendDevice, BackendStorage};
         let t = self.take()?.contiguous()?;
         let (s, l) = t.storage_and_layout();
         match &*s {
