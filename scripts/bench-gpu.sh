@@ -166,7 +166,8 @@ declare -A fit
 retry=()
 for c in $cases; do
   IFS=: read -r shape mode seq cb <<< "$c"
-  bench_case "$shape" "$mode" "$seq" "${cb:+${cb//,/ }}${cb:-$batches}"
+  bl=${cb//,/ }
+  bench_case "$shape" "$mode" "$seq" "${bl:-$batches}"
   fit[$c]=$CASE_FIT
   if [ -z "$CASE_FIT" ] && [ "$mode" = train ] && [ "$seq" -ge "${BENCH_RETRY_MIN_SEQ:-1024}" ]; then retry+=("$shape:$mode:$(( seq / 2 ))"); fi
 done
