@@ -86,7 +86,7 @@ impl Tok {
 
     /// A byte-level BPE (`tokenizer.ggml.model = gpt2`) built from the GGUF metadata.
     pub(super) fn from_gguf(path: &Path, md: &HashMap<String, gguf_file::Value>) -> Result<Self> {
-        let err = |msg: String| Error::file(path, msg);
+        let err = |msg: String| Error::file(path, crate::error::escape_controls(&msg));
         let get = |k: &str| {
             md.get(k)
                 .ok_or_else(|| err(format!("missing metadata `{k}`")))
