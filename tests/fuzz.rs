@@ -21,6 +21,16 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// CI runs the counts as written; `EABFIT_FUZZ_SCALE=K` runs K times as many (new seeds too)
+/// for a deeper search by hand.
+fn scaled(n: usize) -> usize {
+    let k: usize = std::env::var("EABFIT_FUZZ_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    n * k.max(1)
+}
+
 /// A case that takes longer than this counts as a hang (the slowest real ones take ~50 ms).
 const CASE_LIMIT: Duration = Duration::from_secs(20);
 
@@ -659,7 +669,7 @@ fn fuzz_gguf_headers_and_metadata() {
     };
     write_gguf(&clean, &gguf_metadata(&cfg), &gguf_tensors(&cfg));
     open_and_run(&clean).unwrap();
-    let rejected = drive("gguf", 1200, move |i| {
+    let rejected = drive("gguf", scaled(1200), move |i| {
         let path = gguf_case(&root, i);
         let r = open_and_run(&path);
         let _ = std::fs::remove_file(&path);
@@ -680,7 +690,7 @@ fn fuzz_safetensors_headers_config_and_tokenizer() {
     let base = root.path().to_path_buf();
     let hf = std::sync::Arc::new(hf);
     let h = hf.clone();
-    drive("safetensors", 900, move |i| {
+    drive("safetensors", scaled(900), move |i| {
         let mut rng = rng_for("safetensors", i);
         let dir = base.join(format!("st-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -692,7 +702,7 @@ fn fuzz_safetensors_headers_config_and_tokenizer() {
     });
     let base = root.path().to_path_buf();
     let h = hf.clone();
-    drive("config.json", 800, move |i| {
+    drive("config.json", scaled(800), move |i| {
         let mut rng = rng_for("config", i);
         let dir = base.join(format!("cfg-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -704,7 +714,7 @@ fn fuzz_safetensors_headers_config_and_tokenizer() {
     });
     let base = root.path().to_path_buf();
     let h = hf.clone();
-    drive("tokenizer.json", 700, move |i| {
+    drive("tokenizer.json", scaled(700), move |i| {
         let mut rng = rng_for("tokenizer", i);
         let dir = base.join(format!("tok-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -745,7 +755,7 @@ fn fuzz_adapter_folders() {
     let base = ckpt.base(DType::F32, &Device::Cpu).unwrap();
     let base = std::sync::Arc::new(std::sync::Mutex::new(base));
     let root_path = root.path().to_path_buf();
-    drive("adapter", 800, move |i| {
+    drive("adapter", scaled(800), move |i| {
         let mut rng = rng_for("adapter", i);
         let dir = root_path.join(format!("ad-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -888,7 +898,7 @@ fn mutate_overrides(rng: &mut StdRng, fields: &[String]) -> Vec<String> {
 fn fuzz_recipes_and_overrides() {
     quiet_backtraces();
     eabfit::recipe::parse_str(TINY_RECIPE, "tiny.yaml", &[]).unwrap();
-    drive("recipe", 900, |i| {
+    drive("recipe", scaled(900), |i| {
         let mut rng = rng_for("recipe", i);
         let text = mutate_recipe(&mut rng);
         let origin = format!("fuzz-{i}.yaml");
@@ -900,7 +910,7 @@ fn fuzz_recipes_and_overrides() {
             .map_err(|e| (e.to_string(), origin))
     });
     let fields = eabfit::recipe::field_paths();
-    drive("overrides", 800, move |i| {
+    drive("overrides", scaled(800), move |i| {
         let mut rng = rng_for("overrides", i);
         let ov = mutate_overrides(&mut rng, &fields);
         let origin = format!("fuzz-{i}.yaml");
@@ -966,7 +976,7 @@ fn fuzz_through_the_binary() {
     let mut bad = vec![];
     let start = Instant::now();
     let mut n = 0;
-    for i in 0..60 {
+    for i in 0..scaled(60) {
         let path = gguf_case(root.path(), 100_000 + i);
         let (code, err) =
             run_bounded(&["info".into(), "--model".into(), path.display().to_string()]);
@@ -979,7 +989,7 @@ fn fuzz_through_the_binary() {
         );
         n += 1;
     }
-    for i in 0..45 {
+    for i in 0..scaled(45) {
         let mut rng = rng_for("cli-hf", i);
         let dir = root.path().join(format!("hf-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1013,7 +1023,7 @@ fn fuzz_through_the_binary() {
         n += 1;
     }
     let fields = eabfit::recipe::field_paths();
-    for i in 0..45 {
+    for i in 0..scaled(45) {
         let mut rng = rng_for("cli-recipe", i);
         let recipe = root.path().join(format!("r-{i}.yaml"));
         // The model path never exists, so an accepted recipe ends at the model, named.

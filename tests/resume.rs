@@ -58,13 +58,32 @@ fn train_cmd(out: &Path) -> Command {
     c
 }
 
-fn reference() -> &'static PathBuf {
-    static R: OnceLock<PathBuf> = OnceLock::new();
+/// The uninterrupted run, and how long it ran after its first checkpoint appeared (the
+/// window the seeded real kills aim into).
+fn reference() -> &'static (PathBuf, Duration) {
+    static R: OnceLock<(PathBuf, Duration)> = OnceLock::new();
     R.get_or_init(|| {
         let out = fixture().root.path().join("reference");
-        let o = train_cmd(&out).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        out
+        let mut child = train_cmd(&out).stderr(Stdio::null()).spawn().unwrap();
+        let first = out.join("checkpoints/step-000002/state.json");
+        let t0 = Instant::now();
+        let mut seen = None;
+        let status = loop {
+            if seen.is_none() && first.is_file() {
+                seen = Some(Instant::now());
+            }
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "reference run hangs"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        assert!(status.success(), "reference run failed");
+        let span = seen.map_or(Duration::ZERO, |t| t.elapsed());
+        (out, span)
     })
 }
 
@@ -72,8 +91,9 @@ fn reference() -> &'static PathBuf {
 enum Kill {
     /// SIGKILL from inside at the Nth pass of a named point.
     At(&'static str, usize),
-    /// SIGKILL from here, this long after the first checkpoint appeared.
-    After(Duration),
+    /// SIGKILL from here, this fraction of the reference's post-checkpoint span after the
+    /// first checkpoint appeared.
+    After(f64),
 }
 
 /// The 20 points, drawn with a fixed seed. Only points after the first checkpoint (step 2)
@@ -90,7 +110,7 @@ fn kill_points() -> Vec<Kill> {
     pool.extend((1..=2).map(|n| Kill::At("logged", n)));
     pool.shuffle(&mut rng);
     let mut points: Vec<Kill> = pool.into_iter().take(14).collect();
-    points.extend((0..6).map(|_| Kill::After(Duration::from_millis(rng.gen_range(0..400)))));
+    points.extend((0..6).map(|_| Kill::After(rng.gen_range(0.0..1.0))));
     points
 }
 
@@ -109,7 +129,8 @@ fn kill_run(out: &Path, kill: Kill) {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
-        Kill::After(delay) => {
+        Kill::After(frac) => {
+            let delay = reference().1.mul_f64(frac);
             let mut child = train_cmd(out).stderr(Stdio::null()).spawn().unwrap();
             let first = out.join("checkpoints/step-000002/state.json");
             let t0 = Instant::now();
@@ -122,7 +143,8 @@ fn kill_run(out: &Path, kill: Kill) {
             std::thread::sleep(delay);
             // The run may have finished already; resuming a finished run must change nothing.
             let _ = child.kill();
-            child.wait().unwrap();
+            let status = child.wait().unwrap();
+            eprintln!("{kill:?}: delay {delay:?}, {status:?}");
         }
     }
 }
@@ -247,7 +269,7 @@ fn assert_same(case: &str, a: &Path, b: &Path) {
 }
 
 fn run_cases(which: std::ops::Range<usize>) {
-    let reference = reference();
+    let reference = &reference().0;
     for (i, kill) in kill_points().into_iter().enumerate() {
         if !which.contains(&i) {
             continue;
@@ -296,7 +318,7 @@ fn the_twenty_points_cover_every_phase() {
 
 #[test]
 fn a_run_killed_twice_still_ends_bit_exact() {
-    let reference = reference();
+    let reference = &reference().0;
     let out = fixture().root.path().join("twice");
     kill_run(&out, Kill::At("checkpoint", 2));
     // The first resume dies too, inside a step after its own checkpoint.

@@ -1,7 +1,7 @@
 //! GGUF files of the `llama` architecture (LLaMA and Mistral), dequantized at load and renamed
 //! into the Hugging Face layout, so that one model file serves every source.
 
-use super::{Checkpoint, Format, Tok, Weights};
+use super::{gguf_check, Checkpoint, Format, Tok, Weights};
 use crate::model::Config;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
@@ -14,8 +14,11 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     // message stays one line.
     let err = |msg: String| Error::file(path, crate::error::escape_controls(&msg));
     let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
+    gguf_check::alignment(&mut file).map_err(|e| err(format!("not a readable GGUF: {e}")))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| err(format!("not a readable GGUF: {e}")))?;
+    gguf_check::tensors(&content, file_len).map_err(err)?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")

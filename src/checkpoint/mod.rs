@@ -3,6 +3,7 @@
 //! Hugging Face layout, and a [`Tok`]enizer.
 
 mod gguf;
+mod gguf_check;
 mod hf;
 mod tokenizer;
 
