@@ -164,9 +164,9 @@ fn mutate_bytes(rng: &mut StdRng, b: &mut Vec<u8>, region: std::ops::Range<usize
             let width = if rng.gen_bool(0.5) { 8 } else { 4 };
             let i = at(rng);
             let v = extreme_u64(rng).to_le_bytes();
-            for k in 0..width {
+            for (k, &byte) in v.iter().enumerate().take(width) {
                 if let Some(x) = b.get_mut(i + k) {
-                    *x = v[k];
+                    *x = byte;
                 }
             }
         }
