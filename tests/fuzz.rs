@@ -669,6 +669,11 @@ fn fuzz_gguf_headers_and_metadata() {
     };
     write_gguf(&clean, &gguf_metadata(&cfg), &gguf_tensors(&cfg));
     open_and_run(&clean).unwrap();
+    // And without the optional keys (llama.cpp writes `general.alignment` only sometimes).
+    let mut md = gguf_metadata(&cfg);
+    md.retain(|(k, _)| k != "general.alignment" && k != "tokenizer.ggml.token_type");
+    write_gguf(&clean, &md, &gguf_tensors(&cfg));
+    open_and_run(&clean).unwrap();
     let rejected = drive("gguf", scaled(1200), move |i| {
         let path = gguf_case(&root, i);
         let r = open_and_run(&path);

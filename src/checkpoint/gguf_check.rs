@@ -7,14 +7,13 @@ use candle_core::quantized::gguf_file::Content;
 use std::io::{Read, Seek, SeekFrom};
 
 /// `general.alignment` must not be zero; found by walking the metadata without keeping it.
-/// Any other defect stops the walk quietly: candle's reader reports it.
+/// Any other defect stops the walk quietly: candle's reader reports it. Leaves `r` at the
+/// start, where candle's reader begins.
 pub(super) fn alignment(r: &mut (impl Read + Seek)) -> Result<(), String> {
-    let Some(found) = walk_for_alignment(r) else {
-        return Ok(());
-    };
+    let found = walk_for_alignment(r);
     r.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     match found {
-        0 => Err("metadata `general.alignment` is 0".into()),
+        Some(0) => Err("metadata `general.alignment` is 0".into()),
         _ => Ok(()),
     }
 }
@@ -171,7 +170,7 @@ mod tests {
     use candle_core::{Device, Tensor};
     use std::io::Cursor;
 
-    fn file(alignment: u32) -> Vec<u8> {
+    fn file(alignment: Option<u32>) -> Vec<u8> {
         let t = QTensor::quantize(
             &Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
             GgmlDType::F32,
@@ -179,34 +178,37 @@ mod tests {
         .unwrap();
         let name = gguf_file::Value::String("llama".into());
         let tokens = gguf_file::Value::Array(vec![gguf_file::Value::String("a".into())]);
-        let align = gguf_file::Value::U32(alignment);
+        let align = gguf_file::Value::U32(alignment.unwrap_or(32));
+        let mut md = vec![
+            ("general.architecture", &name),
+            ("tokenizer.ggml.tokens", &tokens),
+        ];
+        if alignment.is_some() {
+            md.push(("general.alignment", &align));
+        }
         let mut c = Cursor::new(vec![]);
-        gguf_file::write(
-            &mut c,
-            &[
-                ("general.architecture", &name),
-                ("tokenizer.ggml.tokens", &tokens),
-                ("general.alignment", &align),
-            ],
-            &[("w", &t)],
-        )
-        .unwrap();
+        gguf_file::write(&mut c, &md, &[("w", &t)]).unwrap();
         c.into_inner()
     }
 
     #[test]
     fn zero_alignment_is_found_behind_other_metadata() {
-        assert!(alignment(&mut Cursor::new(file(32))).is_ok());
-        let msg = alignment(&mut Cursor::new(file(0))).unwrap_err();
+        let msg = alignment(&mut Cursor::new(file(Some(0)))).unwrap_err();
         assert!(msg.contains("general.alignment"), "{msg}");
+        // Files that pass are left at the start for candle, which then reads them whole.
+        for ok in [file(Some(32)), file(None)] {
+            let mut c = Cursor::new(ok);
+            alignment(&mut c).unwrap();
+            assert_eq!(Content::read(&mut c).unwrap().tensor_infos.len(), 1);
+        }
         // Truncated or foreign files are candle's to report.
-        assert!(alignment(&mut Cursor::new(file(0)[..40].to_vec())).is_ok());
+        assert!(alignment(&mut Cursor::new(file(Some(0))[..40].to_vec())).is_ok());
         assert!(alignment(&mut Cursor::new(b"not a gguf".to_vec())).is_ok());
     }
 
     #[test]
     fn tensor_sizes_are_checked_against_the_file() {
-        let b = file(32);
+        let b = file(Some(32));
         let content = Content::read(&mut Cursor::new(&b)).unwrap();
         assert!(tensors(&content, b.len() as u64).is_ok());
         let msg = tensors(&content, b.len() as u64 - 1).unwrap_err();
