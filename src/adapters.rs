@@ -255,22 +255,33 @@ impl AdapterSet {
                 ));
             }
         }
+        let n = cfg.num_hidden_layers;
+        for (field, layers) in [
+            ("eab_layers", &meta.eab_layers),
+            ("lora_layers", &meta.lora_layers),
+        ] {
+            if let Some(l) = layers.iter().find(|&&l| l >= n) {
+                return Err(Error::file(
+                    &meta_path,
+                    format!("{field}: layer {l} does not exist (num_hidden_layers {n})"),
+                ));
+            }
+        }
         let st_path = dir.join("adapter.safetensors");
         let mut ts = candle_core::safetensors::load(&st_path, device)
             .map_err(|e| Error::file(&st_path, e))?;
-        let template = Self::new(meta.clone(), SlotInit::Zeros, 0.0, 0, &Device::Cpu)?;
+        // Shapes are checked before anything is allocated from the (untrusted) config.
         let mut vars = BTreeMap::new();
-        for (name, t0) in template.vars {
+        for (name, dims) in meta.shapes().map_err(|e| Error::file(&meta_path, e))? {
             let t = ts
                 .remove(&name)
                 .ok_or_else(|| Error::file(&st_path, format!("missing tensor `{name}`")))?;
-            if t.dims() != t0.dims() {
+            if t.dims() != dims {
                 return Err(Error::file(
                     &st_path,
                     format!(
-                        "tensor `{name}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        t0.dims()
+                        "tensor `{name}` has shape {:?}, expected {dims:?}",
+                        t.dims()
                     ),
                 ));
             }
@@ -301,6 +312,25 @@ impl AdapterMeta {
             }
         }
         v
+    }
+
+    /// Name and shape of every tensor [`AdapterSet::new`] makes for this meta.
+    fn shapes(&self) -> std::result::Result<Vec<(String, Vec<usize>)>, String> {
+        let mut v = vec![];
+        for &layer in &self.eab_layers {
+            let (k, val) = slot_names(layer);
+            v.push((k, vec![self.n_kv_heads, self.head_dim]));
+            v.push((val, vec![self.n_kv_heads, self.head_dim]));
+        }
+        for (prefix, short) in self.lora_prefixes() {
+            let (inp, out) = self
+                .target_dims(&short)
+                .ok_or_else(|| format!("unknown LoRA target `{short}`"))?;
+            let (a, b) = lora_names(&prefix);
+            v.push((a, vec![self.lora_rank, inp]));
+            v.push((b, vec![out, self.lora_rank]));
+        }
+        Ok(v)
     }
 
     /// (in, out) features of a target projection.

@@ -655,15 +655,11 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let report = match run(args) {
         Ok(r) => r,
         Err(e) => {
-            let msg = e.to_string();
-            if msg.contains("OUT_OF_MEMORY") || msg.to_lowercase().contains("out of memory") {
-                eprintln!(
-                    "error: out of memory: {} {} batch {} seq {}: {msg}",
-                    args.shape.name(),
-                    args.mode.name(),
-                    args.batch,
-                    args.seq.unwrap_or(args.shape.default_seq())
-                );
+            if crate::error::is_out_of_memory(&e) {
+                let what = format!("bench {} {}", args.shape.name(), args.mode.name());
+                let seq = args.seq.unwrap_or(args.shape.default_seq());
+                let e = crate::error::explain_oom(e, &what, args.batch, seq, "--batch or --seq");
+                eprintln!("error: {e}");
                 std::process::exit(3);
             }
             return Err(e);

@@ -198,7 +198,12 @@ pub fn scan_cmd(args: &ScanArgs) -> Result<()> {
         &windows,
         rule,
         &ckpt.source.display().to_string(),
-    )?;
+    )
+    .map_err(|e| {
+        // Windows run one at a time, so only their length sets the memory.
+        let lower = "--seq-len";
+        crate::error::explain_oom(e, "scan", 1, windows.width(), lower)
+    })?;
     let secs = start.elapsed().as_secs_f64();
     print!("{}", report.table());
     println!(

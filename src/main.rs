@@ -48,6 +48,14 @@ fn main() {
         std::env::set_var("RUST_BACKTRACE", "0");
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    quiet_on_broken_pipe();
+    // A write past `ulimit -f` then fails with EFBIG, which names the file, instead of the
+    // signal killing the process half-way through a checkpoint.
+    #[cfg(unix)]
+    // Safety: setting a signal's disposition to "ignore" at startup, before any threads.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info(a) => commands::info(a),
@@ -66,4 +74,22 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(if e.is_usage() { 2 } else { 1 });
     }
+}
+
+/// `eabfit info | head -1`: once the reader has gone, the next print fails with EPIPE and
+/// `println!` panics; end quietly with success there, as `head`'s other writers do.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }

@@ -1,28 +1,83 @@
 //! TensorBoard logging for one training run, plus an independent reader of the event files.
 //!
-//! `RunLogger` writes through tensorboard-rs and mirrors every scalar to `scalars.jsonl` so
-//! scripts can read figures without TensorBoard. `read_scalars` parses the event files itself
-//! (TFRecord framing + a minimal protobuf decoder) so tests and `verify` do not have to trust
-//! the writer they are checking.
+//! `RunLogger` writes the event file itself (TFRecord framing around hand-encoded `Event`
+//! protos), synchronously, and mirrors every scalar to `scalars.jsonl` so scripts can read
+//! figures without TensorBoard. Writing synchronously is what makes resume exact: a checkpoint
+//! records how many bytes of both files were on disk ([`LogMark`]), and a resumed run cuts them
+//! back to that length before it goes on, so the steps it repeats are not logged twice
+//! (TensorBoard would draw them as a zig-zag). `read_scalars` parses the event files with its
+//! own decoder and is checked against files tensorboard-rs writes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tensorboard_rs::summary_writer::SummaryWriter;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
 const EVENT_PREFIX: &str = "events.out.tfevents.";
 
+/// How far a run's logs had got when a checkpoint was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMark {
+    /// The event file's name inside the log folder.
+    pub event_file: String,
+    pub event_bytes: u64,
+    pub jsonl_bytes: u64,
+}
+
 pub struct RunLogger {
-    dir: PathBuf,
-    // `None` once the writer thread has died: dropping it would panic again, so it is leaked.
-    tb: Option<SummaryWriter>,
-    jsonl: BufWriter<File>,
-    jsonl_path: PathBuf,
+    events: Appender,
+    jsonl: Appender,
+}
+
+/// A file we only append to, knowing its length without asking the filesystem.
+struct Appender {
+    path: PathBuf,
+    out: BufWriter<File>,
+    len: u64,
+}
+
+impl Appender {
+    /// Opens `path` for appending, first cutting it to `keep` bytes when given.
+    fn open(path: &Path, keep: Option<u64>, create_new: bool) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(!create_new)
+            .create_new(create_new)
+            .append(true)
+            .open(path)?;
+        let mut len = file.metadata()?.len();
+        if let Some(k) = keep {
+            if len < k {
+                return Err(std::io::Error::other(format!(
+                    "holds {len} bytes, fewer than the {k} the checkpoint saw: it changed since"
+                )));
+            }
+            file.set_len(k)?;
+            len = k;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            len,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::file(&self.path, format!("write failed: {e}")))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| Error::file(&self.path, format!("write failed: {e}")))
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -34,103 +89,157 @@ struct JsonLine<'a> {
 }
 
 impl RunLogger {
-    /// Opens (or creates) a run folder. An existing `scalars.jsonl` is appended to, so a
-    /// resumed run keeps its history; TensorBoard gets a new event file either way.
+    /// Opens (or creates) a run folder with a new event file. An existing `scalars.jsonl` is
+    /// appended to.
     pub fn create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)
             .map_err(|e| Error::file(dir, format!("cannot create run folder: {e}")))?;
-        // Opening the mirror first also proves the folder is writable: tensorboard-rs creates
-        // its file on a background thread and can only panic if that fails.
-        let jsonl_path = dir.join("scalars.jsonl");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&jsonl_path)
-            .map_err(|e| Error::file(&jsonl_path, format!("cannot open: {e}")))?;
-        wait_for_unused_event_name(dir)?;
-        let tb = catch_unwind(|| SummaryWriter::new(dir))
-            .map_err(|_| Error::file(dir, "tensorboard-rs could not start an event writer"))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            tb: Some(tb),
-            jsonl: BufWriter::new(file),
-            jsonl_path,
-        })
-    }
-
-    /// TensorBoard stores scalars as f32; the JSON mirror keeps the full f64.
-    pub fn scalar(&mut self, tag: &str, value: f64, step: usize) -> Result<()> {
-        serde_json::to_writer(&mut self.jsonl, &JsonLine { tag, step, value })
-            .map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
-        writeln!(self.jsonl)
-            .map_err(|e| Error::file(&self.jsonl_path, format!("write failed: {e}")))?;
-        self.with_tb(|w| w.add_scalar(tag, value as f32, step))
-    }
-
-    /// The JSON mirror is on disk when this returns; tensorboard-rs only *asks* its writer
-    /// thread to flush, so event records may land a moment later. Use `close` to be certain.
-    pub fn flush(&mut self) -> Result<()> {
-        self.jsonl
-            .flush()
-            .map_err(|e| Error::file(&self.jsonl_path, format!("flush failed: {e}")))?;
-        self.with_tb(|w| w.flush())
-    }
-
-    /// Flushes both files and joins the event writer thread, so every record is on disk.
-    pub fn close(mut self) -> Result<()> {
-        self.flush()?;
-        if let Some(tb) = self.tb.take() {
-            catch_unwind(AssertUnwindSafe(|| drop(tb))).map_err(|_| {
-                Error::file(&self.dir, "tensorboard event writer failed while closing")
-            })?;
-        }
-        Ok(())
-    }
-
-    // tensorboard-rs panics (rather than returning an error) when its writer thread has died,
-    // e.g. on a full disk; turn that into an error and stop using the writer.
-    fn with_tb(&mut self, f: impl FnOnce(&mut SummaryWriter)) -> Result<()> {
-        let tb = self.tb.as_mut().ok_or_else(|| {
-            Error::file(
-                &self.dir,
-                "tensorboard event writer stopped after an earlier failure",
-            )
-        })?;
-        if catch_unwind(AssertUnwindSafe(|| f(tb))).is_err() {
-            std::mem::forget(self.tb.take());
-            return Err(Error::file(
-                &self.dir,
-                "tensorboard event writer failed (see stderr)",
-            ));
-        }
-        Ok(())
-    }
-}
-
-// tensorboard-rs names its file `events.out.tfevents.<unix secs>.<host>.<pid>.0` and truncates
-// an existing one, so a second logger opened on the same folder within the same second by the
-// same process would silently erase the first. Wait for the clock to move past such a name.
-fn wait_for_unused_event_name(dir: &Path) -> Result<()> {
-    let suffix = format!(".{}.0", std::process::id());
-    loop {
+        let jsonl = open_jsonl(dir, None)?;
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let prefix = format!("{EVENT_PREFIX}{secs:010}.");
-        let taken = fs::read_dir(dir)
-            .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
-            .filter_map(|entry| entry.ok())
-            .any(|entry| {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with(&prefix) && name.ends_with(&suffix)
-            });
-        if !taken {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        // TensorBoard's own naming; the counter keeps two loggers of one process and second
+        // apart.
+        let mut n = 0;
+        let events = loop {
+            let name = format!(
+                "{EVENT_PREFIX}{secs:010}.{}.{}.{n}",
+                hostname(),
+                std::process::id()
+            );
+            match Appender::open(&dir.join(&name), None, true) {
+                Ok(a) => break a,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(Error::file(dir.join(&name), format!("cannot create: {e}"))),
+            }
+        };
+        let mut log = Self { events, jsonl };
+        let wall = wall_time();
+        log.events
+            .write(&record(&event(wall, 0, Body::FileVersion("brain.Event:2"))))?;
+        log.flush()?;
+        Ok(log)
     }
+
+    /// Reopens the logs of a run at a checkpoint's mark: both files are cut back to the
+    /// lengths they had when the checkpoint was written, and appended to from there.
+    pub fn resume(dir: &Path, mark: &LogMark) -> Result<Self> {
+        let path = dir.join(&mark.event_file);
+        let events = Appender::open(&path, Some(mark.event_bytes), false)
+            .map_err(|e| Error::file(&path, format!("cannot resume the event file: {e}")))?;
+        let jsonl = open_jsonl(dir, Some(mark.jsonl_bytes))?;
+        Ok(Self { events, jsonl })
+    }
+
+    /// TensorBoard stores scalars as f32; the JSON mirror keeps the full f64.
+    pub fn scalar(&mut self, tag: &str, value: f64, step: usize) -> Result<()> {
+        let mut line = serde_json::to_vec(&JsonLine { tag, step, value })
+            .map_err(|e| Error::file(&self.jsonl.path, format!("write failed: {e}")))?;
+        line.push(b'\n');
+        self.jsonl.write(&line)?;
+        let body = Body::Scalar(tag, value as f32);
+        self.events
+            .write(&record(&event(wall_time(), step as u64, body)))
+    }
+
+    /// Both files are on disk (in the page cache) when this returns.
+    pub fn flush(&mut self) -> Result<()> {
+        self.jsonl.flush()?;
+        self.events.flush()
+    }
+
+    /// Flushes and says how far the logs go, for a checkpoint to keep.
+    pub fn mark(&mut self) -> Result<LogMark> {
+        self.flush()?;
+        Ok(LogMark {
+            event_file: self
+                .events
+                .path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            event_bytes: self.events.len,
+            jsonl_bytes: self.jsonl.len,
+        })
+    }
+
+    pub fn close(mut self) -> Result<()> {
+        self.flush()
+    }
+}
+
+fn open_jsonl(dir: &Path, keep: Option<u64>) -> Result<Appender> {
+    let path = dir.join("scalars.jsonl");
+    Appender::open(&path, keep, false).map_err(|e| Error::file(&path, format!("cannot open: {e}")))
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn wall_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+enum Body<'a> {
+    FileVersion(&'a str),
+    Scalar(&'a str, f32),
+}
+
+// Event{wall_time=1 double, step=2 int64, file_version=3 string, summary=5 Summary{value=1
+// Value{tag=1 string, simple_value=2 float}}}, the fields the reader below decodes.
+fn event(wall: f64, step: u64, body: Body) -> Vec<u8> {
+    let mut e = vec![0x09];
+    e.extend(wall.to_le_bytes());
+    e.push(0x10);
+    put_varint(&mut e, step);
+    match body {
+        Body::FileVersion(v) => put_bytes(&mut e, 0x1a, v.as_bytes()),
+        Body::Scalar(tag, v) => {
+            let mut value = vec![];
+            put_bytes(&mut value, 0x0a, tag.as_bytes());
+            value.push(0x15);
+            value.extend(v.to_le_bytes());
+            let mut summary = vec![];
+            put_bytes(&mut summary, 0x0a, &value);
+            put_bytes(&mut e, 0x2a, &summary);
+        }
+    }
+    e
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
+    out.push(key);
+    put_varint(out, bytes.len() as u64);
+    out.extend(bytes);
+}
+
+/// TFRecord framing (see `read_records`).
+fn record(data: &[u8]) -> Vec<u8> {
+    let len = (data.len() as u64).to_le_bytes();
+    let mut r = Vec::with_capacity(data.len() + 16);
+    r.extend(len);
+    r.extend(masked_crc32c(&len).to_le_bytes());
+    r.extend(data);
+    r.extend(masked_crc32c(data).to_le_bytes());
+    r
 }
 
 /// Every simple-value scalar in the folder's `events.out.tfevents.*` files as (tag, step,
@@ -397,6 +506,58 @@ mod tests {
             assert_eq!(line["step"], step);
             assert_eq!(line["value"].as_f64(), Some(value));
         }
+    }
+
+    #[test]
+    fn event_files_of_tensorboard_rs_read_back() {
+        // The reader must not only agree with our writer: tensorboard-rs is an independent one.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = tensorboard_rs::summary_writer::SummaryWriter::new(dir.path());
+        for &(tag, step, value) in &WRITES {
+            w.add_scalar(tag, value as f32, step);
+        }
+        drop(w); // joins its writer thread
+        assert_eq!(read_scalars(dir.path()).unwrap(), expected(&WRITES));
+    }
+
+    #[test]
+    fn resuming_at_a_mark_drops_what_came_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RunLogger::create(dir.path()).unwrap();
+        for &(tag, step, value) in &WRITES[..3] {
+            log.scalar(tag, value, step).unwrap();
+        }
+        let mark = log.mark().unwrap();
+        // A run killed after the mark: some records, the last one torn.
+        log.scalar("loss/train", 99.0, 2).unwrap();
+        log.close().unwrap();
+        let path = dir.path().join(&mark.event_file);
+        let torn = fs::read(&path).unwrap();
+        fs::write(
+            &path,
+            [&torn[..], &torn[mark.event_bytes as usize..][..7]].concat(),
+        )
+        .unwrap();
+
+        let mut log = RunLogger::resume(dir.path(), &mark).unwrap();
+        for &(tag, step, value) in &WRITES[3..] {
+            log.scalar(tag, value, step).unwrap();
+        }
+        log.close().unwrap();
+        assert_eq!(read_scalars(dir.path()).unwrap(), expected(&WRITES));
+        let text = fs::read_to_string(dir.path().join("scalars.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), WRITES.len());
+        assert!(!text.contains("99"));
+
+        fs::write(&path, b"").unwrap();
+        let msg = RunLogger::resume(dir.path(), &mark)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains(&mark.event_file) && msg.contains("fewer"),
+            "{msg}"
+        );
     }
 
     #[test]

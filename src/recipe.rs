@@ -652,8 +652,11 @@ fn check_ablate_key(at: &str, key: &str, fields: &[String]) -> Result<(), String
 
 fn unknown_path(path: &str, fields: &[String]) -> String {
     match near_miss(path, fields.iter().map(String::as_str)) {
-        Some(best) => format!("unknown recipe field `{path}`; did you mean `{best}`?"),
-        None => format!("unknown recipe field `{path}`"),
+        Some(best) => format!(
+            "unknown recipe field `{}`; did you mean `{best}`?",
+            shown(path)
+        ),
+        None => format!("unknown recipe field `{}`", shown(path)),
     }
 }
 
@@ -697,7 +700,7 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
             .and_then(|pair| {
                 apply_overrides(&mut value, std::slice::from_ref(&pair)).map(|()| pair)
             })
-            .map_err(|e| usage(None, format!("override `{raw}`: {e}")))?;
+            .map_err(|e| usage(None, format!("override `{}`: {e}", shown(raw))))?;
         set.push((raw, pair.0));
     }
 
@@ -712,7 +715,7 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
                     .is_some_and(|rest| rest.starts_with('.'))
         });
         match by_override {
-            Some((raw, _)) => usage(None, format!("override `{raw}`: {msg}")),
+            Some((raw, _)) => usage(None, format!("override `{}`: {msg}", shown(raw))),
             None => usage(locate(text, keys), msg),
         }
     };
@@ -754,6 +757,11 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
         report(&keys, msg)
     })?;
     Ok(recipe)
+}
+
+/// An override as typed, with control characters escaped so the error stays one line.
+fn shown(raw: &str) -> String {
+    crate::error::escape_controls(raw)
 }
 
 fn parse_override(raw: &str) -> Result<(String, Value), String> {

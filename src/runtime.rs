@@ -7,6 +7,8 @@ use crate::{Error, Result};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
+pub use crate::fsio::{save_safetensors, write_atomic};
+
 /// The cache folder `scripts/fetch-assets.sh` fills: `$EABFIT_CACHE` or `./.cache/assets`.
 pub fn asset_dir() -> PathBuf {
     std::env::var_os("EABFIT_CACHE")
@@ -112,46 +114,4 @@ pub fn text_path(arg: &Option<PathBuf>) -> Result<PathBuf> {
             Ok(p)
         }
     }
-}
-
-/// Writes `body` to `path` through a temporary file in the same folder, so a kill mid-write
-/// never leaves a half file where the user expects a whole one.
-pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, body).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
-}
-
-/// Saves tensors as safetensors through a temporary file and a rename, readable by everyone
-/// like any other file we write (the safetensors writer creates its files owner-only).
-pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
-    tensors: &std::collections::HashMap<K, candle_core::Tensor>,
-    path: &std::path::Path,
-) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::file(&tmp, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::file(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
 }

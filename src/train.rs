@@ -9,9 +9,11 @@
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
 use crate::data::{read_text, Windows};
+use crate::fsio::replace_dir;
+use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
 use crate::memory::CudaKnobs;
-use crate::metrics::RunLogger;
+use crate::metrics::{LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
@@ -65,6 +67,14 @@ struct State {
     seed: u64,
     best: Option<EvalFigures>,
     step0: Option<EvalFigures>,
+    // What the summary needs from before a resume, and how far the logs had got: a resumed
+    // run cuts them back to here. Absent in checkpoints of older eabfit versions.
+    #[serde(default)]
+    last: Option<EvalFigures>,
+    #[serde(default)]
+    final_losses: BTreeMap<String, f64>,
+    #[serde(default)]
+    log: Option<LogMark>,
 }
 
 /// Everything a run needs, resolved from the recipe.
@@ -294,6 +304,7 @@ fn evaluate(
     for (w, teacher) in s.eval.ids.iter().zip(&s.teacher_eval_logits) {
         let ids = Tensor::new(w.as_slice(), &s.base.device)?.unsqueeze(0)?;
         let out = model.forward(&ids, &scan_taps())?;
+        point("eval");
         kl += scalar(&kl_to_teacher(&out.logits, teacher, 1.0)?)?;
         if !s.ma_layers.is_empty() {
             let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();
@@ -353,7 +364,8 @@ fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result
     log.flush()
 }
 
-/// Writes a checkpoint folder through a temporary sibling and a rename.
+/// Writes a checkpoint folder whole or not at all (an existing one stays until the new one
+/// is complete).
 fn save_checkpoint(
     dir: &Path,
     set: &AdapterSet,
@@ -361,21 +373,19 @@ fn save_checkpoint(
     state: &State,
     recipe_yaml: &str,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .ok_or_else(|| Error::file(dir, "no parent folder"))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    set.save(&tmp)?;
-    opt.save(&tmp.join("optim.safetensors"))?;
-    let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(&tmp, e))?;
-    write_atomic(&tmp.join("state.json"), st.as_bytes())?;
-    write_atomic(&tmp.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))
+    replace_dir(dir, |tmp| {
+        set.save(tmp)?;
+        point("checkpoint");
+        opt.save(&tmp.join("optim.safetensors"))?;
+        let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(dir, e))?;
+        write_atomic(&tmp.join("state.json"), st.as_bytes())?;
+        write_atomic(&tmp.join("recipe.yaml"), recipe_yaml.as_bytes())
+    })
+}
+
+/// Adapters alone (`best/`, `final/`), replaced whole.
+fn save_adapters(dir: &Path, set: &AdapterSet) -> Result<()> {
+    replace_dir(dir, |tmp| set.save(tmp))
 }
 
 /// The newest complete checkpoint under a run folder, or `dir` itself if it is one.
@@ -399,8 +409,26 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
 }
 
-/// Runs (or resumes) training; returns the run folder and its summary.
+/// Runs (or resumes) training; returns the run folder and its summary. Out of device memory
+/// is reported with the batch and sequence length that caused it.
 pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+    run(recipe, resume).map_err(|e| {
+        let lower = if recipe.train.recompute {
+            "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len"
+        } else {
+            "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len, or set train.recompute: true"
+        };
+        crate::error::explain_oom(
+            e,
+            "train",
+            recipe.data.batch_size,
+            recipe.data.seq_len,
+            lower,
+        )
+    })
+}
+
+fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     let r = recipe;
     let out_dir = PathBuf::from(&r.train.out_dir);
     let recipe_yaml = r.to_yaml();
@@ -431,7 +459,12 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         seed: r.train.seed,
         best: None,
         step0: None,
+        last: None,
+        final_losses: BTreeMap::new(),
+        log: None,
     };
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    let _lock = crate::lock::lock_dir(&out_dir)?;
     if let Some(dir) = resume {
         let ck = latest_checkpoint(dir)?;
         let loaded = AdapterSet::load(&ck, &s.ckpt.config, &device)?;
@@ -444,7 +477,6 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         opt.load(&ck.join("optim.safetensors"), state.step)?;
         eprintln!("resuming from {} at step {}", ck.display(), state.step);
     }
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
     let run_name = r.log.name.clone().unwrap_or_else(|| {
         out_dir
@@ -453,7 +485,14 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             .to_string_lossy()
             .into_owned()
     });
-    let mut log = RunLogger::create(&r.log.dir.join(&run_name))?;
+    let log_dir = r.log.dir.join(&run_name);
+    let mut log = match &state.log {
+        Some(mark) => RunLogger::resume(&log_dir, mark).or_else(|e| {
+            eprintln!("warning: {e}; logging to a new event file");
+            RunLogger::create(&log_dir)
+        })?,
+        None => RunLogger::create(&log_dir)?,
+    };
     let student = s.base.model(&set.adapters())?;
     // The base figures need the suppression term, whose target came from the base scan: one
     // more pass over the (few) eval windows.
@@ -461,7 +500,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
     if state.step0.is_none() {
         let (f0, rep0) = evaluate(r, &s, &student, 0)?;
         log_eval(&mut log, &f0, &rep0)?;
-        set.save(&out_dir.join("best"))?;
+        save_adapters(&out_dir.join("best"), &set)?;
         println!("base:   {}", one_line(&base_figures));
         println!("step 0: {}", one_line(&f0));
         state.best = Some(f0.clone());
@@ -480,8 +519,11 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
-    let mut last = state.step0.clone().unwrap_or(base_figures.clone());
-    let mut final_losses = BTreeMap::new();
+    let mut last = state
+        .last
+        .clone()
+        .or(state.step0.clone())
+        .unwrap_or(base_figures.clone());
     while state.step < total {
         let step = state.step;
         let lr = lr_at(step, o.lr, o.warmup_steps, total, o.min_lr_ratio);
@@ -498,6 +540,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             let ids = Tensor::from_vec(flat, (rows.len(), s.train.width()), &device)?; // (B, T)
             let (total_loss, hold, ma) = losses(r, &s, &student, &ids)?;
             let gs = (total_loss.clone() / o.grad_accum as f64)?.backward()?;
+            point("step");
             for (name, var) in &set.vars {
                 if let Some(g) = gs.get(var.as_tensor()) {
                     let g = match grads.remove(name) {
@@ -533,7 +576,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             log.scalar("train/grad_norm", grad_norm, state.step)?;
             log.scalar("train/tokens_per_s", tps, state.step)?;
         }
-        final_losses = BTreeMap::from([
+        state.final_losses = BTreeMap::from([
             ("loss".to_string(), l_tot),
             ("hold".to_string(), l_hold),
             ("ma".to_string(), l_ma),
@@ -547,15 +590,18 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             log_eval(&mut log, &f, &report)?;
             bar.suspend(|| eprintln!("step {}: {}", state.step, one_line(&f)));
             if state.best.as_ref().is_none_or(|b| f.score < b.score) {
-                set.save(&out_dir.join("best"))?;
+                save_adapters(&out_dir.join("best"), &set)?;
                 state.best = Some(f.clone());
             }
+            point("logged");
             last = f;
         }
         if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total {
             let ck = out_dir
                 .join("checkpoints")
                 .join(format!("step-{:06}", state.step));
+            state.last = Some(last.clone());
+            state.log = Some(log.mark()?);
             save_checkpoint(&ck, &set, &opt, &state, &recipe_yaml)?;
         }
     }
@@ -570,7 +616,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
             ", peak device memory {g:.1} GiB"
         ))
     );
-    set.save(&out_dir.join("final"))?;
+    save_adapters(&out_dir.join("final"), &set)?;
     let step0 = state.step0.clone().unwrap_or(base_figures.clone());
     let summary = Summary {
         best: state.best.clone().unwrap_or(step0.clone()),
@@ -583,7 +629,7 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
         tokens_per_s: tps,
         peak_gib,
         wall_s: start.elapsed().as_secs_f64(),
-        final_losses,
+        final_losses: state.final_losses.clone(),
     };
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;

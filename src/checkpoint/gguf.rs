@@ -1,7 +1,7 @@
 //! GGUF files of the `llama` architecture (LLaMA and Mistral), dequantized at load and renamed
 //! into the Hugging Face layout, so that one model file serves every source.
 
-use super::{Checkpoint, Format, Tok, Weights};
+use super::{gguf_check, Checkpoint, Format, Tok, Weights};
 use crate::model::Config;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
@@ -10,10 +10,15 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub(super) fn open(path: &Path) -> Result<Checkpoint> {
-    let err = |msg: String| Error::file(path, msg);
+    // Names inside a corrupt file can hold any bytes: escape control characters so that the
+    // message stays one line.
+    let err = |msg: String| Error::file(path, crate::error::escape_controls(&msg));
     let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
+    gguf_check::alignment(&mut file).map_err(|e| err(format!("not a readable GGUF: {e}")))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| err(format!("not a readable GGUF: {e}")))?;
+    gguf_check::tensors(&content, file_len).map_err(err)?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -43,7 +48,11 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         .tensor_infos
         .get("token_embd.weight")
         .ok_or_else(|| err("missing tensor `token_embd.weight`".into()))?;
-    let vocab_size = embd.shape.dims()[0];
+    let vocab_size = *embd
+        .shape
+        .dims()
+        .first()
+        .ok_or_else(|| err("tensor `token_embd.weight` has no dimensions".into()))?;
     let tie = !content.tensor_infos.contains_key("output.weight");
     let config = Config {
         model_type: Some(arch.clone()),
@@ -68,7 +77,10 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
             .and_then(|v| v.to_u32().ok())
             .map(Into::into),
     };
-    config.validate().map_err(err)?;
+    config
+        .validate()
+        .and_then(|()| super::check_limits(&config))
+        .map_err(err)?;
     let tokenizer = Tok::from_gguf(path, md)?;
     let hd = config.head_dim();
     let mut weights = HashMap::new();
@@ -85,12 +97,22 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         }
         let mut t = q
             .dequantize(&Device::Cpu)
-            .map_err(|e| err(format!("tensor `{name}`: {e}")))?
-            .to_dtype(DType::F32)?;
-        if name.ends_with("attn_q.weight") {
-            t = unpermute(&t, n_heads, hd)?;
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(n_heads)
         } else if name.ends_with("attn_k.weight") {
-            t = unpermute(&t, n_kv, hd)?;
+            Some(n_kv)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            t = unpermute(&t, heads, hd).map_err(|e| {
+                err(format!(
+                    "tensor `{name}` of shape {:?} does not fit {heads} heads of {hd}: {e}",
+                    t.dims()
+                ))
+            })?;
         }
         weights.insert(hf_name, t);
     }

@@ -3,6 +3,7 @@
 //! Hugging Face layout, and a [`Tok`]enizer.
 
 mod gguf;
+mod gguf_check;
 mod hf;
 mod tokenizer;
 
@@ -175,6 +176,7 @@ impl Checkpoint {
                 .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype_of(k))?)))
                 .collect::<Result<_>>()?,
         };
+        check_finite(&self.source, &tensors)?;
         let eab = match &self.eab {
             Some(e) => Some(self.take_slots(e, &mut tensors)?),
             None => None,
@@ -276,13 +278,54 @@ impl Base {
     }
 }
 
+/// A NaN or inf weight would surface as a NaN loss many steps later; name the tensor at load.
+/// `x * 0` is 0 for every finite x and NaN otherwise, so one sum per tensor finds it.
+fn check_finite(source: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        let probe = t
+            .affine(0.0, 0.0)
+            .and_then(|z| z.sum_all())
+            .and_then(|z| z.to_dtype(DType::F32))
+            .and_then(|z| z.to_scalar::<f32>())
+            .map_err(|e| Error::file(source, format!("tensor `{name}`: {e}")))?;
+        if !probe.is_finite() {
+            return Err(Error::file(
+                source,
+                format!(
+                    "tensor `{name}` holds NaN or inf values (in {:?}); the checkpoint is corrupt",
+                    t.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sizes the model allocates from the config alone (not checked against any weight), bounded
+/// so that a corrupt value is an error instead of an allocation that takes the machine down.
+fn check_limits(cfg: &Config) -> std::result::Result<(), String> {
+    const MAX_POSITIONS: usize = 1 << 22;
+    if cfg.max_position_embeddings > MAX_POSITIONS {
+        return Err(format!(
+            "max_position_embeddings {} is larger than eabfit supports ({MAX_POSITIONS})",
+            cfg.max_position_embeddings
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates a config.json body; errors name the file and the field.
 fn parse_config(path: &Path, text: &str) -> Result<(Config, serde_json::Value)> {
     let raw: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let cfg: Config =
         serde_json::from_value(with_rope_parameters(&raw)).map_err(|e| Error::file(path, e))?;
-    cfg.validate().map_err(|e| Error::file(path, e))?;
+    cfg.validate()
+        .and_then(|()| check_limits(&cfg))
+        .map_err(|e| Error::file(path, e))?;
     Ok((cfg, raw))
 }
 

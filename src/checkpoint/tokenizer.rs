@@ -48,7 +48,13 @@ impl Tok {
                 "missing (a Hugging Face folder needs its tokenizer.json)",
             ));
         }
-        let inner = Tokenizer::from_file(&path)
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+        // tokenizers 0.22 panics, rather than failing, on a syntax error inside `decoder`:
+        // check the syntax first (and name the line).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+        let inner: Tokenizer = text
+            .parse()
             .map_err(|e| Error::file(&path, format!("unreadable tokenizer: {e}")))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
@@ -86,7 +92,7 @@ impl Tok {
 
     /// A byte-level BPE (`tokenizer.ggml.model = gpt2`) built from the GGUF metadata.
     pub(super) fn from_gguf(path: &Path, md: &HashMap<String, gguf_file::Value>) -> Result<Self> {
-        let err = |msg: String| Error::file(path, msg);
+        let err = |msg: String| Error::file(path, crate::error::escape_controls(&msg));
         let get = |k: &str| {
             md.get(k)
                 .ok_or_else(|| err(format!("missing metadata `{k}`")))
