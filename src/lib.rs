@@ -11,6 +11,7 @@ pub mod commands;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod intervene;
 pub mod loss;
 pub mod metrics;

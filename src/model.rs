@@ -314,17 +314,22 @@ impl Rope {
     /// x: (B, H, T, hd) -> same, rotated by position. `fused` takes candle's kernel (no
     /// backward), which wants the half tables.
     fn apply(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
+        self.apply_from(x, 0, fused)
+    }
+
+    /// Like [`Rope::apply`] for tokens at positions `start..start + T` (a KV-cached step).
+    fn apply_from(&self, x: &Tensor, start: usize, fused: bool) -> CResult<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
         if fused {
-            let half = |table: &Tensor| table.narrow(0, 0, t)?.narrow(1, 0, hd / 2)?.contiguous(); // (T, hd/2)
+            let half = |table: &Tensor| table.narrow(0, start, t)?.narrow(1, 0, hd / 2)?.contiguous(); // (T, hd/2)
             return candle_nn::rotary_emb::rope(
                 &x.contiguous()?,
                 &half(&self.cos)?,
                 &half(&self.sin)?,
             );
         }
-        let cos = self.cos.narrow(0, 0, t)?; // (T, hd)
-        let sin = self.sin.narrow(0, 0, t)?;
+        let cos = self.cos.narrow(0, start, t)?; // (T, hd)
+        let sin = self.sin.narrow(0, start, t)?;
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -460,6 +465,61 @@ impl Attention {
         })
     }
 
+    /// One KV-cached step, through the fused kernels (nobody differentiates decoding): the
+    /// tokens `x` sit at positions `start..start + T`, `past` holds the post-RoPE keys and values
+    /// of `0..start`, `mask` is (T, start + T). Returns the output and the keys/values of
+    /// `0..start + T` (B, KV, start + T, hd). The slot is no position: it never enters the cache.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        start: usize,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> CResult<(Tensor, (Tensor, Tensor))> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let heads = |p: &Linear, n: usize| -> CResult<Tensor> {
+            p.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
+        };
+        let q = rope.apply_from(&heads(&self.q_proj, h)?, start, true)?;
+        let mut k = rope.apply_from(&heads(&self.k_proj, kv)?, start, true)?;
+        let mut v = heads(&self.v_proj, kv)?;
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?; // (B, KV, start + T, hd)
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        let t_k = k.dim(2)?;
+        let (kr, vr) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?.contiguous()?); // (B, H, Tk, hd)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&kr.t()?)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, Tk)
+        let mut scores = scores.broadcast_add(&mask.to_dtype(acc(q.dtype()))?)?;
+        if let Some(slot) = &self.slot {
+            let ks = self
+                .slot_heads(&slot.k, q.dtype())?
+                .unsqueeze(0)?
+                .unsqueeze(3)?; // (1, H, hd, 1)
+            let s = (q.broadcast_matmul(&ks)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, 1)
+            scores = Tensor::cat(&[&scores, &s], D::Minus1)?; // (B, H, T, Tk+1)
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        let mut out = probs
+            .narrow(D::Minus1, 0, t_k)?
+            .to_dtype(vr.dtype())?
+            .contiguous()?
+            .matmul(&vr)?; // (B, H, T, hd)
+        if let Some(slot) = &self.slot {
+            let vs = self
+                .slot_heads(&slot.v, vr.dtype())?
+                .unsqueeze(0)?
+                .unsqueeze(2)?; // (1, H, 1, hd)
+            let p_slot = probs.narrow(D::Minus1, t_k, 1)?.to_dtype(vr.dtype())?; // (B, H, T, 1)
+            out = (out + p_slot.broadcast_mul(&vs)?)?;
+        }
+        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        Ok((self.o_proj.forward(&out)?, (k, v)))
+    }
+
     /// Slot vectors are stored per KV head, (KV, hd); query heads of a group share one.
     fn slot_heads(&self, x: &Tensor, dtype: DType) -> CResult<Tensor> {
         let rep = self.n_heads / self.n_kv;
@@ -556,6 +616,55 @@ impl Block {
     }
 }
 
+impl Block {
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        start: usize,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> CResult<(Tensor, (Tensor, Tensor))> {
+        let (attn, kv) = self.self_attn.forward_cached(
+            &self.input_layernorm.forward(x, true)?,
+            rope,
+            mask,
+            start,
+            past,
+        )?;
+        let x = (x + attn)?;
+        let x = (&x
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&x, true)?)?)?;
+        Ok((x, kv))
+    }
+}
+
+/// Per layer, the post-RoPE keys and values (B, KV, T, hd) of the positions that
+/// [`Model::forward_cached`] has run. The EAB slot is not in it: it is no position.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dims().get(2).copied().unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Model {
     embed_tokens: Tensor,
@@ -629,10 +738,16 @@ impl Model {
     /// Additive f32 mask (T, T): causal, Mistral's sliding window, and (with EAB) position 0
     /// hidden from every query, the slot taking its place.
     fn mask(&self, t: usize) -> CResult<Tensor> {
+        self.mask_rows(0, t)
+    }
+
+    /// The rows of [`Model::mask`] for queries at positions `start..start + t` over the keys
+    /// `0..start + t`: (t, start + t).
+    fn mask_rows(&self, start: usize, t: usize) -> CResult<Tensor> {
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let data: Vec<f32> = (0..t)
+        let data: Vec<f32> = (start..start + t)
             .flat_map(|i| {
-                (0..t).map(move |j| {
+                (0..start + t).map(move |j| {
                     let hidden = j > i || i - j >= window || (self.mask_first_token && j == 0);
                     if hidden {
                         f32::NEG_INFINITY
@@ -642,7 +757,7 @@ impl Model {
                 })
             })
             .collect();
-        Tensor::from_vec(data, (t, t), &self.device)
+        Tensor::from_vec(data, (t, start + t), &self.device)
     }
 
     /// input_ids: (B, T) u32 -> logits (B, T, V) f32 plus whatever `taps` asked for.
@@ -682,6 +797,38 @@ impl Model {
             .reshape((b, t, ()))?
             .to_dtype(acc(x.dtype()))?;
         Ok(out)
+    }
+
+    /// Logits (B, T, V) f32 of `input_ids` (B, T) continuing the positions in `cache`, which
+    /// then holds them too: decoding one token costs one position, not the whole prefix.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> CResult<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let start = cache.len();
+        if start + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                start + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let d = self.cfg.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?; // (B, T, D)
+        let mask = self.mask_rows(start, t)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, kv) = layer.forward_cached(&x, &self.rope, &mask, start, cache.layers.get(i))?;
+            x = h;
+            layers.push(kv);
+        }
+        cache.layers = layers;
+        let x = self.norm.forward(&x, true)?;
+        x.reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, ()))?
+            .to_dtype(acc(x.dtype()))
     }
 
     /// Logits only, (B, T, V) f32, differentiable.

@@ -1,8 +1,9 @@
 //! `eabfit export`: an adapted model as files other tools read.
 //!
 //! - `hf`: LoRA merged into the base weights (`W + scale * B A`, in f32, then cast), the EAB
-//!   slots as extra tensors `model.layers.{i}.self_attn.eab_k` / `eab_v` (KV, hd), and an `eab`
-//!   block in config.json. eabfit loads such a folder as `--model` with its slots.
+//!   slots as extra tensors `model.layers.{i}.self_attn.eab_k` / `eab_v` (KV, hd), an `eab`
+//!   block in config.json, and the transformers code that runs them ([`remote_code`]). eabfit
+//!   loads such a folder as `--model` with its slots.
 //! - `peft`: the merged base without slots (a plain Hugging Face checkpoint) plus `peft_adapter/`,
 //!   a PEFT `PREFIX_TUNING` adapter of one virtual token whose per-layer key/value is the slot.
 //! - `both`: `OUT/hf` and `OUT/peft`.
@@ -16,11 +17,15 @@
 //!
 //! Everything is built in a temporary folder beside `--out` and renamed into place.
 
+mod card;
+pub mod remote_code;
+
 use crate::adapters::{slot_names, AdapterSet, Adapters};
 use crate::checkpoint::{Checkpoint, EabExport, Format};
 use crate::model::Config;
 use crate::recipe::ExportFormat;
 use crate::runtime::{write_atomic, ModelArgs};
+use remote_code::Family;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -160,8 +165,21 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
             eprintln!("warning: sliding_window {w}: transformers hides the PEFT prefix from queries {w} or more tokens after it, eabfit never hides the slot; the peft export matches eabfit on sequences shorter than {w} tokens");
         }
     }
+    let hf = matches!(plan.format, ExportFormat::Hf | ExportFormat::Both);
+    let family = match Family::of(
+        ckpt.config.model_type.as_deref(),
+        ckpt.config.sliding_window,
+    ) {
+        Ok(f) => Some(f),
+        // Only an export with slots needs transformers code of its own.
+        Err(e) if hf && !slot_layers.is_empty() => {
+            return Err(Error::file(&ckpt.source, e.to_string()))
+        }
+        Err(_) => None,
+    };
     let merged = merge(&base.tensors, &adapters)?;
     let ctx = Ctx {
+        family,
         ckpt: &ckpt,
         set: &set,
         adapters: &adapters,
@@ -198,7 +216,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
             out.clone()
         }
     };
-    if matches!(plan.format, ExportFormat::Hf | ExportFormat::Both) {
+    if hf {
         let (shards, bytes) = ctx.write_hf(&dir_of("hf"))?;
         done.push(Exported {
             format: "hf",
@@ -226,6 +244,8 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
 
 /// Everything one export writes from.
 struct Ctx<'a> {
+    /// `None` only for a model_type no transformers code here covers (then nothing has slots).
+    family: Option<Family>,
     ckpt: &'a Checkpoint,
     set: &'a AdapterSet,
     adapters: &'a Adapters,
@@ -259,6 +279,12 @@ impl Ctx<'_> {
             format_version: EabExport::FORMAT_VERSION,
         });
         write_json(&dir.join("config.json"), &self.config_json(eab.as_ref())?)?;
+        if eab.is_some() {
+            let family = self.family.expect("checked in export()");
+            for (name, source) in family.files() {
+                write_file(&dir.join(name), source.as_bytes())?;
+            }
+        }
         self.write_tokenizer(dir)?;
         write_file(
             &dir.join("README.md"),
@@ -309,7 +335,8 @@ impl Ctx<'_> {
         Ok(written)
     }
 
-    /// The source's config.json (or the one built from GGUF metadata), `eab` block replaced.
+    /// The source's config.json (or the one built from GGUF metadata), `eab` block replaced;
+    /// with slots, the model_type and `auto_map` of [`remote_code`].
     fn config_json(&self, eab: Option<&EabExport>) -> Result<Value> {
         let mut c = self.ckpt.raw_config.clone();
         let obj = c
@@ -344,6 +371,11 @@ impl Ctx<'_> {
                 "eab".into(),
                 serde_json::to_value(e).map_err(|e| Error::Msg(e.to_string()))?,
             );
+        }
+        match (self.family, eab) {
+            (Some(f), Some(_)) => f.mark(obj),
+            (Some(f), None) => f.unmark(obj),
+            (None, _) => {}
         }
         Ok(c)
     }
@@ -391,7 +423,7 @@ impl Ctx<'_> {
         inner
             .save(&path, false)
             .map_err(|e| Error::file(&path, e))?;
-        let tc = json!({
+        let mut tc = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": tok.add_bos,
             "add_eos_token": false,
@@ -400,130 +432,10 @@ impl Ctx<'_> {
             "model_max_length": self.ckpt.config.max_position_embeddings,
             "clean_up_tokenization_spaces": false,
         });
+        if let Some(t) = &tok.chat_template {
+            tc["chat_template"] = json!(t);
+        }
         write_json(&dir.join("tokenizer_config.json"), &tc)
-    }
-
-    fn model_card(&self, format: &str, peft_dir: Option<&Path>) -> String {
-        let c = &self.ckpt.config;
-        let m = &self.set.meta;
-        let tok = &self.ckpt.tokenizer;
-        let src_name = self
-            .ckpt
-            .source
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.ckpt.source.display().to_string());
-        let arch = c.model_type.as_deref().unwrap_or("llama");
-        let mut s = format!("# {src_name} + EAB ({format} export)\n\n");
-        s += &format!(
-            "`{src_name}` ({arch}, {} layers, hidden {}, {} query / {} KV heads of {}) retrofitted by \
-             eabfit with Explicit Attention Bias: per layer and KV head one extra key/value \
-             slot `(k', v')` (f32, never rotated) that every query attends to, \
-             `softmax([Q K^T, Q k'] / sqrt(d)) [V; v']`, so that the model no longer needs massive activations \
-             to make an attention sink.\n\n",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.n_kv_heads(),
-            c.head_dim()
-        );
-        s += "## What is in it\n\n";
-        if self.slot_layers.is_empty() {
-            s += "- No EAB slots: the adapter only carried LoRA.\n";
-        } else {
-            s += &format!(
-                "- EAB slots in layers {:?}; mask_first_token = {} ({}).\n",
-                self.slot_layers,
-                self.adapters.mask_first_token,
-                if self.adapters.mask_first_token {
-                    "position 0 is hidden from every query, the slot stands in for it"
-                } else {
-                    "position 0 stays visible"
-                }
-            );
-        }
-        if self.changed_lora.is_empty() {
-            s += "- No LoRA update (all B were zero).\n";
-        } else {
-            s += &format!(
-                "- LoRA (rank {}, alpha {}, scale {}) merged into {} projection(s): `W + scale * B A`, computed in f32: {}.\n",
-                m.lora_rank,
-                m.lora_alpha,
-                m.lora_scale(),
-                self.changed_lora.len(),
-                self.changed_lora.join(", ")
-            );
-        }
-        s += &format!(
-            "- Weights in {}.\n\n",
-            match self.plan.dtype {
-                DType::BF16 => "bf16 (merged in f32, then rounded); slot tensors stay f32",
-                _ => "f32",
-            }
-        );
-        if format == "hf" {
-            s += "## Running it\n\nThe model must run with its EAB slots. They are the tensors \
-                  `model.layers.{i}.self_attn.eab_k` / `eab_v` of shape [n_kv_heads, head_dim], \
-                  listed by the `eab` block of config.json. eabfit loads this folder directly and \
-                  uses them:\n\n```sh\neabfit ppl --model THIS_FOLDER --text FILE\neabfit scan --model THIS_FOLDER --text FILE\n```\n\n\
-                  Plain transformers ignores the slot tensors (it warns about unexpected keys) and \
-                  then computes a different, wrong model. For transformers + PEFT use \
-                  `eabfit export --format peft`.\n\n";
-        } else {
-            let dir = peft_dir.map_or("THIS_FOLDER".into(), |d| d.display().to_string());
-            s += &format!(
-                "## Running it\n\nThe weights here are a plain Hugging Face checkpoint (LoRA merged, no slots). \
-                 The slots are `peft_adapter/`, a PEFT prefix-tuning adapter of one virtual token whose \
-                 per-layer key/value is the slot:\n\n```python\nimport torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\
-                 base = AutoModelForCausalLM.from_pretrained(\"{dir}\", dtype=torch.float32)\n\
-                 model = PeftModel.from_pretrained(base, \"{dir}/peft_adapter\")\n```\n\n\
-                 Without the adapter the model is wrong. Positions: PEFT puts the prefix at position 0 and \
-                 the tokens at 1..T; the stored prefix key is the slot key rotated (RoPE) to position 1, \
-                 which makes every attention score equal eabfit's, where tokens sit at 0..T-1 and the slot \
-                 key is never rotated. `prompt_embeddings` is [1, num_layers * 2 * n_kv_heads * head_dim]: \
-                 per layer the key, then the value, each [n_kv_heads, head_dim].\n\n"
-            );
-            if let Some(w) = c.sliding_window {
-                s += &format!(
-                    "Sliding window {w}: transformers hides the prefix from queries {w} or more positions \
-                     after it; eabfit never hides the slot. Outputs match eabfit on sequences shorter than {w} tokens.\n\n"
-                );
-            }
-        }
-        s += &format!(
-            "## BOS\n\nadd_bos = {}: {}\n\n",
-            tok.add_bos,
-            match (tok.add_bos, tok.bos) {
-                (true, Some(b)) => format!(
-                    "every sequence starts with BOS {b} ({:?}), as in training.",
-                    tok.token_text(b)
-                ),
-                (true, None) => "BOS is expected but the tokenizer names none.".into(),
-                (false, _) => "no BOS is prepended.".into(),
-            }
-        );
-        s += &format!(
-            "## How it was made\n\n- Base: `{}` ({})\n- Adapter: `{}` (base recorded in the adapter: `{}`)\n- \
-             `eabfit export --format {} --dtype {}` (eabfit {})\n",
-            absolute(&self.ckpt.source).unwrap_or_else(|_| self.ckpt.source.clone()).display(),
-            self.ckpt.format,
-            absolute(&self.plan.adapter).unwrap_or_else(|_| self.plan.adapter.clone()).display(),
-            m.base_model,
-            match self.plan.format {
-                ExportFormat::Hf => "hf",
-                ExportFormat::Peft => "peft",
-                ExportFormat::Both => "both",
-            },
-            if self.plan.dtype == DType::BF16 { "bf16" } else { "f32" },
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some((path, v)) = absolute(&self.plan.adapter)
-            .ok()
-            .and_then(|a| find_verify(&a))
-        {
-            s += &verify_section(&path, &v);
-        }
-        s
     }
 }
 
@@ -692,70 +604,6 @@ fn natural_key(name: &str) -> Vec<(u8, usize, String)> {
             Err(_) => (1, 0, p.to_string()),
         })
         .collect()
-}
-
-/// A `verify.json` beside the (absolute) adapter path: in it, its `verify/`, its parent or the
-/// parent's `verify/`.
-fn find_verify(adapter: &Path) -> Option<(PathBuf, Value)> {
-    let dirs: Vec<&Path> = std::iter::once(adapter).chain(adapter.parent()).collect();
-    dirs.iter()
-        .flat_map(|d| [d.join("verify.json"), d.join("verify").join("verify.json")])
-        .find_map(|p| {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
-            v.is_object().then_some((p, v))
-        })
-}
-
-fn verify_section(path: &Path, v: &Value) -> String {
-    let f = |x: &Value| x.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
-    let massive = |r: &Value| -> String {
-        r["layers"].as_array().map_or("-".into(), |ls| {
-            ls.iter()
-                .filter_map(|l| l["massive_count"].as_u64())
-                .sum::<u64>()
-                .to_string()
-        })
-    };
-    let mut s = format!("\n## Verification\n\nFrom `{}`:\n\n", path.display());
-    s += "| | base | adapted |\n|---|---|---|\n";
-    s += &format!(
-        "| perplexity | {} | {} |\n",
-        f(&v["base"]["ppl"]),
-        f(&v["adapted"]["ppl"])
-    );
-    s += &format!(
-        "| massive activations | {} | {} |\n",
-        massive(&v["base"]),
-        massive(&v["adapted"])
-    );
-    s += &format!(
-        "\nppl increase {}, KL(base || adapted) {}, verdict: {}\n",
-        v["ppl_increase"]
-            .as_f64()
-            .map_or("-".into(), |x| format!("{:+.2}%", 100.0 * x)),
-        f(&v["kl"]),
-        match v["pass"].as_bool() {
-            Some(true) => "pass",
-            Some(false) => "FAIL",
-            None => "-",
-        }
-    );
-    if let Some(checks) = v["checks"].as_array() {
-        for c in checks {
-            s += &format!(
-                "- {}: {} (limit {}) {}\n",
-                c["name"].as_str().unwrap_or("?"),
-                f(&c["value"]),
-                f(&c["limit"]),
-                if c["pass"].as_bool() == Some(true) {
-                    "pass"
-                } else {
-                    "FAIL"
-                }
-            );
-        }
-    }
-    s
 }
 
 /// Refuses an `--out` that would write into the source model, delete it or the adapter, or
