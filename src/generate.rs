@@ -334,7 +334,10 @@ mod tests {
         for (c, p) in count.iter().zip(&want) {
             let f = *c as f64 / n as f64;
             // 5 standard errors of a binomial proportion.
-            assert!((f - p).abs() < 5.0 * (p * (1.0 - p) / n as f64).sqrt(), "{f} vs {p}");
+            assert!(
+                (f - p).abs() < 5.0 * (p * (1.0 - p) / n as f64).sqrt(),
+                "{f} vs {p}"
+            );
         }
     }
 
@@ -350,7 +353,10 @@ mod tests {
         }
         assert_eq!(count[2], 0);
         let f = count[0] as f64 / n as f64;
-        assert!((f - 0.625).abs() < 5.0 * (0.625 * 0.375 / n as f64).sqrt(), "{f}");
+        assert!(
+            (f - 0.625).abs() < 5.0 * (0.625 * 0.375 / n as f64).sqrt(),
+            "{f}"
+        );
     }
 
     #[test]

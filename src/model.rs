@@ -321,7 +321,12 @@ impl Rope {
     fn apply_from(&self, x: &Tensor, start: usize, fused: bool) -> CResult<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
         if fused {
-            let half = |table: &Tensor| table.narrow(0, start, t)?.narrow(1, 0, hd / 2)?.contiguous(); // (T, hd/2)
+            let half = |table: &Tensor| {
+                table
+                    .narrow(0, start, t)?
+                    .narrow(1, 0, hd / 2)?
+                    .contiguous()
+            }; // (T, hd/2)
             return candle_nn::rotary_emb::rope(
                 &x.contiguous()?,
                 &half(&self.cos)?,
@@ -480,7 +485,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let heads = |p: &Linear, n: usize| -> CResult<Tensor> {
-            p.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
+            p.forward(x)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous() // (B, n, T, hd)
         };
         let q = rope.apply_from(&heads(&self.q_proj, h)?, start, true)?;
         let mut k = rope.apply_from(&heads(&self.k_proj, kv)?, start, true)?;
@@ -819,7 +827,8 @@ impl Model {
         let mask = self.mask_rows(start, t)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let (h, kv) = layer.forward_cached(&x, &self.rope, &mask, start, cache.layers.get(i))?;
+            let (h, kv) =
+                layer.forward_cached(&x, &self.rope, &mask, start, cache.layers.get(i))?;
             x = h;
             layers.push(kv);
         }

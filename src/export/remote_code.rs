@@ -124,8 +124,14 @@ mod tests {
         assert_eq!(Family::of(Some("llama"), None).unwrap(), Family::Llama);
         assert_eq!(Family::of(None, None).unwrap(), Family::Llama);
         assert_eq!(Family::of(Some("eab_llama"), None).unwrap(), Family::Llama);
-        assert_eq!(Family::of(Some("mistral"), Some(4096)).unwrap(), Family::Mistral);
-        assert_eq!(Family::of(Some("eab_mistral"), None).unwrap(), Family::Mistral);
+        assert_eq!(
+            Family::of(Some("mistral"), Some(4096)).unwrap(),
+            Family::Mistral
+        );
+        assert_eq!(
+            Family::of(Some("eab_mistral"), None).unwrap(),
+            Family::Mistral
+        );
         let e = Family::of(Some("qwen2"), None).unwrap_err().to_string();
         assert!(e.contains("model_type `qwen2`"), "{e}");
         let e = Family::of(Some("llama"), Some(8)).unwrap_err().to_string();
@@ -136,8 +142,14 @@ mod tests {
     fn rendering_leaves_no_placeholder() {
         for f in [Family::Llama, Family::Mistral] {
             for (name, src) in f.files() {
-                assert!(!src.contains("__Family__") && !src.contains("__family__"), "{name}");
-                assert!(src.contains(&format!("transformers.models.{}.", f.module())), "{name}");
+                assert!(
+                    !src.contains("__Family__") && !src.contains("__family__"),
+                    "{name}"
+                );
+                assert!(
+                    src.contains(&format!("transformers.models.{}.", f.module())),
+                    "{name}"
+                );
             }
         }
     }
