@@ -1,7 +1,8 @@
 //! The README.md an export carries: what is in it, how to run it, how it was made, and the
 //! adapter's verification when a `verify.json` sits beside it.
 
-use super::{absolute, remote_code, Ctx};
+use super::files::absolute;
+use super::{remote_code, Ctx};
 use crate::recipe::ExportFormat;
 use candle_core::DType;
 use serde_json::Value;
