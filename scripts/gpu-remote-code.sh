@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (torch + transformers 5.x, no network): eabfit's `hf` export, loaded by
 # transformers with its own remote code, against eabfit. Per shape (SmolLM2-shaped LLaMA, and a
-# Mistral-shaped model whose sliding window is shorter than the test sequence; random weights)
+# Mistral-shaped model whose sliding window is shorter than the test sequence, and a tiny LLaMA-3
+# with llama3 RoPE scaling; random weights)
 # and per mask_first_token (false, true): train 3 steps of slots + LoRA from a wide random slot
 # init, export, then scripts/remote_code_compare.py checks that the folder refuses to load
 # without trust_remote_code, that its f32 logits are within 1e-4 (max relative) of eabfit's
@@ -29,7 +30,7 @@ if [ ! -x "$E" ] && [ -z "${EABFIT_BIN:-}" ] && [ -f .device-bin/eabfit.xz ]; th
   xz -dkc .device-bin/eabfit.xz > /tmp/eabfit-remote-code && chmod +x /tmp/eabfit-remote-code && E=/tmp/eabfit-remote-code
 fi
 [ -x "$E" ] || { echo "error: no eabfit binary at $E (set EABFIT_BIN)" >&2; exit 2; }
-SHAPES=${SHAPES:-smollm2 mistral}
+SHAPES=${SHAPES:-smollm2 mistral tiny-llama3}
 DEVARG=()
 [ -n "${DEVICE:-}" ] && DEVARG=(--device "$DEVICE")
 "$PY" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}, cuda {torch.cuda.is_available()}")' \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A random-weight Hugging Face folder of a given shape, for scripts/gpu-remote-code.sh.
 
-    python scripts/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral
+    python scripts/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral, tiny-llama3
 
 Writes config.json + model.safetensors (transformers' own init, seed 0), a word-level tokenizer
 over w0..w{V-1} (no BOS added, no EOS, so greedy decoding runs its full length), train.txt
@@ -26,6 +26,11 @@ SHAPES = {
     "mistral": (MistralConfig, MistralForCausalLM, dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=1, head_dim=128, vocab_size=4096,
                 max_position_embeddings=1024, rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=16)),
+    # LLaMA-3 RoPE scaling (rope_type llama3) on a tiny model.
+    "tiny-llama3": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                    tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "tiny": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)),
     "tiny-mistral": (MistralConfig, MistralForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,

@@ -89,6 +89,10 @@ impl Family {
     /// config.json of an export with slots: its own model_type, architecture and `auto_map`.
     pub fn mark(self, config: &mut Map<String, Value>) {
         let module = |file: &str| file.trim_end_matches(".py").to_string();
+        // eabfit reads a missing window as none, transformers' MistralConfig as 4096.
+        if self == Self::Mistral {
+            config.entry("sliding_window").or_insert(Value::Null);
+        }
         config.insert("model_type".into(), json!(self.model_type()));
         config.insert("architectures".into(), json!([self.model_class()]));
         config.insert(
@@ -161,6 +165,7 @@ mod tests {
         c.insert("architectures".into(), json!(["MistralForCausalLM"]));
         Family::Mistral.mark(&mut c);
         assert_eq!(c["model_type"], "eab_mistral");
+        assert!(c["sliding_window"].is_null(), "an absent window stays none");
         assert_eq!(c["architectures"], json!(["EabMistralForCausalLM"]));
         assert_eq!(
             c["auto_map"]["AutoModelForCausalLM"],
