@@ -83,14 +83,14 @@ for n in names:
     p = out / f"{n}.json"
     rows.append(json.loads(p.read_text()) | {"case": n} if p.is_file() else {"case": n, "pass": False, "error": "no result (see log)"})
 print()
-print("| case | window | max rel logit diff | slots dropped (for scale) | argmax agree | 32 greedy tokens equal | refused without remote code | pass |")
-print("|---|---|---|---|---|---|---|---|")
+print("| case | window | max rel logit diff | slots dropped (for scale) | argmax agree | 32 greedy tokens equal | refused without remote code | left-padded batch (reported) | pass |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "error" in r:
-        print(f"| {r['case']} | - | - | - | - | - | - | FAIL ({r['error']}) |")
+        print(f"| {r['case']} | - | - | - | - | - | - | - | FAIL ({r['error']}) |")
         continue
     print(f"| {r['case']} | {r['sliding_window']} | {r['logits_max_rel_diff']:.2e} | {r.get('plain_max_rel_diff', float('nan')):.2e} | {r['logits_argmax_agree']:.3f} | "
-          f"{r['generate_ok']} ({r['generate_tokens']}) | {r['refuse_ok']} | {'pass' if r['pass'] else 'FAIL'} |")
+          f"{r['generate_ok']} ({r['generate_tokens']}) | {r['refuse_ok']} | {r.get('left_padded_batch_ok')} | {'pass' if r['pass'] else 'FAIL'} |")
 (out / "remote-code.json").write_text(json.dumps(rows, indent=1))
 print(f"\n{sum(r['pass'] for r in rows)} passed, {sum(not r['pass'] for r in rows)} failed")
 PY
