@@ -1025,3 +1025,42 @@ fn peft_export_of_an_eab_export_is_the_plain_family_again() {
     assert!(cfg.get("auto_map").is_none() && cfg.get("eab").is_none());
     assert!(!peft.join("modeling_eab.py").exists());
 }
+
+#[test]
+fn gguf_export_carries_the_chat_template() {
+    let (gguf, _) = common::real_assets()
+        .expect("real assets missing: run scripts/fetch-assets.sh (scripts/test.sh does)");
+    let src = Checkpoint::open(gguf.to_str().unwrap()).unwrap();
+    let template = src
+        .tokenizer
+        .chat_template
+        .clone()
+        .expect("SmolLM2-Instruct's GGUF has tokenizer.chat_template");
+    let work = tempfile::tempdir().unwrap();
+    let adapter = work.path().join("adapter");
+    let mut meta = AdapterMeta::for_config(&src.config, gguf.to_str().unwrap());
+    meta.eab_layers = (0..src.config.num_hidden_layers).collect();
+    AdapterSet::new(
+        meta,
+        SlotInit::Normal { std: 0.1, seed: 3 },
+        0.0,
+        3,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .save(&adapter)
+    .unwrap();
+    let out = work.path().join("hf");
+    ok(&export(&gguf, &adapter, &out, &[]));
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["chat_template"], template.as_str());
+    // eabfit reads it back from the folder: the same prompt tokens as from the GGUF.
+    let back = Checkpoint::open(out.to_str().unwrap()).unwrap();
+    let ask = "What is the capital of France?";
+    let from_gguf = eabfit::generate::prompt_ids(&src.tokenizer, ask, false).unwrap();
+    let from_export = eabfit::generate::prompt_ids(&back.tokenizer, ask, false).unwrap();
+    assert!(from_gguf.1 && from_export.1, "both through the template");
+    assert_eq!(from_export.0, from_gguf.0);
+}
