@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod export;
 pub mod fsio;
+pub mod generate;
 pub mod intervene;
 pub mod killpoint;
 pub mod lock;

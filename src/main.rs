@@ -36,6 +36,8 @@ enum Command {
     Bench(eabfit::bench::BenchArgs),
     /// Write the adapted model as a Hugging Face folder (merged + EAB slots) and/or PEFT prefix adapter
     Export(eabfit::export::ExportArgs),
+    /// Continue a prompt (chat template when the tokenizer has one), KV-cached, with the EAB slots
+    Generate(eabfit::generate::GenerateArgs),
     /// One sequence's logits as JSON (the reference of scripts/peft_compare.py)
     #[command(hide = true)]
     Logits(eabfit::export::LogitsArgs),
@@ -68,6 +70,7 @@ fn main() {
         Command::Ablate(a) => commands::ablate_cmd(a),
         Command::Bench(a) => eabfit::bench::bench_cmd(a),
         Command::Export(a) => eabfit::export::export_cmd(a),
+        Command::Generate(a) => eabfit::generate::generate_cmd(a),
         Command::Logits(a) => eabfit::export::logits_cmd(a),
     };
     if let Err(e) = result {

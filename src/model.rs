@@ -301,10 +301,10 @@ impl Rope {
         })
     }
 
-    /// x: (B, H, T, hd) -> same, rotated by positions 0..T.
-    fn apply(&self, x: &Tensor) -> CResult<Tensor> {
+    /// x: (B, H, T, hd) -> same, rotated by positions start..start + T.
+    fn apply(&self, x: &Tensor, start: usize) -> CResult<Tensor> {
         let t = x.dim(2)?;
-        let table = |tab: &Tensor| tab.narrow(0, 0, t)?.contiguous(); // (T, hd/2)
+        let table = |tab: &Tensor| tab.narrow(0, start, t)?.contiguous(); // (T, hd/2)
         rope(x, &table(&self.cos)?, &table(&self.sin)?)
     }
 }
@@ -325,6 +325,9 @@ struct AttnOut {
     out: Tensor,
     stats: Option<AttnStats>,
     first_kv: Option<(Tensor, Tensor)>,
+    /// Post-RoPE keys and values of positions 0..start + T, (B, KV, start + T, hd): what a KV
+    /// cache keeps (the slot is no position and never enters it).
+    kv: (Tensor, Tensor),
 }
 
 impl Attention {
@@ -347,7 +350,16 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, masks: &Masks, taps: &Taps) -> CResult<AttnOut> {
+    /// x: the tokens at positions `masks.start..masks.start + T`; `past`: the cached keys and
+    /// values of the positions before them.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        masks: &Masks,
+        taps: &Taps,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let q = self
@@ -366,8 +378,14 @@ impl Attention {
             .reshape((b, t, kv, hd))?
             .transpose(1, 2)?
             .contiguous()?; // (B, KV, T, hd)
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
+        let q = rope.apply(&q, masks.start)?;
+        let mut k = rope.apply(&k, masks.start)?;
+        let mut v = v;
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?.contiguous()?; // (B, KV, start + T, hd)
+            v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
+        }
+        let kv_out = (k.clone(), v.clone());
         let first_kv = if taps.first_kv {
             Some((
                 k.narrow(2, 0, 1)?.squeeze(2)?,
@@ -403,17 +421,20 @@ impl Attention {
             out: self.o_proj.forward(&out)?,
             stats,
             first_kv,
+            kv: kv_out,
         })
     }
 }
 
-/// The additive masks of one forward pass: one for layers without a slot, one for layers with.
+/// The additive masks of one forward pass: one for layers without a slot, one for layers with,
+/// for T queries at positions start..start + T.
 #[derive(Clone)]
 struct Masks {
     plain: Option<Tensor>,
     slot: Option<Tensor>,
     window: Option<usize>,
     hide_first: bool,
+    start: usize,
 }
 
 impl Masks {
@@ -482,10 +503,11 @@ impl Block {
         rope: &Rope,
         masks: &Masks,
         taps: &Taps,
+        past: Option<&(Tensor, Tensor)>,
     ) -> CResult<(Tensor, AttnOut)> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, masks, taps)?;
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, masks, taps, past)?;
         let x = (x + &attn.out)?;
         let x = (&x
             + self
@@ -518,9 +540,34 @@ impl Block {
             Some(s) => vec![s.k.clone(), s.v.clone()],
             None => vec![],
         };
-        let f: BlockFn =
-            Arc::new(move |x: &Tensor| Ok(block.forward(x, &rope, &masks, &Taps::default())?.0));
+        let f: BlockFn = Arc::new(move |x: &Tensor| {
+            Ok(block.forward(x, &rope, &masks, &Taps::default(), None)?.0)
+        });
         recompute(f, x, &params)
+    }
+}
+
+/// Per layer, the post-RoPE keys and values (B, KV, T, hd) of the positions that
+/// [`Model::forward_cached`] has run. The EAB slot is not in it: it is no position.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dims().get(2).copied().unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -598,41 +645,50 @@ impl Model {
         &self.lm_head
     }
 
-    /// The masks the layers of this model need for T tokens.
-    fn masks(&self, t: usize) -> CResult<Masks> {
+    /// The masks the layers of this model need for T tokens after `start` cached ones.
+    fn masks(&self, t: usize, start: usize) -> CResult<Masks> {
         let mut m = Masks {
             plain: None,
             slot: None,
             window: self.cfg.sliding_window,
             hide_first: self.mask_first_token,
+            start,
         };
-        let dt = self.dtype();
+        let (dt, n) = (self.dtype(), start + t);
         if self.layers.iter().any(|l| l.self_attn.slot.is_some()) {
-            m.slot = Some(attention::mask(t, t + 1, &m.spec(1), dt, &self.device)?);
+            m.slot = Some(attention::mask(t, n + 1, &m.spec(1), dt, &self.device)?);
         }
         if self.layers.iter().any(|l| l.self_attn.slot.is_none()) {
-            m.plain = Some(attention::mask(t, t, &m.spec(0), dt, &self.device)?);
+            m.plain = Some(attention::mask(t, n, &m.spec(0), dt, &self.device)?);
         }
         Ok(m)
+    }
+
+    fn check_len(&self, n: usize) -> CResult<()> {
+        if n > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {n} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size)) // (B, T, D)
     }
 
     /// input_ids: (B, T) u32 -> the final normed hidden state (B, T, D) in the model dtype, plus
     /// whatever `taps` asked for; `Output::logits` is left a scalar zero. Training computes
     /// its hold term through the head in chunks from here ([`crate::ops::kl`]).
     pub fn forward_trunk(&self, input_ids: &Tensor, taps: &Taps) -> CResult<(Tensor, Output)> {
-        let (b, t) = input_ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {t} tokens exceeds max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            );
-        }
-        let d = self.cfg.hidden_size;
-        let mut x = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, d))?; // (B, T, D)
-        let masks = self.masks(t)?;
+        let t = input_ids.dim(1)?;
+        self.check_len(t)?;
+        let mut x = self.embed(input_ids)?;
+        let masks = self.masks(t, 0)?;
         let mut out = Output {
             logits: Tensor::zeros((), DType::F32, &self.device)?,
             hidden: vec![],
@@ -650,7 +706,7 @@ impl Model {
                 }
                 continue;
             }
-            let (h, attn) = layer.forward(&x, &self.rope, &masks, taps)?;
+            let (h, attn) = layer.forward(&x, &self.rope, &masks, taps, None)?;
             x = apply_edits(&h, i, &taps.edits)?;
             if taps.hidden {
                 out.hidden.push(x.clone());
@@ -674,6 +730,29 @@ impl Model {
         let (x, mut out) = self.forward_trunk(input_ids, taps)?;
         out.logits = self.head(&x)?;
         Ok(out)
+    }
+
+    /// Logits (B, T, V) f32 of `input_ids` (B, T) continuing the positions in `cache`, which
+    /// then holds them too: decoding one token costs one position, not the whole prefix.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> CResult<Tensor> {
+        let (t, start) = (input_ids.dim(1)?, cache.len());
+        self.check_len(start + t)?;
+        let mut x = self.embed(input_ids)?;
+        let masks = self.masks(t, start)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, attn) = layer.forward(
+                &x,
+                &self.rope,
+                &masks,
+                &Taps::default(),
+                cache.layers.get(i),
+            )?;
+            x = h;
+            layers.push(attn.kv);
+        }
+        cache.layers = layers;
+        self.head(&self.norm.forward(&x)?)
     }
 
     /// Logits only, (B, T, V) f32, differentiable.

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, tiny, Arch, Tiny};
+use common::{bin, make_adapter, tiny, Arch, Tiny};
 use eabfit::adapters::{slot_names, AdapterMeta, AdapterSet, Adapters, SlotInit};
 use eabfit::checkpoint::Checkpoint;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -16,44 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BOS: u32 = 1;
-
-/// An adapter for `tiny` with nonzero LoRA on q, v and down of layers 0 and 2, and N(0, 0.5)
-/// slots in `slot_layers`; saved to `dir`.
-fn make_adapter(
-    tiny: &Tiny,
-    dir: &Path,
-    mask: bool,
-    slot_layers: &[usize],
-    seed: u64,
-) -> AdapterSet {
-    let cfg = Checkpoint::open(&tiny.spec()).unwrap().config;
-    let mut meta = AdapterMeta::for_config(&cfg, &tiny.spec());
-    meta.eab_layers = slot_layers.to_vec();
-    meta.mask_first_token = mask;
-    meta.lora_rank = 2;
-    meta.lora_alpha = 3.0;
-    meta.lora_targets = vec!["q".into(), "v".into(), "down".into()];
-    meta.lora_layers = vec![0, 2];
-    let set = AdapterSet::new(
-        meta,
-        SlotInit::Normal { std: 0.5, seed },
-        0.3,
-        seed,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut rng = StdRng::seed_from_u64(seed + 100);
-    for (name, var) in &set.vars {
-        if name.ends_with("lora_B.weight") {
-            let (o, r) = var.as_tensor().dims2().unwrap();
-            let data: Vec<f32> = (0..o * r).map(|_| rng.gen_range(-0.3f32..0.3)).collect();
-            var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    set.save(dir).unwrap();
-    set
-}
 
 fn all_layers() -> Vec<usize> {
     vec![0, 1, 2]
@@ -214,8 +176,13 @@ fn hf_export_round_trips_through_eabfit() {
         assert_eq!(eab["n_kv_heads"], 2);
         assert_eq!(eab["head_dim"], 8);
         assert_eq!(eab["format_version"], 1);
+        // Every field of the source is kept, but model_type: the export's own, for its code.
         for (k, v) in tiny.config.as_object().unwrap() {
-            assert_eq!(&c[k], v, "config field {k}");
+            if k == "model_type" {
+                assert_eq!(c[k], format!("eab_{}", v.as_str().unwrap()).as_str());
+            } else {
+                assert_eq!(&c[k], v, "config field {k}");
+            }
         }
         assert_eq!(c["torch_dtype"], "float32");
         let ts = tensors(&out);
@@ -891,4 +858,209 @@ fn a_trained_adapter_exports_and_reloads() {
     ] {
         assert!(card.contains(needle), "`{needle}` not in:\n{card}");
     }
+}
+
+/// Classes, their bases and the imports of a Python file, through Python's own parser:
+/// {"classes": {name: [base, ...]}, "imports": [[level, module, [name, ...]], ...],
+/// "assigns": {class.attr: constant}}.
+fn python_outline(path: &Path) -> Value {
+    let script = r#"
+import ast, json, sys
+tree = ast.parse(open(sys.argv[1]).read(), sys.argv[1])
+out = {"classes": {}, "imports": [], "assigns": {}}
+for node in ast.walk(tree):
+    if isinstance(node, ast.ClassDef):
+        out["classes"][node.name] = [ast.unparse(b) for b in node.bases]
+        for st in node.body:
+            if isinstance(st, ast.Assign) and isinstance(st.value, ast.Constant):
+                for t in st.targets:
+                    out["assigns"][f"{node.name}.{ast.unparse(t)}"] = st.value.value
+    elif isinstance(node, ast.ImportFrom):
+        out["imports"].append([node.level, node.module, [a.name for a in node.names]])
+print(json.dumps(out))
+"#;
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .output()
+        .expect("python3 is needed to parse the generated transformers code");
+    ok(&o);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn hf_export_carries_transformers_code_for_its_family() {
+    for (arch, family, class) in [
+        (Arch::Llama, "llama", "Llama"),
+        (Arch::Mistral, "mistral", "Mistral"),
+    ] {
+        let tiny = tiny(arch, 43);
+        let work = tempfile::tempdir().unwrap();
+        let adapter = work.path().join("adapter");
+        make_adapter(&tiny, &adapter, true, &all_layers(), 18);
+        let out = work.path().join("hf");
+        ok(&export(tiny.path(), &adapter, &out, &[]));
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let model_type = format!("eab_{family}");
+        assert_eq!(cfg["model_type"], model_type.as_str());
+        assert_eq!(
+            cfg["architectures"],
+            serde_json::json!([format!("Eab{class}ForCausalLM")])
+        );
+        assert_eq!(cfg["eab"]["layers"], serde_json::json!([0, 1, 2]));
+        assert_eq!(cfg["eab"]["mask_first_token"], true);
+        assert_eq!(cfg["eab"]["n_kv_heads"], 2);
+        assert_eq!(cfg["eab"]["head_dim"], 8);
+        if arch == Arch::Mistral {
+            assert_eq!(cfg["sliding_window"], 5);
+        }
+
+        // auto_map names module.Class pairs; each module is a file beside the weights that
+        // defines that class on transformers' own class of the family.
+        let auto_map = cfg["auto_map"].as_object().expect("auto_map");
+        let keys: BTreeSet<&str> = auto_map.keys().map(String::as_str).collect();
+        assert_eq!(keys, BTreeSet::from(["AutoConfig", "AutoModelForCausalLM"]));
+        let base_module = |kind: &str| format!("transformers.models.{family}.{kind}_{family}");
+        for (auto, want_base, want_module) in [
+            (
+                "AutoConfig",
+                format!("{class}Config"),
+                base_module("configuration"),
+            ),
+            (
+                "AutoModelForCausalLM",
+                format!("{class}ForCausalLM"),
+                base_module("modeling"),
+            ),
+        ] {
+            let (module, name) = auto_map[auto].as_str().unwrap().split_once('.').unwrap();
+            let outline = python_outline(&out.join(format!("{module}.py")));
+            assert_eq!(
+                outline["classes"][name],
+                serde_json::json!([want_base]),
+                "{auto}"
+            );
+            let imported = outline["imports"].as_array().unwrap().iter().any(|i| {
+                i[0] == 0
+                    && i[1] == want_module.as_str()
+                    && i[2]
+                        .as_array()
+                        .unwrap()
+                        .contains(&want_base.as_str().into())
+            });
+            assert!(
+                imported,
+                "{module}.py does not import {want_base} from {want_module}"
+            );
+        }
+        let config_outline = python_outline(&out.join("configuration_eab.py"));
+        assert_eq!(
+            config_outline["assigns"][format!("Eab{class}Config.model_type")],
+            model_type.as_str()
+        );
+        let modeling = python_outline(&out.join("modeling_eab.py"));
+        assert_eq!(
+            modeling["classes"][format!("Eab{class}Attention")],
+            serde_json::json!([format!("{class}Attention")])
+        );
+        // The modeling file reaches its configuration by a relative import, which transformers
+        // copies along with it.
+        assert!(modeling["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i[0] == 1
+                && i[1] == "configuration_eab"
+                && i[2]
+                    .as_array()
+                    .unwrap()
+                    .contains(&format!("Eab{class}Config").into())));
+        // The slot parameters are the tensors the export wrote.
+        let source = std::fs::read_to_string(out.join("modeling_eab.py")).unwrap();
+        assert!(
+            source.contains("self.eab_k = nn.Parameter")
+                && source.contains("self.eab_v = nn.Parameter")
+        );
+        let written = tensors(&out);
+        for l in 0..3 {
+            let (k, v) = slot_names(l);
+            assert_eq!(written[&k].dims(), [2, 8]);
+            assert!(written.contains_key(&v));
+        }
+
+        // eabfit still reads the folder, and an export of it keeps its family.
+        let ckpt = Checkpoint::open(out.to_str().unwrap()).unwrap();
+        assert_eq!(ckpt.config.model_type.as_deref(), Some(model_type.as_str()));
+        assert!(ckpt.eab.is_some());
+        let again = work.path().join("again");
+        ok(&export(&out, &adapter, &again, &[]));
+        let cfg2: Value =
+            serde_json::from_str(&std::fs::read_to_string(again.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg2["model_type"], model_type.as_str());
+        assert_eq!(cfg2["auto_map"], cfg["auto_map"]);
+    }
+}
+
+#[test]
+fn peft_export_of_an_eab_export_is_the_plain_family_again() {
+    let tiny = tiny(Arch::Mistral, 44);
+    let work = tempfile::tempdir().unwrap();
+    let adapter = work.path().join("adapter");
+    make_adapter(&tiny, &adapter, false, &all_layers(), 19);
+    let hf = work.path().join("hf");
+    ok(&export(tiny.path(), &adapter, &hf, &[]));
+    let peft = work.path().join("peft");
+    ok(&export(&hf, &adapter, &peft, &["--format", "peft"]));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "mistral");
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["MistralForCausalLM"])
+    );
+    assert!(cfg.get("auto_map").is_none() && cfg.get("eab").is_none());
+    assert!(!peft.join("modeling_eab.py").exists());
+}
+
+#[test]
+fn gguf_export_carries_the_chat_template() {
+    let (gguf, _) = common::real_assets()
+        .expect("real assets missing: run scripts/fetch-assets.sh (scripts/test.sh does)");
+    let src = Checkpoint::open(gguf.to_str().unwrap()).unwrap();
+    let template = src
+        .tokenizer
+        .chat_template
+        .clone()
+        .expect("SmolLM2-Instruct's GGUF has tokenizer.chat_template");
+    let work = tempfile::tempdir().unwrap();
+    let adapter = work.path().join("adapter");
+    let mut meta = AdapterMeta::for_config(&src.config, gguf.to_str().unwrap());
+    meta.eab_layers = (0..src.config.num_hidden_layers).collect();
+    AdapterSet::new(
+        meta,
+        SlotInit::Normal { std: 0.1, seed: 3 },
+        0.0,
+        3,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .save(&adapter)
+    .unwrap();
+    let out = work.path().join("hf");
+    ok(&export(&gguf, &adapter, &out, &[]));
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["chat_template"], template.as_str());
+    // eabfit reads it back from the folder: the same prompt tokens as from the GGUF.
+    let back = Checkpoint::open(out.to_str().unwrap()).unwrap();
+    let ask = "What is the capital of France?";
+    let from_gguf = eabfit::generate::prompt_ids(&src.tokenizer, ask, false).unwrap();
+    let from_export = eabfit::generate::prompt_ids(&back.tokenizer, ask, false).unwrap();
+    assert!(from_gguf.1 && from_export.1, "both through the template");
+    assert_eq!(from_export.0, from_gguf.0);
 }

@@ -322,7 +322,7 @@ fn open_and_run(spec: &Path) -> Outcome {
         .unsqueeze(0)
         .unwrap();
     model
-        .infer(&t)
+        .logits(&t)
         .map(|_| ())
         .map_err(|e| (e.to_string(), String::new()))
 }
@@ -788,7 +788,7 @@ fn fuzz_adapter_folders() {
                 .unsqueeze(0)
                 .unwrap();
             model
-                .infer(&ids)
+                .logits(&ids)
                 .map(|_| ())
                 .map_err(|e| (e.to_string(), String::new()))
         })();

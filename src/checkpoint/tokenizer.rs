@@ -17,6 +17,9 @@ pub struct Tok {
     pub add_bos: bool,
     /// Where the vocabulary came from, for `info`.
     pub origin: String,
+    /// The Jinja chat template (tokenizer_config.json `chat_template`, `chat_template.jinja`,
+    /// or the GGUF's `tokenizer.chat_template`), when the model has one.
+    pub chat_template: Option<String>,
 }
 
 impl Tok {
@@ -81,12 +84,22 @@ impl Tok {
                 _ => false,
             },
         };
+        // A list of named templates (older tokenizer configs) offers its `default` one.
+        let chat_template = match &tc["chat_template"] {
+            serde_json::Value::String(t) => Some(t.clone()),
+            serde_json::Value::Array(named) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str().map(String::from)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
         Ok(Self {
             inner,
             bos,
             eos,
             add_bos,
             origin: path.display().to_string(),
+            chat_template,
         })
     }
 
@@ -179,6 +192,10 @@ impl Tok {
                 "{} (GGUF vocabulary, pre-tokenizer `{pre}`)",
                 path.display()
             ),
+            chat_template: md
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
         })
     }
 }

@@ -356,3 +356,43 @@ pub fn row(ids: &[u32]) -> Tensor {
         .unsqueeze(0)
         .unwrap()
 }
+
+/// An adapter for `tiny` with nonzero LoRA on q, v and down of layers 0 and 2, and N(0, 0.5)
+/// slots in `slot_layers`; saved to `dir`.
+pub fn make_adapter(
+    tiny: &Tiny,
+    dir: &Path,
+    mask: bool,
+    slot_layers: &[usize],
+    seed: u64,
+) -> eabfit::adapters::AdapterSet {
+    let cfg = eabfit::checkpoint::Checkpoint::open(&tiny.spec())
+        .unwrap()
+        .config;
+    let mut meta = eabfit::adapters::AdapterMeta::for_config(&cfg, &tiny.spec());
+    meta.eab_layers = slot_layers.to_vec();
+    meta.mask_first_token = mask;
+    meta.lora_rank = 2;
+    meta.lora_alpha = 3.0;
+    meta.lora_targets = vec!["q".into(), "v".into(), "down".into()];
+    meta.lora_layers = vec![0, 2];
+    let set = eabfit::adapters::AdapterSet::new(
+        meta,
+        eabfit::adapters::SlotInit::Normal { std: 0.5, seed },
+        0.3,
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(seed + 100);
+    for (name, var) in &set.vars {
+        if name.ends_with("lora_B.weight") {
+            let (o, r) = var.as_tensor().dims2().unwrap();
+            let data: Vec<f32> = (0..o * r).map(|_| rng.gen_range(-0.3f32..0.3)).collect();
+            var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    set.save(dir).unwrap();
+    set
+}

@@ -1,8 +1,9 @@
 //! `eabfit export`: an adapted model as files other tools read.
 //!
 //! - `hf`: LoRA merged into the base weights (`W + scale * B A`, in f32, then cast), the EAB
-//!   slots as extra tensors `model.layers.{i}.self_attn.eab_k` / `eab_v` (KV, hd), and an `eab`
-//!   block in config.json. eabfit loads such a folder as `--model` with its slots.
+//!   slots as extra tensors `model.layers.{i}.self_attn.eab_k` / `eab_v` (KV, hd), an `eab`
+//!   block in config.json, and the transformers code that runs them ([`remote_code`]). eabfit
+//!   loads such a folder as `--model` with its slots.
 //! - `peft`: the merged base without slots (a plain Hugging Face checkpoint) plus `peft_adapter/`,
 //!   a PEFT `PREFIX_TUNING` adapter of one virtual token whose per-layer key/value is the slot.
 //! - `both`: `OUT/hf` and `OUT/peft`.
@@ -16,16 +17,25 @@
 //!
 //! Everything is built in a temporary folder beside `--out` and renamed into place.
 
+mod card;
+mod files;
+mod logits;
+pub mod remote_code;
+
+pub use logits::{logits_cmd, LogitsArgs};
+
 use crate::adapters::{slot_names, AdapterSet, Adapters};
 use crate::checkpoint::{Checkpoint, EabExport, Format};
 use crate::model::Config;
 use crate::recipe::ExportFormat;
-use crate::runtime::{write_atomic, ModelArgs};
+use crate::runtime::ModelArgs;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use files::{absolute, guard_paths, mkdir, write_file, write_json, write_weights, TempDir};
+use remote_code::Family;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// The prefix position PEFT gives the slot (num_virtual_tokens = 1).
 pub const PREFIX_POSITION: f64 = 1.0;
@@ -160,8 +170,21 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
             eprintln!("warning: sliding_window {w}: transformers hides the PEFT prefix from queries {w} or more tokens after it, eabfit never hides the slot; the peft export matches eabfit on sequences shorter than {w} tokens");
         }
     }
+    let hf = matches!(plan.format, ExportFormat::Hf | ExportFormat::Both);
+    let family = match Family::of(
+        ckpt.config.model_type.as_deref(),
+        ckpt.config.sliding_window,
+    ) {
+        Ok(f) => Some(f),
+        // Only an export with slots needs transformers code of its own.
+        Err(e) if hf && !slot_layers.is_empty() => {
+            return Err(Error::file(&ckpt.source, e.to_string()))
+        }
+        Err(_) => None,
+    };
     let merged = merge(&base.tensors, &adapters)?;
     let ctx = Ctx {
+        family,
         ckpt: &ckpt,
         set: &set,
         adapters: &adapters,
@@ -198,7 +221,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
             out.clone()
         }
     };
-    if matches!(plan.format, ExportFormat::Hf | ExportFormat::Both) {
+    if hf {
         let (shards, bytes) = ctx.write_hf(&dir_of("hf"))?;
         done.push(Exported {
             format: "hf",
@@ -226,6 +249,8 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
 
 /// Everything one export writes from.
 struct Ctx<'a> {
+    /// `None` only for a model_type no transformers code here covers (then nothing has slots).
+    family: Option<Family>,
     ckpt: &'a Checkpoint,
     set: &'a AdapterSet,
     adapters: &'a Adapters,
@@ -259,6 +284,12 @@ impl Ctx<'_> {
             format_version: EabExport::FORMAT_VERSION,
         });
         write_json(&dir.join("config.json"), &self.config_json(eab.as_ref())?)?;
+        if eab.is_some() {
+            let family = self.family.expect("checked in export()");
+            for (name, source) in family.files() {
+                write_file(&dir.join(name), source.as_bytes())?;
+            }
+        }
         self.write_tokenizer(dir)?;
         write_file(
             &dir.join("README.md"),
@@ -309,7 +340,8 @@ impl Ctx<'_> {
         Ok(written)
     }
 
-    /// The source's config.json (or the one built from GGUF metadata), `eab` block replaced.
+    /// The source's config.json (or the one built from GGUF metadata), `eab` block replaced;
+    /// with slots, the model_type and `auto_map` of [`remote_code`].
     fn config_json(&self, eab: Option<&EabExport>) -> Result<Value> {
         let mut c = self.ckpt.raw_config.clone();
         let obj = c
@@ -344,6 +376,11 @@ impl Ctx<'_> {
                 "eab".into(),
                 serde_json::to_value(e).map_err(|e| Error::Msg(e.to_string()))?,
             );
+        }
+        match (self.family, eab) {
+            (Some(f), Some(_)) => f.mark(obj),
+            (Some(f), None) => f.unmark(obj),
+            (None, _) => {}
         }
         Ok(c)
     }
@@ -391,7 +428,7 @@ impl Ctx<'_> {
         inner
             .save(&path, false)
             .map_err(|e| Error::file(&path, e))?;
-        let tc = json!({
+        let mut tc = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": tok.add_bos,
             "add_eos_token": false,
@@ -400,130 +437,10 @@ impl Ctx<'_> {
             "model_max_length": self.ckpt.config.max_position_embeddings,
             "clean_up_tokenization_spaces": false,
         });
+        if let Some(t) = &tok.chat_template {
+            tc["chat_template"] = json!(t);
+        }
         write_json(&dir.join("tokenizer_config.json"), &tc)
-    }
-
-    fn model_card(&self, format: &str, peft_dir: Option<&Path>) -> String {
-        let c = &self.ckpt.config;
-        let m = &self.set.meta;
-        let tok = &self.ckpt.tokenizer;
-        let src_name = self
-            .ckpt
-            .source
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.ckpt.source.display().to_string());
-        let arch = c.model_type.as_deref().unwrap_or("llama");
-        let mut s = format!("# {src_name} + EAB ({format} export)\n\n");
-        s += &format!(
-            "`{src_name}` ({arch}, {} layers, hidden {}, {} query / {} KV heads of {}) retrofitted by \
-             eabfit with Explicit Attention Bias: per layer and KV head one extra key/value \
-             slot `(k', v')` (f32, never rotated) that every query attends to, \
-             `softmax([Q K^T, Q k'] / sqrt(d)) [V; v']`, so that the model no longer needs massive activations \
-             to make an attention sink.\n\n",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.n_kv_heads(),
-            c.head_dim()
-        );
-        s += "## What is in it\n\n";
-        if self.slot_layers.is_empty() {
-            s += "- No EAB slots: the adapter only carried LoRA.\n";
-        } else {
-            s += &format!(
-                "- EAB slots in layers {:?}; mask_first_token = {} ({}).\n",
-                self.slot_layers,
-                self.adapters.mask_first_token,
-                if self.adapters.mask_first_token {
-                    "position 0 is hidden from every query, the slot stands in for it"
-                } else {
-                    "position 0 stays visible"
-                }
-            );
-        }
-        if self.changed_lora.is_empty() {
-            s += "- No LoRA update (all B were zero).\n";
-        } else {
-            s += &format!(
-                "- LoRA (rank {}, alpha {}, scale {}) merged into {} projection(s): `W + scale * B A`, computed in f32: {}.\n",
-                m.lora_rank,
-                m.lora_alpha,
-                m.lora_scale(),
-                self.changed_lora.len(),
-                self.changed_lora.join(", ")
-            );
-        }
-        s += &format!(
-            "- Weights in {}.\n\n",
-            match self.plan.dtype {
-                DType::BF16 => "bf16 (merged in f32, then rounded); slot tensors stay f32",
-                _ => "f32",
-            }
-        );
-        if format == "hf" {
-            s += "## Running it\n\nThe model must run with its EAB slots. They are the tensors \
-                  `model.layers.{i}.self_attn.eab_k` / `eab_v` of shape [n_kv_heads, head_dim], \
-                  listed by the `eab` block of config.json. eabfit loads this folder directly and \
-                  uses them:\n\n```sh\neabfit ppl --model THIS_FOLDER --text FILE\neabfit scan --model THIS_FOLDER --text FILE\n```\n\n\
-                  Plain transformers ignores the slot tensors (it warns about unexpected keys) and \
-                  then computes a different, wrong model. For transformers + PEFT use \
-                  `eabfit export --format peft`.\n\n";
-        } else {
-            let dir = peft_dir.map_or("THIS_FOLDER".into(), |d| d.display().to_string());
-            s += &format!(
-                "## Running it\n\nThe weights here are a plain Hugging Face checkpoint (LoRA merged, no slots). \
-                 The slots are `peft_adapter/`, a PEFT prefix-tuning adapter of one virtual token whose \
-                 per-layer key/value is the slot:\n\n```python\nimport torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\
-                 base = AutoModelForCausalLM.from_pretrained(\"{dir}\", dtype=torch.float32)\n\
-                 model = PeftModel.from_pretrained(base, \"{dir}/peft_adapter\")\n```\n\n\
-                 Without the adapter the model is wrong. Positions: PEFT puts the prefix at position 0 and \
-                 the tokens at 1..T; the stored prefix key is the slot key rotated (RoPE) to position 1, \
-                 which makes every attention score equal eabfit's, where tokens sit at 0..T-1 and the slot \
-                 key is never rotated. `prompt_embeddings` is [1, num_layers * 2 * n_kv_heads * head_dim]: \
-                 per layer the key, then the value, each [n_kv_heads, head_dim].\n\n"
-            );
-            if let Some(w) = c.sliding_window {
-                s += &format!(
-                    "Sliding window {w}: transformers hides the prefix from queries {w} or more positions \
-                     after it; eabfit never hides the slot. Outputs match eabfit on sequences shorter than {w} tokens.\n\n"
-                );
-            }
-        }
-        s += &format!(
-            "## BOS\n\nadd_bos = {}: {}\n\n",
-            tok.add_bos,
-            match (tok.add_bos, tok.bos) {
-                (true, Some(b)) => format!(
-                    "every sequence starts with BOS {b} ({:?}), as in training.",
-                    tok.token_text(b)
-                ),
-                (true, None) => "BOS is expected but the tokenizer names none.".into(),
-                (false, _) => "no BOS is prepended.".into(),
-            }
-        );
-        s += &format!(
-            "## How it was made\n\n- Base: `{}` ({})\n- Adapter: `{}` (base recorded in the adapter: `{}`)\n- \
-             `eabfit export --format {} --dtype {}` (eabfit {})\n",
-            absolute(&self.ckpt.source).unwrap_or_else(|_| self.ckpt.source.clone()).display(),
-            self.ckpt.format,
-            absolute(&self.plan.adapter).unwrap_or_else(|_| self.plan.adapter.clone()).display(),
-            m.base_model,
-            match self.plan.format {
-                ExportFormat::Hf => "hf",
-                ExportFormat::Peft => "peft",
-                ExportFormat::Both => "both",
-            },
-            if self.plan.dtype == DType::BF16 { "bf16" } else { "f32" },
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some((path, v)) = absolute(&self.plan.adapter)
-            .ok()
-            .and_then(|a| find_verify(&a))
-        {
-            s += &verify_section(&path, &v);
-        }
-        s
     }
 }
 
@@ -639,346 +556,4 @@ pub fn rope_rotate(x: &[f32], inv_freq: &[f64], pos: f64) -> Vec<f32> {
         out[i + half] = (x2 * c + x1 * s) as f32;
     }
     out
-}
-
-/// Writes `model.safetensors`, or shards + `model.safetensors.index.json` when the tensors
-/// exceed `max_shard` bytes. Returns (shards, bytes).
-fn write_weights(
-    dir: &Path,
-    mut tensors: Vec<(String, Tensor)>,
-    max_shard: u64,
-) -> Result<(usize, u64)> {
-    tensors.sort_by_key(|(n, _)| natural_key(n));
-    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
-    let mut used = 0u64;
-    for (n, t) in tensors {
-        let s = size(&t);
-        if used > 0 && used + s > max_shard {
-            shards.push(vec![]);
-            used = 0;
-        }
-        used += s;
-        shards.last_mut().expect("one shard").push((n, t));
-    }
-    let count = shards.len();
-    if count == 1 {
-        let path = dir.join("model.safetensors");
-        let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
-        crate::runtime::save_safetensors(&map, &path)?;
-        return Ok((1, total));
-    }
-    let mut weight_map = BTreeMap::new();
-    for (i, shard) in shards.into_iter().enumerate() {
-        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-        let path = dir.join(&file);
-        for (n, _) in &shard {
-            weight_map.insert(n.clone(), file.clone());
-        }
-        let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        crate::runtime::save_safetensors(&map, &path)?;
-    }
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_json(&dir.join("model.safetensors.index.json"), &index)?;
-    Ok((count, total))
-}
-
-/// `model.layers.10.x` after `model.layers.9.x`.
-fn natural_key(name: &str) -> Vec<(u8, usize, String)> {
-    name.split('.')
-        .map(|p| match p.parse::<usize>() {
-            Ok(n) => (0, n, String::new()),
-            Err(_) => (1, 0, p.to_string()),
-        })
-        .collect()
-}
-
-/// A `verify.json` beside the (absolute) adapter path: in it, its `verify/`, its parent or the
-/// parent's `verify/`.
-fn find_verify(adapter: &Path) -> Option<(PathBuf, Value)> {
-    let dirs: Vec<&Path> = std::iter::once(adapter).chain(adapter.parent()).collect();
-    dirs.iter()
-        .flat_map(|d| [d.join("verify.json"), d.join("verify").join("verify.json")])
-        .find_map(|p| {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
-            v.is_object().then_some((p, v))
-        })
-}
-
-fn verify_section(path: &Path, v: &Value) -> String {
-    let f = |x: &Value| x.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
-    let massive = |r: &Value| -> String {
-        r["layers"].as_array().map_or("-".into(), |ls| {
-            ls.iter()
-                .filter_map(|l| l["massive_count"].as_u64())
-                .sum::<u64>()
-                .to_string()
-        })
-    };
-    let mut s = format!("\n## Verification\n\nFrom `{}`:\n\n", path.display());
-    s += "| | base | adapted |\n|---|---|---|\n";
-    s += &format!(
-        "| perplexity | {} | {} |\n",
-        f(&v["base"]["ppl"]),
-        f(&v["adapted"]["ppl"])
-    );
-    s += &format!(
-        "| massive activations | {} | {} |\n",
-        massive(&v["base"]),
-        massive(&v["adapted"])
-    );
-    s += &format!(
-        "\nppl increase {}, KL(base || adapted) {}, verdict: {}\n",
-        v["ppl_increase"]
-            .as_f64()
-            .map_or("-".into(), |x| format!("{:+.2}%", 100.0 * x)),
-        f(&v["kl"]),
-        match v["pass"].as_bool() {
-            Some(true) => "pass",
-            Some(false) => "FAIL",
-            None => "-",
-        }
-    );
-    if let Some(checks) = v["checks"].as_array() {
-        for c in checks {
-            s += &format!(
-                "- {}: {} (limit {}) {}\n",
-                c["name"].as_str().unwrap_or("?"),
-                f(&c["value"]),
-                f(&c["limit"]),
-                if c["pass"].as_bool() == Some(true) {
-                    "pass"
-                } else {
-                    "FAIL"
-                }
-            );
-        }
-    }
-    s
-}
-
-/// Refuses an `--out` that would write into the source model, delete it or the adapter, or
-/// replace an existing folder without `--force`.
-fn guard_paths(ckpt: &Checkpoint, adapter: &Path, out: &Path, force: bool) -> Result<()> {
-    let src = absolute(&ckpt.source)?;
-    if ckpt.format == Format::HfDir && out.starts_with(&src) {
-        return Err(Error::file(
-            out,
-            format!(
-                "--out is inside the source model's folder {}; eabfit never writes there",
-                src.display()
-            ),
-        ));
-    }
-    if src.starts_with(out) {
-        return Err(Error::file(
-            out,
-            format!("--out holds the source model {}", src.display()),
-        ));
-    }
-    let adapter_abs = absolute(adapter)?;
-    if adapter_abs.starts_with(out) {
-        return Err(Error::file(
-            out,
-            format!("--out holds the adapter {}", adapter_abs.display()),
-        ));
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(out) {
-        if !force {
-            return Err(Error::file(
-                out,
-                "already exists; pass --force to replace it",
-            ));
-        }
-        if !meta.is_dir() {
-            return Err(Error::file(
-                out,
-                "exists and is not a folder; --force replaces folders only",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `p` made absolute: its longest existing ancestor canonicalized, the rest (`.` and `..`
-/// resolved) appended.
-fn absolute(p: &Path) -> Result<PathBuf> {
-    let joined = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| Error::file(p, e))?
-            .join(p)
-    };
-    let mut norm = PathBuf::new();
-    for c in joined.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                norm.pop();
-            }
-            other => norm.push(other),
-        }
-    }
-    let mut existing = norm.clone();
-    let mut rest = vec![];
-    while std::fs::symlink_metadata(&existing).is_err() {
-        match (existing.file_name(), existing.parent()) {
-            (Some(n), Some(parent)) => {
-                rest.push(n.to_owned());
-                existing = parent.to_path_buf();
-            }
-            _ => break,
-        }
-    }
-    let mut out = existing.canonicalize().unwrap_or(existing);
-    for n in rest.iter().rev() {
-        out.push(n);
-    }
-    Ok(out)
-}
-
-/// The export's temporary folder: removed on drop unless committed.
-struct TempDir(PathBuf, bool);
-
-impl TempDir {
-    fn new(path: PathBuf) -> Result<Self> {
-        if path.exists() {
-            let _ = std::fs::remove_dir_all(&path);
-        }
-        std::fs::create_dir(&path).map_err(|e| {
-            Error::file(
-                &path,
-                format!("cannot write beside --out (is its folder writable?): {e}"),
-            )
-        })?;
-        Ok(Self(path, false))
-    }
-
-    /// Renames the folder to `out`; an existing `out` is moved aside first and removed after.
-    fn commit(mut self, out: &Path) -> Result<()> {
-        let old = self.0.with_file_name(format!(
-            "{}.old",
-            self.0.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let replacing = out.exists();
-        if replacing {
-            std::fs::rename(out, &old)
-                .map_err(|e| Error::file(out, format!("cannot move the old export aside: {e}")))?;
-        }
-        if let Err(e) = std::fs::rename(&self.0, out) {
-            if replacing {
-                let _ = std::fs::rename(&old, out);
-            }
-            return Err(Error::file(
-                out,
-                format!("cannot move the export into place: {e}"),
-            ));
-        }
-        if replacing {
-            let _ = std::fs::remove_dir_all(&old);
-        }
-        self.1 = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.1 {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn mkdir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))
-}
-
-fn write_file(path: &Path, body: &[u8]) -> Result<()> {
-    std::fs::write(path, body).map_err(|e| Error::file(path, e))
-}
-
-fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let body = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
-    write_file(path, body.as_bytes())
-}
-
-/// `eabfit logits` (hidden): one sequence's logits as JSON, the reference that
-/// `scripts/peft_compare.py` holds transformers + PEFT against.
-#[derive(Debug, clap::Args)]
-pub struct LogitsArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Adapter folder to run on the model
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Token ids, comma-separated
-    #[arg(long, value_delimiter = ',', conflicts_with = "text")]
-    pub ids: Vec<u32>,
-    /// Text to tokenize instead (BOS prepended when the tokenizer config says so)
-    #[arg(long)]
-    pub text: Option<String>,
-    /// Where the JSON goes: {"ids": [...], "logits": [[...] per position], ...}
-    #[arg(long)]
-    pub json: PathBuf,
-}
-
-pub fn logits_cmd(args: &LogitsArgs) -> Result<()> {
-    let ckpt = args.model.open()?;
-    let device = args.model.device()?;
-    let base = ckpt.base(args.model.dtype(&device)?, &device)?;
-    let adapters = match &args.adapter {
-        Some(d) => AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
-        None => Adapters::none(),
-    };
-    let ids = match (&args.text, args.ids.is_empty()) {
-        (Some(t), _) => {
-            let mut ids = vec![];
-            if let (true, Some(b)) = (ckpt.tokenizer.add_bos, ckpt.tokenizer.bos) {
-                ids.push(b);
-            }
-            ids.extend(ckpt.tokenizer.encode(t)?);
-            ids
-        }
-        (None, false) => args.ids.clone(),
-        (None, true) => return Err(Error::Usage("logits needs --ids or --text".into())),
-    };
-    if ids.is_empty() {
-        return Err(Error::Usage("no tokens to run".into()));
-    }
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= ckpt.config.vocab_size) {
-        return Err(Error::Usage(format!(
-            "token id {bad} is outside the vocabulary ({})",
-            ckpt.config.vocab_size
-        )));
-    }
-    let effective = base.effective_adapters(&adapters);
-    let model = base.model(&adapters)?;
-    let logits = model
-        .logits(&Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?)?
-        .squeeze(0)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
-    let v = json!({
-        "model": ckpt.source.display().to_string(),
-        "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
-        "dtype": format!("{:?}", model.dtype()).to_lowercase(),
-        "slot_layers": (0..ckpt.config.num_hidden_layers)
-            .filter(|&l| effective.slots.get(l).is_some_and(Option::is_some))
-            .collect::<Vec<_>>(),
-        "mask_first_token": effective.mask_first_token,
-        "ids": ids,
-        "logits": logits,
-    });
-    let body = serde_json::to_string(&v).map_err(|e| Error::file(&args.json, e))?;
-    write_atomic(&args.json, body.as_bytes())?;
-    println!(
-        "{} positions x {} logits -> {}",
-        ids.len(),
-        ckpt.config.vocab_size,
-        args.json.display()
-    );
-    Ok(())
 }

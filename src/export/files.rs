@@ -1,0 +1,214 @@
+//! The files an export writes and where: weights (one file or shards + index), JSON, the
+//! temporary folder renamed into place, and the checks that keep `--out` away from the source.
+
+use crate::checkpoint::{Checkpoint, Format};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+/// Writes `model.safetensors`, or shards + `model.safetensors.index.json` when the tensors
+/// exceed `max_shard` bytes. Returns (shards, bytes).
+pub(super) fn write_weights(
+    dir: &Path,
+    mut tensors: Vec<(String, Tensor)>,
+    max_shard: u64,
+) -> Result<(usize, u64)> {
+    tensors.sort_by_key(|(n, _)| natural_key(n));
+    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let mut used = 0u64;
+    for (n, t) in tensors {
+        let s = size(&t);
+        if used > 0 && used + s > max_shard {
+            shards.push(vec![]);
+            used = 0;
+        }
+        used += s;
+        shards.last_mut().expect("one shard").push((n, t));
+    }
+    let count = shards.len();
+    if count == 1 {
+        let path = dir.join("model.safetensors");
+        let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
+        crate::runtime::save_safetensors(&map, &path)?;
+        return Ok((1, total));
+    }
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let path = dir.join(&file);
+        for (n, _) in &shard {
+            weight_map.insert(n.clone(), file.clone());
+        }
+        let map: HashMap<String, Tensor> = shard.into_iter().collect();
+        crate::runtime::save_safetensors(&map, &path)?;
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    Ok((count, total))
+}
+
+/// `model.layers.10.x` after `model.layers.9.x`.
+fn natural_key(name: &str) -> Vec<(u8, usize, String)> {
+    name.split('.')
+        .map(|p| match p.parse::<usize>() {
+            Ok(n) => (0, n, String::new()),
+            Err(_) => (1, 0, p.to_string()),
+        })
+        .collect()
+}
+
+/// Refuses an `--out` that would write into the source model, delete it or the adapter, or
+/// replace an existing folder without `--force`.
+pub(super) fn guard_paths(
+    ckpt: &Checkpoint,
+    adapter: &Path,
+    out: &Path,
+    force: bool,
+) -> Result<()> {
+    let src = absolute(&ckpt.source)?;
+    if ckpt.format == Format::HfDir && out.starts_with(&src) {
+        return Err(Error::file(
+            out,
+            format!(
+                "--out is inside the source model's folder {}; eabfit never writes there",
+                src.display()
+            ),
+        ));
+    }
+    if src.starts_with(out) {
+        return Err(Error::file(
+            out,
+            format!("--out holds the source model {}", src.display()),
+        ));
+    }
+    let adapter_abs = absolute(adapter)?;
+    if adapter_abs.starts_with(out) {
+        return Err(Error::file(
+            out,
+            format!("--out holds the adapter {}", adapter_abs.display()),
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(out) {
+        if !force {
+            return Err(Error::file(
+                out,
+                "already exists; pass --force to replace it",
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(Error::file(
+                out,
+                "exists and is not a folder; --force replaces folders only",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `p` made absolute: its longest existing ancestor canonicalized, the rest (`.` and `..`
+/// resolved) appended.
+pub(super) fn absolute(p: &Path) -> Result<PathBuf> {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::file(p, e))?
+            .join(p)
+    };
+    let mut norm = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                norm.pop();
+            }
+            other => norm.push(other),
+        }
+    }
+    let mut existing = norm.clone();
+    let mut rest = vec![];
+    while std::fs::symlink_metadata(&existing).is_err() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(n), Some(parent)) => {
+                rest.push(n.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    for n in rest.iter().rev() {
+        out.push(n);
+    }
+    Ok(out)
+}
+
+/// The export's temporary folder: removed on drop unless committed.
+pub(super) struct TempDir(pub(super) PathBuf, bool);
+
+impl TempDir {
+    pub(super) fn new(path: PathBuf) -> Result<Self> {
+        if path.exists() {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        std::fs::create_dir(&path).map_err(|e| {
+            Error::file(
+                &path,
+                format!("cannot write beside --out (is its folder writable?): {e}"),
+            )
+        })?;
+        Ok(Self(path, false))
+    }
+
+    /// Renames the folder to `out`; an existing `out` is moved aside first and removed after.
+    pub(super) fn commit(mut self, out: &Path) -> Result<()> {
+        let old = self.0.with_file_name(format!(
+            "{}.old",
+            self.0.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let replacing = out.exists();
+        if replacing {
+            std::fs::rename(out, &old)
+                .map_err(|e| Error::file(out, format!("cannot move the old export aside: {e}")))?;
+        }
+        if let Err(e) = std::fs::rename(&self.0, out) {
+            if replacing {
+                let _ = std::fs::rename(&old, out);
+            }
+            return Err(Error::file(
+                out,
+                format!("cannot move the export into place: {e}"),
+            ));
+        }
+        if replacing {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        self.1 = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub(super) fn mkdir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))
+}
+
+pub(super) fn write_file(path: &Path, body: &[u8]) -> Result<()> {
+    std::fs::write(path, body).map_err(|e| Error::file(path, e))
+}
+
+pub(super) fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let body = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
+    write_file(path, body.as_bytes())
+}
