@@ -35,7 +35,7 @@ over=(model.path="$model" data.train=$text data.eval=$text/hamlet_gut.txt data.s
       data.batch_size=4 data.eval_windows=2 optim.grad_accum=1 optim.warmup_steps=2
       adapters.eab.calib_windows=4 "adapters.lora.layers=[1]" train.steps=${TRAIN_STEPS:-8}
       train.out_dir=$work/run train.checkpoint_every=1000 eval.every=1000 log.dir=$work/tb)
-/usr/bin/time -v "$bin" train recipes/llama2-7b-eab.yaml "${over[@]}" 2>&1 | tee "$out/train.log" | grep -vE '^\s' | tail -n 20
+"$bin" train recipes/llama2-7b-eab.yaml "${over[@]}" 2>&1 | tee "$out/train.log" | grep -vE '^\s' | tail -n 20
 "$bin" verify recipes/llama2-7b-eab.yaml "${over[@]}" --out "$out/verify" 2>&1 | tee "$out/verify.log" | tail -n 20 || true
 "$bin" export --model "$model" --adapter "$work/run/best" --out "$work/export" --format hf --force 2>&1 | tee "$out/export.log" | tail -n 5
 ls -la "$work/export" | tee -a "$out/export.log"
