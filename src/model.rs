@@ -172,6 +172,25 @@ impl Config {
     }
 }
 
+/// The four inputs of a layer's projections: q, k and v read one input, gate and up another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearInput {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+/// Sees, and may replace, the inputs of the projections and the post-RoPE keys and values
+/// (fake quantization, activation statistics). Gradients flow through whatever it returns.
+pub trait ActHook: std::fmt::Debug + Send + Sync {
+    /// `x`: (B, T, d_in), the input of the `input` projections of `layer`.
+    fn linear_input(&self, layer: usize, input: LinearInput, x: &Tensor) -> CResult<Tensor>;
+    /// `k`, `v`: (B, KV, T, hd) after RoPE; an EAB slot comes through as (1, KV, 1, hd).
+    fn key_value(&self, layer: usize, k: &Tensor, v: &Tensor) -> CResult<(Tensor, Tensor)>;
+}
+
 /// What a caller wants to observe or change during one forward pass.
 #[derive(Debug, Clone, Default)]
 pub struct Taps {
@@ -186,6 +205,17 @@ pub struct Taps {
     /// A pass nobody differentiates (teacher, scan, eval): use candle's fused RMSNorm, RoPE and
     /// softmax kernels, which are faster and have no backward.
     pub inference: bool,
+    /// Sees every projection input and every key/value (see [`ActHook`]).
+    pub hook: Option<std::sync::Arc<dyn ActHook>>,
+}
+
+impl Taps {
+    fn linear_input(&self, layer: usize, input: LinearInput, x: Tensor) -> CResult<Tensor> {
+        match &self.hook {
+            Some(h) => h.linear_input(layer, input, &x),
+            None => Ok(x),
+        }
+    }
 }
 
 /// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
@@ -342,6 +372,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
+    layer: usize,
 }
 
 struct AttnOut {
@@ -367,6 +398,7 @@ impl Attention {
             n_heads: h,
             n_kv: kv,
             head_dim: hd,
+            layer,
         })
     }
 
@@ -385,6 +417,7 @@ impl Attention {
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor, taps: &Taps) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let x = &taps.linear_input(self.layer, LinearInput::Qkv, x.clone())?;
         let q = self
             .q_proj
             .forward(x)?
@@ -403,6 +436,25 @@ impl Attention {
             .contiguous()?;
         let q = rope.apply(&q.contiguous()?, taps.inference)?;
         let k = rope.apply(&k.contiguous()?, taps.inference)?;
+        let (k, v) = match &taps.hook {
+            Some(hook) => hook.key_value(self.layer, &k, &v)?,
+            None => (k, v),
+        };
+        let slot = match (&self.slot, &taps.hook) {
+            (Some(s), Some(hook)) => {
+                let (kv, hd) = s.k.dims2()?;
+                let (k, v) = hook.key_value(
+                    self.layer,
+                    &s.k.reshape((1, kv, 1, hd))?,
+                    &s.v.reshape((1, kv, 1, hd))?,
+                )?;
+                Some(EabSlot {
+                    k: k.reshape((kv, hd))?,
+                    v: v.reshape((kv, hd))?,
+                })
+            }
+            (s, _) => s.clone(),
+        };
         let first_kv = if taps.first_kv {
             Some((
                 k.narrow(2, 0, 1)?.squeeze(2)?,
@@ -416,7 +468,7 @@ impl Attention {
         // Scores and softmax in f32: bf16 logits of a sink position lose the tail mass.
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?; // (B, H, T, T)
         let scores = scores.broadcast_add(&mask.to_dtype(acc(q.dtype()))?)?;
-        let scores = match &self.slot {
+        let scores = match &slot {
             Some(slot) => {
                 let ks = self
                     .slot_heads(&slot.k, q.dtype())?
@@ -439,7 +491,7 @@ impl Attention {
             .to_dtype(v.dtype())?
             .contiguous()?
             .matmul(&v)?; // (B, H, T, hd)
-        if let Some(slot) = &self.slot {
+        if let Some(slot) = &slot {
             let vs = self
                 .slot_heads(&slot.v, v.dtype())?
                 .unsqueeze(0)?
@@ -453,6 +505,7 @@ impl Attention {
             None
         };
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        let out = taps.linear_input(self.layer, LinearInput::O, out)?;
         Ok(AttnOut {
             out: self.o_proj.forward(&out)?,
             stats,
@@ -490,21 +543,29 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    layer: usize,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_proj: Linear::load(vb.pp("gate_proj"), d, f, adapters)?,
             up_proj: Linear::load(vb.pp("up_proj"), d, f, adapters)?,
             down_proj: Linear::load(vb.pp("down_proj"), f, d, adapters)?,
+            layer,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+    fn forward(&self, x: &Tensor, taps: &Taps) -> CResult<Tensor> {
+        let x = &taps.linear_input(self.layer, LinearInput::GateUp, x.clone())?;
         let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let inner = taps.linear_input(
+            self.layer,
+            LinearInput::Down,
+            (gate * self.up_proj.forward(x)?)?,
+        )?;
+        self.down_proj.forward(&inner)
     }
 }
 
@@ -520,7 +581,7 @@ impl Block {
     fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg, layer, adapters)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg, adapters)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, layer, adapters)?,
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
                 cfg.hidden_size,
@@ -549,9 +610,10 @@ impl Block {
         )?;
         let x = (x + &attn.out)?;
         let x = (&x
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&x, taps.inference)?)?)?;
+            + self.mlp.forward(
+                &self.post_attention_layernorm.forward(&x, taps.inference)?,
+                taps,
+            )?)?;
         Ok((x, attn))
     }
 }
