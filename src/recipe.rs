@@ -1016,6 +1016,38 @@ mod tests {
     }
 
     #[test]
+    fn verify_quant_check_is_typed() {
+        let r = parse(
+            &format!(
+                "{MINIMAL}verify:\n  quant:\n    max_gap: 0.25\n    a: 6\n    act_scale: token\n"
+            ),
+            &["verify.seq_len=256"],
+        )
+        .unwrap();
+        let q = &r.verify.quant;
+        assert_eq!((q.max_gap, q.w, q.a, q.kv), (Some(0.25), 8, 6, 16));
+        assert_eq!(q.act_scale, crate::quant::ActScale::Token);
+        assert_eq!((r.verify.seq_len, r.verify.windows), (256, 10));
+        let msg = fails(
+            &format!("{MINIMAL}verify:\n  quant:\n    max_gapp: 0.1\n"),
+            &[],
+        );
+        assert!(
+            msg.contains("unknown field `max_gapp`; did you mean `max_gap`?"),
+            "{msg}"
+        );
+        let msg = fails(&format!("{MINIMAL}verify:\n  quant:\n    a: 1\n"), &[]);
+        assert!(msg.contains("verify.quant.a must be in 2..=16"), "{msg}");
+        let msg = fails(
+            &format!("{MINIMAL}verify:\n  quant:\n    act_scale: row\n"),
+            &[],
+        );
+        assert!(msg.contains("act_scale"), "{msg}");
+        let msg = fails(MINIMAL, &["verify.quant.max_gap=-1"]);
+        assert!(msg.contains("verify.quant.max_gap must be >= 0"), "{msg}");
+    }
+
+    #[test]
     fn non_default_values_round_trip() {
         let mut recipe = Recipe::new("org/model", "train/", "e.txt");
         recipe.model.dtype = Some(Dtype::Bf16);
