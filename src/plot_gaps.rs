@@ -83,7 +83,13 @@ where
             String::new()
         }
     };
-    let y_label = |y: &f64| format!("{y:.2}");
+    let y_label = |y: &f64| {
+        if *y >= 10.0 {
+            format!("{y:.0}")
+        } else {
+            format!("{y:.2}")
+        }
+    };
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh()
         .x_labels(n)
@@ -113,8 +119,8 @@ where
     }
     if text {
         let style = TextStyle::from((FAMILY, 15).into_font());
-        let (w, _) = root.dim_in_pixel();
-        let x0 = w as i32 - 170;
+        // Top left: the first settings (weights only, 8 bits) have the shortest bars.
+        let x0 = 100;
         for (k, (name, color)) in [("base", BASE), ("eab", EAB)]
             .into_iter()
             .take(if two { 2 } else { 1 })
