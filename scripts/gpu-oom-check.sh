@@ -7,7 +7,7 @@
 #   scripts/gpu-oom-check.sh
 # It writes a random LLaMA-shaped model with a word-level tokenizer and a long context (no
 # download; plain Python, no packages) under $OUT/oom (OUT default ./gpu-oom-out), then runs
-#   eabfit bench --shape llama2-7b --device cuda --batch 512 --seq 2048 --steps 1 --warmup 0
+#   eabfit bench --shape llama2-7b --device cuda --batch 64 --seq 2048 --steps 1 --warmup 0
 #   eabfit scan  --model M --text T --device cuda --seq-len 262144 --num-seqs 1
 #   eabfit train recipes/tiny-debug.yaml model.path=M model.device=cuda data.seq_len=4096 \
 #       data.batch_size=2048 ...
@@ -96,13 +96,13 @@ check() {
   fi
 }
 
-check bench 3 '^error: out of memory in bench llama2-7b train at batch 512 x seq_len 2048: lower --batch or --seq' -- \
-  "$bin" bench --shape llama2-7b --device cuda --batch 512 --seq 2048 --steps 1 --warmup 0
-check scan 1 '^error: out of memory in scan at batch 1 x seq_len 262144: lower --seq-len' -- \
-  "$bin" scan --model "$out/model" --text "$out/text.txt" --device cuda --seq-len 262144 --num-seqs 1
+check bench 3 '^error: out of memory in bench llama2-7b train at batch 64 x seq_len 2048: lower --batch or --seq' -- \
+  "$bin" bench --shape llama2-7b --device cuda --batch 64 --seq 2048 --steps 1 --warmup 0
 check train 1 '^error: out of memory in train at batch 2048 x seq_len 4096: lower data.batch_size' -- \
   "$bin" train "$repo/recipes/tiny-debug.yaml" "model.path=$out/model" model.device=cuda \
   "data.train=$out/text.txt" "data.eval=$out/text.txt" data.seq_len=4096 data.batch_size=2048 \
   data.eval_windows=1 optim.grad_accum=1 "adapters.lora.layers=[0]" \
   "train.out_dir=$out/run" "log.dir=$out/tb"
+check scan 1 '^error: out of memory in scan at batch 1 x seq_len 262144: lower --seq-len' -- \
+  "$bin" scan --model "$out/model" --text "$out/text.txt" --device cuda --seq-len 262144 --num-seqs 1
 exit $fail

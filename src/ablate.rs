@@ -102,6 +102,10 @@ pub struct Row {
     pub tokens_per_s: Option<f64>,
     pub wall_s: Option<f64>,
     pub verify: Option<bool>,
+    /// The adapted model's quantized / float perplexity - 1, when the recipe sets
+    /// verify.quant.max_gap.
+    #[serde(default)]
+    pub quant_gap: Option<f64>,
 }
 
 impl Row {
@@ -120,20 +124,22 @@ impl Row {
             tokens_per_s: None,
             wall_s: None,
             verify: None,
+            quant_gap: None,
         }
     }
 }
 
 /// Trains and verifies one point; its figures are those of the adapters verify checks (`best/`).
-fn run_point(r: &Recipe) -> Result<(Summary, bool, f64)> {
+fn run_point(r: &Recipe) -> Result<(Summary, bool, f64, Option<f64>)> {
     let (_, summary) = train(r, None)?;
     // train writes into r.train.out_dir, which is where the recipe's plan looks.
     let plan = VerifyPlan::from_recipe(r);
     let report = verify(&plan)?;
-    Ok((summary, report.pass, report.adapted.ppl))
+    let gap = report.quant.as_ref().map(|q| q.gap);
+    Ok((summary, report.pass, report.adapted.ppl, gap))
 }
 
-fn row_of(point: &str, s: &Summary, pass: bool, ppl_after: f64) -> Row {
+fn row_of(point: &str, s: &Summary, pass: bool, ppl_after: f64, quant_gap: Option<f64>) -> Row {
     let (worst_layer, worst_top1) = s.best.top1.iter().enumerate().fold(
         (0, 0f64),
         |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
@@ -152,10 +158,11 @@ fn row_of(point: &str, s: &Summary, pass: bool, ppl_after: f64) -> Row {
         tokens_per_s: Some(s.tokens_per_s),
         wall_s: Some(s.wall_s),
         verify: Some(pass),
+        quant_gap,
     }
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; 14] = [
     "point",
     "status",
     "loss",
@@ -169,6 +176,7 @@ const HEADER: [&str; 13] = [
     "tokens_per_s",
     "wall_s",
     "verify",
+    "quant_gap",
 ];
 
 fn cells(r: &Row) -> Vec<String> {
@@ -190,6 +198,7 @@ fn cells(r: &Row) -> Vec<String> {
             "-".into(),
             |v| if v { "pass".into() } else { "fail".into() },
         ),
+        f(r.quant_gap, 4),
     ]
 }
 
@@ -257,7 +266,7 @@ pub fn ablate(r: &Recipe, origin: &str, resume: bool) -> Result<(PathBuf, Vec<Ro
         }
         eprintln!("[{}/{}] {}", i + 1, pts.len(), p.name);
         let row = match run_point(pr) {
-            Ok((s, pass, ppl)) => row_of(&p.name, &s, pass, ppl),
+            Ok((s, pass, ppl, gap)) => row_of(&p.name, &s, pass, ppl, gap),
             Err(e) => {
                 eprintln!("point {} failed: {e}", p.name);
                 Row::failed(&p.name, &e)

@@ -30,6 +30,8 @@ enum Command {
     Train(commands::TrainArgs),
     /// Base vs adapted on the same windows: massive activations gone, perplexity held?
     Verify(commands::VerifyArgs),
+    /// Perplexity under fake-quantized weights / activations / KV, base vs adapted, one setting or a grid
+    Quant(eabfit::quant_eval::QuantArgs),
     /// Run a recipe's ablation grid, one training run per point, and summarise them
     Ablate(commands::AblateArgs),
     /// Time a training step (or a forward pass) of a random LLaMA-shaped model with slots + LoRA
@@ -68,6 +70,7 @@ fn main() {
         Command::Train(a) => commands::train_cmd(a),
         Command::Verify(a) => commands::verify_cmd(a),
         Command::Ablate(a) => commands::ablate_cmd(a),
+        Command::Quant(a) => eabfit::quant_eval::quant_cmd(a),
         Command::Bench(a) => eabfit::bench::bench_cmd(a),
         Command::Export(a) => eabfit::export::export_cmd(a),
         Command::Generate(a) => eabfit::generate::generate_cmd(a),

@@ -177,6 +177,25 @@ impl Config {
     }
 }
 
+/// The four inputs of a layer's projections: q, k and v read one input, gate and up another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearInput {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+/// Sees, and may replace, the inputs of the projections and the post-RoPE keys and values
+/// (fake quantization, activation statistics). Gradients flow through whatever it returns.
+pub trait ActHook: std::fmt::Debug + Send + Sync {
+    /// `x`: (B, T, d_in), the input of the `input` projections of `layer`.
+    fn linear_input(&self, layer: usize, input: LinearInput, x: &Tensor) -> CResult<Tensor>;
+    /// `k`, `v`: (B, KV, T, hd) after RoPE; an EAB slot comes through as (1, KV, 1, hd).
+    fn key_value(&self, layer: usize, k: &Tensor, v: &Tensor) -> CResult<(Tensor, Tensor)>;
+}
+
 /// What a caller wants to observe or change during one forward pass.
 #[derive(Debug, Clone, Default)]
 pub struct Taps {
@@ -192,6 +211,17 @@ pub struct Taps {
     /// (activation recomputation; blocks with LoRA are kept whole). Only `hidden` combines
     /// with it.
     pub recompute: bool,
+    /// Sees every projection input and every key/value (see [`ActHook`]).
+    pub hook: Option<std::sync::Arc<dyn ActHook>>,
+}
+
+impl Taps {
+    fn linear_input(&self, layer: usize, input: LinearInput, x: Tensor) -> CResult<Tensor> {
+        match &self.hook {
+            Some(h) => h.linear_input(layer, input, &x),
+            None => Ok(x),
+        }
+    }
 }
 
 /// Set `h[:, position, dim] = value` in the output of decoder layer `layer`.
@@ -319,6 +349,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
+    layer: usize,
 }
 
 struct AttnOut {
@@ -347,6 +378,7 @@ impl Attention {
             n_heads: h,
             n_kv: kv,
             head_dim: hd,
+            layer,
         })
     }
 
@@ -362,6 +394,7 @@ impl Attention {
     ) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let x = &taps.linear_input(self.layer, LinearInput::Qkv, x.clone())?;
         let q = self
             .q_proj
             .forward(x)?
@@ -379,13 +412,31 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?; // (B, KV, T, hd)
         let q = rope.apply(&q, masks.start)?;
-        let mut k = rope.apply(&k, masks.start)?;
-        let mut v = v;
+        let k = rope.apply(&k, masks.start)?;
+        let (mut k, mut v) = match &taps.hook {
+            Some(hook) => hook.key_value(self.layer, &k, &v)?,
+            None => (k, v),
+        };
         if let Some((pk, pv)) = past {
             k = Tensor::cat(&[pk, &k], 2)?.contiguous()?; // (B, KV, start + T, hd)
             v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
         }
         let kv_out = (k.clone(), v.clone());
+        let slot = match (&self.slot, &taps.hook) {
+            (Some(s), Some(hook)) => {
+                let (kv, hd) = s.k.dims2()?;
+                let (k, v) = hook.key_value(
+                    self.layer,
+                    &s.k.reshape((1, kv, 1, hd))?,
+                    &s.v.reshape((1, kv, 1, hd))?,
+                )?;
+                Some(EabSlot {
+                    k: k.reshape((kv, hd))?,
+                    v: v.reshape((kv, hd))?,
+                })
+            }
+            (s, _) => s.clone(),
+        };
         let first_kv = if taps.first_kv {
             Some((
                 k.narrow(2, 0, 1)?.squeeze(2)?,
@@ -395,7 +446,7 @@ impl Attention {
             None
         };
         // The slot is key 0 of every KV head, ahead of the tokens; position-free, never rotated.
-        let (k, v, mask, spec) = match &self.slot {
+        let (k, v, mask, spec) = match &slot {
             Some(slot) => {
                 let lead = |x: &Tensor| -> CResult<Tensor> {
                     x.to_dtype(k.dtype())?
@@ -417,6 +468,7 @@ impl Attention {
             .ok_or_else(|| candle_core::Error::Msg("attention mask not built".into()))?;
         let (out, stats) = attention::attention(&q, &k, &v, mask, &spec, taps.attn)?; // (B, T, H, hd)
         let out = out.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        let out = taps.linear_input(self.layer, LinearInput::O, out)?;
         Ok(AttnOut {
             out: self.o_proj.forward(&out)?,
             stats,
@@ -453,21 +505,29 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    layer: usize,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_proj: Linear::load(vb.pp("gate_proj"), d, f, adapters)?,
             up_proj: Linear::load(vb.pp("up_proj"), d, f, adapters)?,
             down_proj: Linear::load(vb.pp("down_proj"), f, d, adapters)?,
+            layer,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+    fn forward(&self, x: &Tensor, taps: &Taps) -> CResult<Tensor> {
+        let x = &taps.linear_input(self.layer, LinearInput::GateUp, x.clone())?;
         let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let inner = taps.linear_input(
+            self.layer,
+            LinearInput::Down,
+            (gate * self.up_proj.forward(x)?)?,
+        )?;
+        self.down_proj.forward(&inner)
     }
 }
 
@@ -483,7 +543,7 @@ impl Block {
     fn load(vb: VarBuilder, cfg: &Config, layer: usize, adapters: &Adapters) -> CResult<Self> {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg, layer, adapters)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg, adapters)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, layer, adapters)?,
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
                 cfg.hidden_size,
@@ -512,7 +572,7 @@ impl Block {
         let x = (&x
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
+                .forward(&self.post_attention_layernorm.forward(&x)?, taps)?)?;
         Ok((x, attn))
     }
 

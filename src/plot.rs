@@ -21,7 +21,7 @@ pub struct LayerSeries {
 const SIZE: (u32, u32) = (1000, 600);
 /// Log axes cannot show zero; a true zero lands here instead of vanishing from the line.
 const FLOOR: f64 = 1e-6;
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 const STATS: [&str; 4] = ["top-1", "top-2", "top-3", "median"];
 // Colour encodes the statistic, so a before/after overlay compares like with like.
 const COLORS: [RGBColor; 4] = [
@@ -31,7 +31,7 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(31, 119, 180),
 ];
 
-type DynError = Box<dyn std::error::Error>;
+pub(crate) type DynError = Box<dyn std::error::Error>;
 
 /// Draws the figure to `out`: `.png`, `.svg`, or, for any other extension, both beside it.
 /// Returns warnings (no font found, values clamped) that do not stop the plot.
@@ -272,7 +272,7 @@ fn fmt_mag(y: f64) -> String {
 }
 
 /// Registers a system font once per process; returns whether text can be drawn, and warnings.
-fn font() -> &'static (bool, Vec<String>) {
+pub(crate) fn font() -> &'static (bool, Vec<String>) {
     static FONT: OnceLock<(bool, Vec<String>)> = OnceLock::new();
     FONT.get_or_init(|| {
         let mut warnings = Vec::new();
@@ -330,7 +330,7 @@ fn system_fonts() -> Vec<PathBuf> {
 }
 
 /// Writes through a temp file in the same folder, so a reader never sees half a figure.
-fn write_atomic(
+pub(crate) fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> std::result::Result<(), DynError>,
 ) -> Result<()> {

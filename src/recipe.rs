@@ -434,6 +434,13 @@ pub struct VerifySection {
     pub max_massive: usize,
     /// Allowed relative perplexity increase over the base model.
     pub max_ppl_increase: f64,
+    /// Text to verify on [default: data.eval]; text the run never saw is the honest test.
+    pub text: Option<PathBuf>,
+    /// Long by default: massive activations on mid-window tokens (LLaMA-2's "." and "\n"
+    /// kind) only show in windows long enough to hold such tokens.
+    pub seq_len: usize,
+    pub windows: usize,
+    pub quant: QuantCheck,
 }
 
 impl Default for VerifySection {
@@ -441,6 +448,46 @@ impl Default for VerifySection {
         Self {
             max_massive: 0,
             max_ppl_increase: 0.01,
+            text: None,
+            seq_len: 512,
+            windows: 10,
+            quant: QuantCheck::default(),
+        }
+    }
+}
+
+/// Optional check that the adapted model quantizes well: its perplexity under the setting
+/// (w, a, kv, act_scale; see `eabfit quant`) at most `max_gap` above its float perplexity
+/// (0.1 = +10%). No check while `max_gap` is unset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantCheck {
+    pub max_gap: Option<f64>,
+    pub w: u32,
+    pub a: u32,
+    pub kv: u32,
+    pub act_scale: crate::quant::ActScale,
+}
+
+impl Default for QuantCheck {
+    fn default() -> Self {
+        Self {
+            max_gap: None,
+            w: 8,
+            a: 8,
+            kv: 16,
+            act_scale: crate::quant::ActScale::Tensor,
+        }
+    }
+}
+
+impl QuantCheck {
+    pub fn setting(&self) -> crate::quant::Setting {
+        crate::quant::Setting {
+            w: self.w,
+            a: self.a,
+            kv: self.kv,
+            act_scale: self.act_scale,
         }
     }
 }
@@ -597,7 +644,25 @@ impl Recipe {
         non_negative("eval.abs", self.eval.abs)?;
         non_negative("eval.ratio", self.eval.ratio)?;
         at_least_one("log.every", self.log.every)?;
-        non_negative("verify.max_ppl_increase", self.verify.max_ppl_increase)?;
+        let v = &self.verify;
+        non_negative("verify.max_ppl_increase", v.max_ppl_increase)?;
+        at_least_one("verify.seq_len", v.seq_len)?;
+        at_least_one("verify.windows", v.windows)?;
+        if let Some(gap) = v.quant.max_gap {
+            non_negative("verify.quant.max_gap", gap)?;
+        }
+        for (path, bits) in [
+            ("verify.quant.w", v.quant.w),
+            ("verify.quant.a", v.quant.a),
+            ("verify.quant.kv", v.quant.kv),
+        ] {
+            check(
+                (2..=16).contains(&bits),
+                path,
+                "in 2..=16 (16 = float)",
+                bits,
+            )?;
+        }
 
         // Checked here so that a misspelt grid key fails before the first of many runs.
         let fields = field_paths();
@@ -960,6 +1025,38 @@ mod tests {
                 "ablate:"
             ]
         );
+    }
+
+    #[test]
+    fn verify_quant_check_is_typed() {
+        let r = parse(
+            &format!(
+                "{MINIMAL}verify:\n  quant:\n    max_gap: 0.25\n    a: 6\n    act_scale: token\n"
+            ),
+            &["verify.seq_len=256"],
+        )
+        .unwrap();
+        let q = &r.verify.quant;
+        assert_eq!((q.max_gap, q.w, q.a, q.kv), (Some(0.25), 8, 6, 16));
+        assert_eq!(q.act_scale, crate::quant::ActScale::Token);
+        assert_eq!((r.verify.seq_len, r.verify.windows), (256, 10));
+        let msg = fails(
+            &format!("{MINIMAL}verify:\n  quant:\n    max_gapp: 0.1\n"),
+            &[],
+        );
+        assert!(
+            msg.contains("unknown field `max_gapp`; did you mean `max_gap`?"),
+            "{msg}"
+        );
+        let msg = fails(&format!("{MINIMAL}verify:\n  quant:\n    a: 1\n"), &[]);
+        assert!(msg.contains("verify.quant.a must be in 2..=16"), "{msg}");
+        let msg = fails(
+            &format!("{MINIMAL}verify:\n  quant:\n    act_scale: row\n"),
+            &[],
+        );
+        assert!(msg.contains("act_scale"), "{msg}");
+        let msg = fails(MINIMAL, &["verify.quant.max_gap=-1"]);
+        assert!(msg.contains("verify.quant.max_gap must be >= 0"), "{msg}");
     }
 
     #[test]

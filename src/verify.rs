@@ -6,6 +6,8 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{read_text, Windows};
 use crate::loss::kl_to_teacher;
 use crate::plot::LayerSeries;
+use crate::quant::Setting;
+use crate::quant_eval::quant_ppl;
 use crate::recipe::Recipe;
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
@@ -26,6 +28,8 @@ pub struct VerifyPlan {
     pub rule: Rule,
     pub max_massive: usize,
     pub max_ppl_increase: f64,
+    /// Quantization setting and the largest gap to float perplexity allowed for the adapted model.
+    pub quant: Option<(Setting, f64)>,
     pub out: PathBuf,
 }
 
@@ -38,15 +42,20 @@ impl VerifyPlan {
             device: r.model.device.clone(),
             dtype: r.model.dtype.map(|d| d.name().to_string()),
             adapter: r.train.out_dir.join("best"),
-            text: r.data.eval.clone(),
-            seq_len: r.data.seq_len,
-            num_seqs: r.data.eval_windows,
+            text: r.verify.text.clone().unwrap_or_else(|| r.data.eval.clone()),
+            seq_len: r.verify.seq_len,
+            num_seqs: r.verify.windows,
             rule: Rule {
                 abs: r.eval.abs,
                 ratio: r.eval.ratio,
             },
             max_massive: r.verify.max_massive,
             max_ppl_increase: r.verify.max_ppl_increase,
+            quant: r
+                .verify
+                .quant
+                .max_gap
+                .map(|g| (r.verify.quant.setting(), g)),
             out: r.train.out_dir.join("verify"),
         }
     }
@@ -60,6 +69,17 @@ pub struct Check {
     pub pass: bool,
 }
 
+/// Perplexity under one fake-quantization setting, base and adapted, on the verify windows.
+#[derive(Debug, Serialize)]
+pub struct QuantGap {
+    pub setting: String,
+    pub base_quant_ppl: f64,
+    pub quant_ppl: f64,
+    /// quant / float - 1 of the base and of the adapted model.
+    pub base_gap: f64,
+    pub gap: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
     pub adapter: String,
@@ -68,6 +88,8 @@ pub struct VerifyReport {
     /// KL(base || adapted) per position, over the same windows.
     pub kl: f64,
     pub ppl_increase: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantGap>,
     pub checks: Vec<Check>,
     pub pass: bool,
 }
@@ -94,7 +116,18 @@ impl VerifyReport {
             worst(&self.base),
             worst(&self.adapted)
         );
-        s += &format!("| KL(base \\|\\| adapted) | 0 | {:.5} |\n\n", self.kl);
+        s += &format!("| KL(base \\|\\| adapted) | 0 | {:.5} |\n", self.kl);
+        if let Some(q) = &self.quant {
+            s += &format!(
+                "| perplexity {} | {:.4} ({:+.2}%) | {:.4} ({:+.2}%) |\n",
+                q.setting,
+                q.base_quant_ppl,
+                100.0 * q.base_gap,
+                q.quant_ppl,
+                100.0 * q.gap
+            );
+        }
+        s += "\n";
         s += "| layer | top-1 base | top-1 adapted | top-1/median base | top-1/median adapted | attn@0 base | attn@0 adapted | attn@EAB |\n|---|---|---|---|---|---|---|---|\n";
         for (b, a) in self.base.layers.iter().zip(&self.adapted.layers) {
             let ratio = |l: &crate::scan::LayerScan| l.top[0] / l.median.max(f64::MIN_POSITIVE);
@@ -124,7 +157,9 @@ impl VerifyReport {
     }
 }
 
-fn scan_both(plan: &VerifyPlan) -> Result<(ScanReport, ScanReport, f64)> {
+type Scans = (ScanReport, ScanReport, f64, Option<QuantGap>);
+
+fn scan_both(plan: &VerifyPlan) -> Result<Scans> {
     let ckpt = Checkpoint::open(&plan.model)?;
     let device = parse_device(&plan.device)?;
     let base = ckpt.base(parse_dtype(plan.dtype.as_deref(), &device)?, &device)?;
@@ -156,19 +191,33 @@ fn scan_both(plan: &VerifyPlan) -> Result<(ScanReport, ScanReport, f64)> {
     }
     let name = ckpt.source.display().to_string();
     let bos = windows.bos.is_some();
-    Ok((
+    let (rb, ra) = (
         sb.finish(&ckpt.tokenizer, &name, plan.seq_len, bos),
         sa.finish(&ckpt.tokenizer, &name, plan.seq_len, bos),
-        kl / windows.len() as f64,
-    ))
+    );
+    let quant = match &plan.quant {
+        Some((s, _)) => {
+            let base_quant_ppl = quant_ppl(&base, &Adapters::none(), &windows, s)?;
+            let quant_ppl = quant_ppl(&base, &set.adapters(), &windows, s)?;
+            Some(QuantGap {
+                setting: s.label(),
+                base_quant_ppl,
+                quant_ppl,
+                base_gap: base_quant_ppl / rb.ppl - 1.0,
+                gap: quant_ppl / ra.ppl - 1.0,
+            })
+        }
+        None => None,
+    };
+    Ok((rb, ra, kl / windows.len() as f64, quant))
 }
 
 /// Runs both scans, writes `verify.json`, `verify.md` and `verify.png`/`.svg` into `plan.out`,
 /// prints the report; the error of a failed verification names every failed check.
 pub fn verify(plan: &VerifyPlan) -> Result<VerifyReport> {
-    let (base, adapted, kl) = scan_both(plan)?;
+    let (base, adapted, kl, quant) = scan_both(plan)?;
     let ppl_increase = adapted.ppl / base.ppl - 1.0;
-    let checks = vec![
+    let mut checks = vec![
         Check {
             name: "massive_count".into(),
             value: adapted.massive_count() as f64,
@@ -182,6 +231,14 @@ pub fn verify(plan: &VerifyPlan) -> Result<VerifyReport> {
             pass: ppl_increase <= plan.max_ppl_increase,
         },
     ];
+    if let (Some(q), Some((_, max_gap))) = (&quant, &plan.quant) {
+        checks.push(Check {
+            name: "quant_gap".into(),
+            value: q.gap,
+            limit: *max_gap,
+            pass: q.gap <= *max_gap,
+        });
+    }
     let pass = checks.iter().all(|c| c.pass);
     let report = VerifyReport {
         adapter: plan.adapter.display().to_string(),
@@ -189,6 +246,7 @@ pub fn verify(plan: &VerifyPlan) -> Result<VerifyReport> {
         adapted,
         kl,
         ppl_increase,
+        quant,
         checks,
         pass,
     };

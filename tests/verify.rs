@@ -110,4 +110,74 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
     for f in ["verify.md", "verify.png", "verify.svg"] {
         assert!(t.path().join("v-fit").join(f).is_file(), "{f}");
     }
+
+    // The recipe form with the quantization check: its gap is `eabfit quant`'s on the same
+    // windows, and a limit below it fails naming `quant_gap`.
+    let recipe_verify = |max_gap: &str, out: &str| {
+        let args = [
+            "verify".to_string(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny-debug.yaml").to_string(),
+            format!("model.path={}", t.spec()),
+            format!("data.train={}", train_txt.display()),
+            format!("data.eval={}", eval_txt.display()),
+            format!("train.out_dir={}", fit.display()),
+            "verify.max_ppl_increase=0.05".to_string(),
+            "verify.quant.w=4".to_string(),
+            "verify.quant.a=4".to_string(),
+            format!("verify.quant.max_gap={max_gap}"),
+            "--out".to_string(),
+            t.path().join(out).display().to_string(),
+        ];
+        Command::new(bin()).args(&args).output().unwrap()
+    };
+    let o = recipe_verify("1000", "v-quant");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.path().join("v-quant/verify.json")).unwrap(),
+    )
+    .unwrap();
+    let gap = v["quant"]["gap"].as_f64().unwrap();
+    assert_eq!(v["quant"]["setting"], "W4A4 tensor");
+    let q_json = t.path().join("q.json");
+    let o = Command::new(bin())
+        .args([
+            "quant",
+            "--model",
+            &t.spec(),
+            "--adapter",
+            fit.join("best").to_str().unwrap(),
+            "--text",
+            eval_txt.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--num-seqs",
+            "2",
+            "--w",
+            "4",
+            "--a",
+            "4",
+            "--json",
+            q_json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&q_json).unwrap()).unwrap();
+    assert!(
+        (q["gap"].as_f64().unwrap() - gap).abs() < 1e-9,
+        "{q} vs {gap}"
+    );
+    assert!(
+        (q["base"]["gap"].as_f64().unwrap() - v["quant"]["base_gap"].as_f64().unwrap()).abs()
+            < 1e-9
+    );
+    assert!(
+        gap > 0.0,
+        "W4A4 should cost the tiny model something: {gap}"
+    );
+    let o = recipe_verify("0", "v-quant-fail");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("verify failed: quant_gap"), "{stderr}");
 }
