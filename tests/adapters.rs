@@ -59,6 +59,22 @@ fn batch(seqs: &[Vec<u32>]) -> Tensor {
     Tensor::from_vec(flat, (seqs.len(), t), &Device::Cpu).unwrap()
 }
 
+/// The same adapters as f64 Vars (the finite-difference and recompute checks run in f64).
+fn in_f64(set: &AdapterSet) -> AdapterSet {
+    let vars: BTreeMap<String, Var> = set
+        .vars
+        .iter()
+        .map(|(k, v)| {
+            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+            (k.clone(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    AdapterSet {
+        meta: set.meta.clone(),
+        vars,
+    }
+}
+
 /// Uniform-ish noise of the given std (seeded), f32.
 fn noise(rng: &mut StdRng, shape: (usize, usize), std: f64) -> Tensor {
     let n = shape.0 * shape.1;
@@ -398,18 +414,7 @@ fn adapter_gradients_match_finite_differences() {
         .unwrap();
         randomize_lora_b(&set32, &mut rng, 0.3);
         assert_eq!(set32.vars.len(), 2 * 3 + 2 * 2);
-        let vars: BTreeMap<String, Var> = set32
-            .vars
-            .iter()
-            .map(|(k, v)| {
-                let t = v.as_tensor().to_dtype(DType::F64).unwrap();
-                (k.clone(), Var::from_tensor(&t).unwrap())
-            })
-            .collect();
-        let set = AdapterSet {
-            meta: set32.meta.clone(),
-            vars,
-        };
+        let set = in_f64(&set32);
         let model = Model::load(
             VarBuilder::from_tensors(weights.clone(), DType::F64, &Device::Cpu),
             &cfg,
@@ -469,18 +474,7 @@ fn recompute_gives_the_same_loss_and_gradients() {
     )
     .unwrap();
     randomize_lora_b(&set32, &mut rng, 0.3);
-    let vars: BTreeMap<String, Var> = set32
-        .vars
-        .iter()
-        .map(|(k, v)| {
-            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
-            (k.clone(), Var::from_tensor(&t).unwrap())
-        })
-        .collect();
-    let set = AdapterSet {
-        meta: set32.meta.clone(),
-        vars,
-    };
+    let set = in_f64(&set32);
     let model = Model::load(
         VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu),
         &cfg,
