@@ -682,7 +682,8 @@ fn adapter_save_load_round_trip_and_shape_errors() {
         assert_eq!(common::max_abs_diff(t, var.as_tensor()), 0.0, "{name}");
     }
 
-    let edits: [(&str, fn(&mut Config)); 2] = [
+    type Edit = (&'static str, fn(&mut Config));
+    let edits: [Edit; 2] = [
         ("hidden_size", |c| c.hidden_size = 48),
         ("num_hidden_layers", |c| c.num_hidden_layers = 4),
     ];
@@ -749,8 +750,8 @@ fn mask_first_token_needs_a_slot_in_every_layer() {
     )
     .unwrap();
     let msg = Model::load(ts(&weights), &cfg, &set.adapters())
-        .err()
-        .expect("loaded mask_first_token with layer 1 slot-less")
+        .map(|_| ())
+        .expect_err("loaded mask_first_token with layer 1 slot-less")
         .to_string();
     assert!(
         msg.contains("mask_first_token") && msg.contains("layer 1"),
