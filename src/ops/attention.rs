@@ -16,7 +16,7 @@
 //!   dQ = scale * dS K,  dK = dS^T (scale * Q).
 
 use super::Given;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{CustomOp3, DType, Device, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -239,30 +239,7 @@ impl CustomOp3 for AttentionOp {
         "eab-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::given_forward!(a: la, b: lb, c: lc);
 
     fn bwd(
         &self,

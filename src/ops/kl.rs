@@ -9,7 +9,7 @@
 //!   d loss / d logits_s = tau / (B T) * (p_s - p_t),   d h_s = (d logits_s) W.
 
 use super::Given;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -33,7 +33,7 @@ fn log_probs(h: &Tensor, w: &Tensor, r0: usize, n: usize, tau: f64) -> CResult<T
 }
 
 struct KlOp {
-    loss: Given,
+    out: Given,
     teacher: Tensor,
     tau: f64,
     rows_per_chunk: usize,
@@ -44,26 +44,7 @@ impl CustomOp2 for KlOp {
         "kl-through-head"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.loss.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.loss.cuda()
-    }
+    super::given_forward!(a: la, b: lb);
 
     fn bwd(
         &self,
@@ -141,7 +122,7 @@ pub fn kl_chunked(
     h_student.apply_op2(
         w,
         KlOp {
-            loss: Given::new(loss),
+            out: Given::new(loss),
             teacher,
             tau,
             rows_per_chunk: step,

@@ -15,17 +15,41 @@
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
 //! - [`recompute`]: activation recomputation of a decoder block.
 
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// `cpu_fwd` and `cuda_fwd` of a custom op with 1, 2 or 3 inputs whose forward result was
+/// computed outside it and sits in its `out: Given` field: both hand that result over.
+macro_rules! given_forward {
+    ($($arg:ident: $lay:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, $lay: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = ($arg, $lay);)+
+            self.out.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $($arg: &candle_core::CudaStorage, $lay: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $(let _ = ($arg, $lay);)+
+            self.out.cuda()
+        }
+    };
+}
+pub(crate) use given_forward;
+
 pub mod attention;
 pub mod kl;
 pub mod linear;
 pub mod norm;
 pub mod recompute;
 pub mod rope;
-
-use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
-use std::sync::Mutex;
-
-type CResult<T> = candle_core::Result<T>;
 
 /// A forward result computed outside a custom op, moved into the op's output on first use so
 /// that the graph holds one copy of it, not two.

@@ -8,7 +8,7 @@
 //!   dx = r * (g - x * r^2 * mean(g * x)),   dw = sum over rows of dy * x * r.
 
 use super::Given;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -40,26 +40,7 @@ impl CustomOp2 for RmsNormOp {
         "rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::given_forward!(a: la, b: lb);
 
     fn bwd(
         &self,

@@ -8,7 +8,7 @@
 //! trainable tensors (LoRA) must not be wrapped, its gradients would be lost.
 
 use super::Given;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, Var};
+use candle_core::{CustomOp1, CustomOp3, Tensor, Var};
 use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
@@ -36,17 +36,7 @@ impl CustomOp1 for Recompute {
     fn name(&self) -> &'static str {
         "recompute"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::given_forward!(x: lx);
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
         Ok(self.grads(x, &[], g)?.remove(0))
     }
@@ -56,29 +46,7 @@ impl CustomOp3 for Recompute {
     fn name(&self) -> &'static str {
         "recompute"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::given_forward!(a: la, b: lb, c: lc);
     fn bwd(
         &self,
         x: &Tensor,

@@ -6,7 +6,7 @@
 //! backward of its own.
 
 use super::Given;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, Tensor};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -21,18 +21,7 @@ impl CustomOp1 for RopeOp {
         "rope"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::given_forward!(x: lx);
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         let dy = dy.contiguous()?;
