@@ -79,38 +79,9 @@ fn a_closed_stdout_ends_quietly_with_success() {
     assert_eq!(stderr(&o), "");
 }
 
-struct Run {
-    tiny: common::Tiny,
-    train: PathBuf,
-    eval: PathBuf,
-}
-
-fn run_fixture(seed: u64) -> Run {
-    let tiny = common::planted(seed);
-    let train = common::write_text(tiny.path(), "train.txt", 400, 1);
-    let eval = common::write_text(tiny.path(), "eval.txt", 100, 2);
-    Run { tiny, train, eval }
-}
-
-impl Run {
-    fn args(&self, out: &Path, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "train".to_string(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny-debug.yaml").to_string(),
-            format!("model.path={}", self.tiny.spec()),
-            format!("data.train={}", self.train.display()),
-            format!("data.eval={}", self.eval.display()),
-            format!("train.out_dir={}", out.display()),
-            format!("log.dir={}", out.join("tb").display()),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-}
-
 #[test]
 fn a_held_run_folder_is_refused_and_a_killed_runs_lock_is_recovered() {
-    let r = run_fixture(51);
+    let r = common::TrainRun::new(51);
     let out = r.tiny.path().join("busy");
     let mut first = Command::new(common::bin())
         .args(r.args(&out, &["train.steps=1000000", "eval.every=1000000"]))
@@ -190,7 +161,7 @@ fn limited(kib: u64, args: &[String]) -> Output {
 
 #[test]
 fn a_checkpoint_write_past_the_file_size_limit_keeps_the_previous_one_whole() {
-    let r = run_fixture(52);
+    let r = common::TrainRun::new(52);
     let out = r.tiny.path().join("efbig");
     // Big LoRA so the optimizer file (2x the adapters) is the largest thing written.
     let big = [
@@ -309,7 +280,7 @@ fn an_export_that_fails_half_way_keeps_the_previous_export_whole() {
 
 #[test]
 fn a_folder_that_cannot_be_created_is_a_clear_error() {
-    let r = run_fixture(54);
+    let r = common::TrainRun::new(54);
     let file = r.tiny.path().join("plain-file");
     std::fs::write(&file, "not a folder").unwrap();
     let out = file.join("run");

@@ -3,44 +3,9 @@
 
 mod common;
 
-use common::{bin, planted, Tiny};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-struct Run {
-    tiny: Tiny,
-    train: PathBuf,
-    eval: PathBuf,
-}
-
-fn setup(seed: u64) -> Run {
-    let tiny = planted(seed);
-    let train = common::write_text(tiny.path(), "train.txt", 400, 1);
-    let eval = common::write_text(tiny.path(), "eval.txt", 100, 2);
-    Run { tiny, train, eval }
-}
-
-impl Run {
-    fn args(&self, out: &Path, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "train".to_string(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny-debug.yaml").to_string(),
-            format!("model.path={}", self.tiny.spec()),
-            format!("data.train={}", self.train.display()),
-            format!("data.eval={}", self.eval.display()),
-            format!("train.out_dir={}", out.display()),
-            format!("log.dir={}", out.join("tb").display()),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-    fn train(&self, out: &Path, extra: &[&str]) -> Output {
-        Command::new(bin())
-            .args(self.args(out, extra))
-            .output()
-            .unwrap()
-    }
-}
+use common::bin;
+use std::path::Path;
+use std::process::Command;
 
 fn adapters(dir: &Path) -> std::collections::HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(dir.join("adapter.safetensors"), &candle_core::Device::Cpu)
@@ -56,7 +21,7 @@ fn json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn a_run_logs_what_it_reports_and_leaves_the_base_alone() {
-    let r = setup(31);
+    let r = common::TrainRun::new(31);
     let base_bytes = std::fs::read(r.tiny.path().join("model.safetensors")).unwrap();
     let out = r.tiny.path().join("run");
     let o = r.train(&out, &[]);
@@ -112,7 +77,7 @@ fn a_run_logs_what_it_reports_and_leaves_the_base_alone() {
 
 #[test]
 fn resume_from_a_checkpoint_gives_the_same_adapters() {
-    let r = setup(32);
+    let r = common::TrainRun::new(32);
     let full = r.tiny.path().join("full");
     let o = r.train(&full, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -144,7 +109,7 @@ fn resume_from_a_checkpoint_gives_the_same_adapters() {
 
 #[test]
 fn a_killed_run_keeps_whole_checkpoints_and_resumes() {
-    let r = setup(33);
+    let r = common::TrainRun::new(33);
     let out = r.tiny.path().join("killed");
     let mut child = Command::new(bin())
         .args(r.args(
@@ -197,7 +162,7 @@ fn a_killed_run_keeps_whole_checkpoints_and_resumes() {
 
 #[test]
 fn a_nan_loss_stops_with_a_clear_message() {
-    let r = setup(34);
+    let r = common::TrainRun::new(34);
     let out = r.tiny.path().join("nan");
     let o = r.train(&out, &["optim.lr=1e30", "optim.warmup_steps=0"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -216,7 +181,7 @@ fn a_nan_loss_stops_with_a_clear_message() {
 
 #[test]
 fn bad_recipes_exit_2_naming_the_field() {
-    let r = setup(35);
+    let r = common::TrainRun::new(35);
     let out = r.tiny.path().join("bad");
     let cases: [(&[&str], &str); 4] = [
         (&["adapters.lora.rnak=4"], "rank"),

@@ -396,3 +396,43 @@ pub fn make_adapter(
     set.save(dir).unwrap();
     set
 }
+
+/// A training run of `recipes/tiny-debug.yaml` on a planted tiny model with its own train and
+/// eval texts (shared by the train and harden tests).
+pub struct TrainRun {
+    pub tiny: Tiny,
+    pub train: PathBuf,
+    pub eval: PathBuf,
+}
+
+impl TrainRun {
+    pub fn new(seed: u64) -> Self {
+        let tiny = planted(seed);
+        let train = write_text(tiny.path(), "train.txt", 400, 1);
+        let eval = write_text(tiny.path(), "eval.txt", 100, 2);
+        Self { tiny, train, eval }
+    }
+
+    /// `train` arguments writing to `out`, plus `extra` overrides.
+    pub fn args(&self, out: &Path, extra: &[&str]) -> Vec<String> {
+        let mut a = vec![
+            "train".to_string(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny-debug.yaml").to_string(),
+            format!("model.path={}", self.tiny.spec()),
+            format!("data.train={}", self.train.display()),
+            format!("data.eval={}", self.eval.display()),
+            format!("train.out_dir={}", out.display()),
+            format!("log.dir={}", out.join("tb").display()),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Runs `eabfit train` with [`TrainRun::args`].
+    pub fn train(&self, out: &Path, extra: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin())
+            .args(self.args(out, extra))
+            .output()
+            .unwrap()
+    }
+}
