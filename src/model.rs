@@ -7,6 +7,7 @@
 //! to `vb.pp()` are the Hugging Face tensor names.
 
 use crate::adapters::{Adapters, EabSlot, Lora};
+use crate::ops::acc;
 use crate::ops::attention::{self, Spec};
 use crate::ops::recompute::{recompute, BlockFn};
 use crate::ops::{linear::linear, norm::rms_norm, rope::rope};
@@ -16,16 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
-
-/// Precision for norms, softmax and logits: f32, or f64 when the model itself runs in f64
-/// (the finite-difference tests do).
-fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3`); other types are rejected
 /// at config validation so that no model silently runs with the wrong positions.

@@ -15,7 +15,7 @@
 //!   P = softmax(S),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
 //!   dQ = scale * dS K,  dK = dS^T (scale * Q).
 
-use super::Given;
+use super::{acc, Given};
 use candle_core::{CustomOp3, DType, Device, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
@@ -39,15 +39,6 @@ pub struct Spec {
 pub struct Stats {
     pub first_token: Tensor,
     pub slot: Option<Tensor>,
-}
-
-/// Precision of scores and softmax: f32, or f64 for an f64 model (finite-difference tests).
-fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// Additive mask (T, S) for T queries that are the last T of the S - slots tokens: 0 where

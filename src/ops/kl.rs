@@ -8,7 +8,7 @@
 //!
 //!   d loss / d logits_s = tau / (B T) * (p_s - p_t),   d h_s = (d logits_s) W.
 
-use super::Given;
+use super::{acc, Given};
 use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
@@ -16,14 +16,6 @@ type CResult<T> = candle_core::Result<T>;
 /// Rows per chunk so that one chunk's f32 logits stay near 256 MiB.
 fn chunk_rows(vocab: usize) -> usize {
     ((64usize << 20) / vocab.max(1)).max(16)
-}
-
-fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// Log-probabilities of rows [r0, r0 + n) of h: (rows, D) x W^T / tau.

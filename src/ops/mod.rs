@@ -20,6 +20,16 @@ use std::sync::Mutex;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// Precision of norms, scores, softmax and logits: f32, or f64 when the model itself runs in f64
+/// (the finite-difference tests do).
+pub fn acc(dtype: candle_core::DType) -> candle_core::DType {
+    if dtype == candle_core::DType::F64 {
+        candle_core::DType::F64
+    } else {
+        candle_core::DType::F32
+    }
+}
+
 /// `cpu_fwd` and `cuda_fwd` of a custom op with 1, 2 or 3 inputs whose forward result was
 /// computed outside it and sits in its `out: Given` field: both hand that result over.
 macro_rules! given_forward {

@@ -7,19 +7,10 @@
 //!
 //!   dx = r * (g - x * r^2 * mean(g * x)),   dw = sum over rows of dy * x * r.
 
-use super::Given;
+use super::{acc, Given};
 use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
-
-/// Computing dtype: f32 for half types, the input's own for f32 and f64.
-fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// The forward from detached tensors; f64 (no fused kernel) is composed from basic ops.
 fn forward(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
