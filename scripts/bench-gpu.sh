@@ -14,7 +14,9 @@
 # (eabfit bench exits 3 on CUDA out-of-memory); PyTorch then runs at the batch eabfit got (or, if
 # eabfit fitted none, the first of BENCH_BATCHES that fits). A train case that fits at no batch
 # is retried once at half the sequence length with batches "2 1" (both tools), time allowing.
-# Last, time allowing, eabfit's llama-1b train case again with --keep-pool --no-event-tracking.
+# Last, time allowing, the first train case that fitted again with `--attention blocked` (the
+# composite the fused kernel replaced; BENCH_AB_ATTENTION=0 skips it) and with --keep-pool
+# --no-event-tracking.
 #
 # Every run: BENCH_WARMUP (2) untimed + BENCH_STEPS (5) timed steps, under `timeout`; GPU memory
 # sampled with nvidia-smi every 100 ms alongside. The whole script keeps to BENCH_BUDGET_S
@@ -176,10 +178,12 @@ for c in "${retry[@]}"; do
   log "retrying $shape $mode at seq $seq (no batch fitted at $(( seq * 2 )))"
   bench_case "$shape" "$mode" "$seq" "2 1"
 done
-# The allocator knobs, on the first train case that fitted.
+# The attention lever (the blocked composite the kernel replaced), then the allocator knobs, on
+# the first train case that fitted.
 for c in $cases; do
   IFS=: read -r shape mode seq cb <<< "$c"
   if [ "$mode" = train ] && [ -n "${fit[$c]:-}" ] && [ "$device" != cpu ]; then
+    [ "${BENCH_AB_ATTENTION:-1}" = 1 ] && bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --attention blocked
     bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --keep-pool --no-event-tracking
     break
   fi

@@ -172,9 +172,19 @@ pub struct BenchArgs {
     /// CUDA: turn off cudarc's per-tensor event tracking (safe here: one stream)
     #[arg(long)]
     pub no_event_tracking: bool,
+    /// Attention on CUDA: the fused bf16 kernel, or the blocked composite it replaced
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub attention: AttentionPath,
     /// Also write the result as one JSON object here
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionPath {
+    Kernel,
+    Blocked,
 }
 
 /// What one bench run measured; also its JSON line.
@@ -223,6 +233,7 @@ pub struct BenchReport {
     /// Blocks recomputed in the backward pass (`--recompute`).
     pub recompute: bool,
     pub event_tracking: bool,
+    pub attention: AttentionPath,
     pub setup_s: f64,
 }
 
@@ -472,6 +483,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     };
     let lora_targets = parse_targets(&args.lora_targets)?;
     let cuda = CudaKnobs::apply(&device, args.keep_pool, args.no_event_tracking)?;
+    crate::ops::attention::force_blocked(args.attention == AttentionPath::Blocked);
     let _ = device.set_seed(args.seed); // CUDA only; the CPU generator cannot be seeded
 
     let weights = random_weights(&cfg, dtype, &device)?;
@@ -620,6 +632,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         loss,
         phases_ms: phases,
         keep_pool: args.keep_pool,
+        attention: args.attention,
         event_tracking: cuda.event_tracking,
         recompute: args.recompute,
         setup_s,

@@ -388,6 +388,49 @@ fn compare_op(name: &str, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) {
     }
 }
 
+/// The fused bf16 kernel of `ops::attention` (head_dim 64 and 128) against the f32 CPU
+/// composite: several 64-query and 64-key tiles, T not a multiple of them, T = 1, queries after
+/// cached positions (`past`), slot on and off, GQA, window, hidden first token.
+#[test]
+fn fused_attention_matches_cpu() {
+    use eabfit::ops::attention::{attention, mask, Spec};
+    let cases = [
+        // (b, h, kv, t, past, hd, slots, window, hide_first)
+        (2, 4, 2, 150, 0, 128, 1, None, false),
+        (1, 8, 2, 200, 0, 64, 1, None, true),
+        (1, 4, 4, 129, 0, 128, 0, None, false),
+        (2, 6, 3, 97, 0, 64, 1, Some(40), false),
+        (1, 4, 1, 1, 0, 128, 1, None, false),
+        (1, 4, 2, 3, 70, 128, 1, None, false),
+        (1, 4, 2, 70, 5, 64, 0, Some(16), false),
+    ];
+    for (b, h, kv, t, past, hd, slots, window, hide_first) in cases {
+        let s = slots + past + t;
+        let spec = Spec {
+            slots,
+            window,
+            hide_first,
+            block: 0,
+        };
+        let f = move |x: &[Tensor]| {
+            let m = mask(t, s, &spec, x[0].dtype(), x[0].device()).unwrap();
+            attention(&x[0], &x[1], &x[2], &m, &spec, false).unwrap().0
+        };
+        let inputs = [
+            rnd(&[b, h, t, hd], 21),
+            rnd(&[b, kv, s, hd], 22),
+            rnd(&[b, kv, s, hd], 23),
+        ];
+        compare_op(
+            &format!(
+                "fused attention b {b} h {h}/{kv} t {t} past {past} hd {hd} slots {slots} window {window:?} hide {hide_first}"
+            ),
+            &inputs,
+            &f,
+        );
+    }
+}
+
 #[test]
 fn ops_on_cuda_match_cpu() {
     use eabfit::ops::attention::{attention, mask, Spec};

@@ -223,6 +223,9 @@ struct AttentionOp {
     out: Given,
     mask: Tensor,
     spec: Spec,
+    /// The fused forward's row log-sum-exp: its backward runs the fused kernel too.
+    #[cfg(feature = "cuda")]
+    lse: Option<Tensor>,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -242,6 +245,11 @@ impl CustomOp3 for AttentionOp {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let p = Plan::new(&q, &k, &v, &self.mask, &self.spec)?;
+        #[cfg(feature = "cuda")]
+        if let Some(lse) = &self.lse {
+            let (dq, dk, dv) = fused::backward(&q, &k, &v, out, d_out, lse, &p, &self.spec)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (b, h, t, hd, kv, rep, s) = (p.b, p.h, p.t, p.hd, p.kv, p.rep(), p.s);
         let dt = q.dtype();
         let ac = self.mask.dtype();
@@ -299,14 +307,300 @@ pub fn attention(
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let p = Plan::new(q, k, v, mask, spec)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let track = q.track_op() || k.track_op() || v.track_op();
+    #[cfg(feature = "cuda")]
+    if !stats && fused::supported(q) && use_kernel() {
+        let (out, lse) = fused::forward(&qd, &kd, &vd, &p, spec)?;
+        if !track {
+            return Ok((out, None));
+        }
+        let op = AttentionOp {
+            out: Given::new(out),
+            mask: mask.clone(),
+            spec: *spec,
+            lse: Some(lse),
+        };
+        return Ok((q.apply_op3(k, v, op)?, None));
+    }
     let (out, st) = forward(&qd, &kd, &vd, mask, &p, stats)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !track {
         return Ok((out, st));
     }
     let op = AttentionOp {
         out: Given::new(out),
         mask: mask.clone(),
         spec: *spec,
+        #[cfg(feature = "cuda")]
+        lse: None,
     };
     Ok((q.apply_op3(k, v, op)?, st))
+}
+
+static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keeps CUDA on the blocked composite path instead of the fused kernel (`bench --attention
+/// blocked`, or `EABFIT_ATTENTION=blocked` for any command): to measure the kernel against it,
+/// or to rule it out.
+pub fn force_blocked(on: bool) {
+    BLOCKED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(feature = "cuda")]
+fn use_kernel() -> bool {
+    static ENV_BLOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let env = *ENV_BLOCKED.get_or_init(|| std::env::var("EABFIT_ATTENTION").is_ok_and(|v| v == "blocked"));
+    !(env || BLOCKED.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The tensor-core kernels of `attention.cu` (bf16, head_dim 64 or 128, CUDA): the forward
+/// keeps the output and the row log-sum-exp, the backward recomputes P tile by tile.
+#[cfg(feature = "cuda")]
+mod fused {
+    use super::Plan;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+    use candle_core::{
+        CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Shape, Storage, Tensor,
+    };
+    use half::bf16;
+
+    type CResult<T> = candle_core::Result<T>;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    /// "No window" for the kernels: larger than any position they will see.
+    const NO_WINDOW: i32 = 1 << 30;
+
+    pub fn supported(q: &Tensor) -> bool {
+        q.device().is_cuda()
+            && q.dtype() == DType::BF16
+            && matches!(q.dims().last(), Some(64 | 128))
+    }
+
+    /// The mask and shape arguments every kernel takes after its tensors.
+    struct Args {
+        h: i32,
+        kv: i32,
+        t: i32,
+        s: i32,
+        slots: i32,
+        past: i32,
+        window: i32,
+        hide_first: i32,
+        scale_log2: f32,
+        scale: f32,
+        hd: usize,
+        b: usize,
+    }
+
+    impl Args {
+        fn new(p: &Plan, spec: &super::Spec) -> CResult<Self> {
+            let int = |x: usize| {
+                i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} overflows i32")))
+            };
+            Ok(Self {
+                h: int(p.h)?,
+                kv: int(p.kv)?,
+                t: int(p.t)?,
+                s: int(p.s)?,
+                slots: int(p.slots)?,
+                past: int(p.past)?,
+                window: spec.window.map_or(Ok(NO_WINDOW), |w| int(w.min(NO_WINDOW as usize)))?,
+                hide_first: spec.hide_first as i32,
+                scale_log2: (p.scale * std::f64::consts::LOG2_E) as f32,
+                scale: p.scale as f32,
+                hd: p.hd,
+                b: p.b,
+            })
+        }
+
+        fn func(&self, dev: &CudaDevice, kind: &str) -> CResult<CudaFunction> {
+            let name = format!("eab_attn_{kind}_{}", self.hd);
+            Ok(dev
+                .get_or_load_custom_func(&name, "eabfit_attention", PTX)?
+                .into_cuda_function())
+        }
+    }
+
+    fn cuda_of(s: &Storage) -> CResult<&CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => candle_core::bail!("attention kernel: tensor is not on a CUDA device"),
+        }
+    }
+
+    /// Forward kernel as a custom op over (q, k, v): returns the output and fills `lse`.
+    struct Fwd {
+        args: Args,
+        lse: Tensor,
+    }
+
+    impl CustomOp3 for Fwd {
+        fn name(&self) -> &'static str {
+            "eab-attention-fwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> CResult<(CpuStorage, Shape)> {
+            candle_core::bail!("attention kernel: CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            lq: &Layout,
+            k: &CudaStorage,
+            lk: &Layout,
+            v: &CudaStorage,
+            lv: &Layout,
+        ) -> CResult<(CudaStorage, Shape)> {
+            let a = &self.args;
+            let dev = q.device().clone();
+            let (ls, ll) = self.lse.storage_and_layout();
+            let lse = cuda_of(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+            let qv = q.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
+            let kv = k.as_cuda_slice::<bf16>()?.slice(lk.start_offset()..);
+            let vv = v.as_cuda_slice::<bf16>()?.slice(lv.start_offset()..);
+            let (t, h, hd) = (a.t as usize, a.h as usize, a.hd);
+            let shape = Shape::from((a.b, t, h, hd)); // (B, T, H, hd)
+            // Every element is written by the kernel.
+            let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
+            let func = a.func(&dev, "fwd")?;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&func);
+            l.arg(&qv).arg(&kv).arg(&vv).arg(&out).arg(&lse);
+            l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
+            l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(64) as u32, (a.b * h) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+        }
+    }
+
+    /// q: (B, H, T, hd), k, v: (B, KV, S, hd), contiguous bf16 -> (output (B, T, H, hd),
+    /// base-2 log-sum-exp (B, H, T) f32).
+    pub fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &Plan,
+        spec: &super::Spec,
+    ) -> CResult<(Tensor, Tensor)> {
+        let lse = Tensor::zeros((p.b, p.h, p.t), DType::F32, q.device())?;
+        let op = Fwd {
+            args: Args::new(p, spec)?,
+            lse: lse.clone(),
+        };
+        let out = q.apply_op3_no_bwd(k, v, &op)?;
+        Ok((out, lse))
+    }
+
+    /// Backward kernels as an in-place op on the f32 dQ buffer, which they fill with
+    /// atomics; dK and dV are written whole.
+    struct Bwd {
+        args: Args,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        d_out: Tensor,
+        lse: Tensor,
+        dk: Tensor,
+        dv: Tensor,
+    }
+
+    impl InplaceOp1 for Bwd {
+        fn name(&self) -> &'static str {
+            "eab-attention-bwd"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> CResult<()> {
+            candle_core::bail!("attention kernel: CUDA only")
+        }
+
+        fn cuda_fwd(&self, dq: &mut CudaStorage, ldq: &Layout) -> CResult<()> {
+            let a = &self.args;
+            let guards = [&self.q, &self.k, &self.v, &self.out, &self.d_out, &self.dk, &self.dv]
+                .map(|t| t.storage_and_layout());
+            let mut views = vec![];
+            for (s, l) in &guards {
+                views.push(cuda_of(s)?.as_cuda_slice::<bf16>()?.slice(l.start_offset()..));
+            }
+            let [qv, kv, vv, ov, dov, dkv, dvv] = &views[..] else {
+                unreachable!("seven tensors in, seven views out")
+            };
+            let (ls, ll) = self.lse.storage_and_layout();
+            let lse = cuda_of(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+            let dev = dq.device().clone();
+            let dqv = dq.as_cuda_slice::<f32>()?.slice(ldq.start_offset()..);
+            let rows = a.b * a.t as usize * a.h as usize;
+            let delta = unsafe { dev.alloc::<f32>(rows)? };
+            let (b, t, h) = (a.b as i32, a.t, a.h);
+            let stream = dev.cuda_stream();
+            let func = a.func(&dev, "delta")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(ov).arg(dov).arg(&delta).arg(&b).arg(&h).arg(&t);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            let func = a.func(&dev, "bwd")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(qv).arg(kv).arg(vv).arg(dov).arg(&lse).arg(&delta).arg(&dqv);
+            l.arg(dkv).arg(dvv);
+            l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
+            l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2).arg(&a.scale);
+            let cfg = LaunchConfig {
+                grid_dim: ((a.s as usize).div_ceil(64) as u32, (a.b * a.kv as usize) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(())
+        }
+    }
+
+    /// Gradients (dq (B, H, T, hd), dk, dv (B, KV, S, hd)) of the fused forward, from its
+    /// inputs, output (B, T, H, hd), log-sum-exp and the output gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        d_out: &Tensor,
+        lse: &Tensor,
+        p: &Plan,
+        spec: &super::Spec,
+    ) -> CResult<(Tensor, Tensor, Tensor)> {
+        let dev = q.device();
+        let dq = Tensor::zeros((p.b, p.h, p.t, p.hd), DType::F32, dev)?;
+        let dk = Tensor::zeros((p.b, p.kv, p.s, p.hd), DType::BF16, dev)?;
+        let dv = Tensor::zeros((p.b, p.kv, p.s, p.hd), DType::BF16, dev)?;
+        dq.inplace_op1(&Bwd {
+            args: Args::new(p, spec)?,
+            q: q.contiguous()?,
+            k: k.contiguous()?,
+            v: v.contiguous()?,
+            out: out.contiguous()?,
+            d_out: d_out.to_dtype(DType::BF16)?.contiguous()?,
+            lse: lse.clone(),
+            dk: dk.clone(),
+            dv: dv.clone(),
+        })?;
+        Ok((dq.to_dtype(DType::BF16)?, dk, dv))
+    }
 }
