@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10 in one GPU call: the CUDA tests (tests/cuda.rs and tests/ops.rs on the device), then
+# Issue 10 in one GPU call: the packed test binaries (scripts/gpu-test.sh --pack cuda ops adapters), then
 # scripts/bench-gpu.sh (eabfit vs PyTorch + PEFT) in the time left. Run from the repo root on the
 # GPU machine with .device-bin carried (scripts/gpu-test.sh --pack cuda ops builds it):
 #   scripts/gpu-speed.sh
@@ -11,7 +11,7 @@ out=${OUT:-./gpu-speed-out}
 mkdir -p "$out"
 t0=$(date +%s)
 work=$(mktemp -d)
-OUT=$work scripts/gpu-test.sh cuda ops > "$out/gpu-test.txt" 2>&1
+OUT=$work scripts/gpu-test.sh > "$out/gpu-test.txt" 2>&1
 echo "gpu-test exit $? after $(( $(date +%s) - t0 )) s" >> "$out/gpu-test.txt"
 cat "$work"/gpu-test/*.log >> "$out/gpu-test.txt" 2>/dev/null
 left=$(( ${SPEED_BUDGET_S:-560} - ($(date +%s) - t0) ))

@@ -9,8 +9,9 @@
 use crate::adapters::{Adapters, EabSlot, Lora};
 use crate::ops::acc;
 use crate::ops::attention::{self, Spec};
+use crate::ops::block;
 use crate::ops::recompute::{recompute, BlockFn};
-use crate::ops::{linear::linear, norm::rms_norm, rope::rope};
+use crate::ops::{linear::linear, norm::rms_norm, rope::rope, swiglu::swiglu};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -204,6 +205,10 @@ pub struct Taps {
     pub recompute: bool,
     /// Sees every projection input and every key/value (see [`ActHook`]).
     pub hook: Option<std::sync::Arc<dyn ActHook>>,
+    /// Run each LoRA-free block as one op with a hand-written backward ([`crate::ops::block`]):
+    /// `None` decides (on for CUDA bf16 with head_dim 64 or 128), `Some` forces it on or off.
+    /// Only `hidden` combines with it; other taps keep the per-op path.
+    pub block_op: Option<bool>,
 }
 
 impl Taps {
@@ -512,11 +517,10 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, taps: &Taps) -> CResult<Tensor> {
         let x = &taps.linear_input(self.layer, LinearInput::GateUp, x.clone())?;
-        let gate = self.gate_proj.forward(x)?.silu()?;
         let inner = taps.linear_input(
             self.layer,
             LinearInput::Down,
-            (gate * self.up_proj.forward(x)?)?,
+            swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?,
         )?;
         self.down_proj.forward(&inner)
     }
@@ -581,6 +585,46 @@ impl Block {
         ]
         .iter()
         .all(|l| l.lora.is_none())
+    }
+
+    /// The frozen weights the block op reads; `None` when the block has LoRA or trains a weight
+    /// (pretraining), which the op's backward would not reach.
+    fn op_weights(&self, eps: f64) -> Option<block::Weights> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let linears = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let norms = [
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ];
+        if !self.lora_free()
+            || linears.iter().any(|l| l.weight.track_op())
+            || norms.iter().any(|w| w.track_op())
+        {
+            return None;
+        }
+        Some(block::Weights {
+            input_layernorm: self.input_layernorm.weight.clone(),
+            post_attention_layernorm: self.post_attention_layernorm.weight.clone(),
+            eps,
+            q_proj: a.q_proj.weight.clone(),
+            k_proj: a.k_proj.weight.clone(),
+            v_proj: a.v_proj.weight.clone(),
+            o_proj: a.o_proj.weight.clone(),
+            gate_proj: m.gate_proj.weight.clone(),
+            up_proj: m.up_proj.weight.clone(),
+            down_proj: m.down_proj.weight.clone(),
+            heads: a.n_heads,
+            kv_heads: a.n_kv,
+            head_dim: a.head_dim,
+        })
     }
 
     /// The block through [`recompute`]: its slot (the only trainable tensors of a LoRA-free
@@ -715,6 +759,41 @@ impl Model {
         Ok(m)
     }
 
+    /// The shared inputs of the block op for T tokens from position 0 (without, with a slot),
+    /// or `None` when this pass does not use it (see [`Taps::block_op`]).
+    #[allow(clippy::type_complexity)]
+    fn block_contexts(
+        &self,
+        taps: &Taps,
+        t: usize,
+        masks: &Masks,
+    ) -> CResult<Option<(Option<Arc<block::Context>>, Option<Arc<block::Context>>)>> {
+        let auto = self.device.is_cuda()
+            && self.dtype() == DType::BF16
+            && matches!(self.cfg.head_dim(), 64 | 128);
+        let plain_taps = taps.hook.is_none()
+            && taps.edits.is_empty()
+            && !taps.attn
+            && !taps.first_kv
+            && !taps.recompute;
+        if !(taps.block_op.unwrap_or(auto) && plain_taps) {
+            return Ok(None);
+        }
+        let cos = self.rope.cos.narrow(0, 0, t)?.contiguous()?; // (T, hd/2)
+        let sin = self.rope.sin.narrow(0, 0, t)?.contiguous()?;
+        let cx = |mask: &Option<Tensor>, slots: usize| {
+            mask.as_ref().map(|m| {
+                Arc::new(block::Context {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    mask: m.clone(),
+                    spec: masks.spec(slots),
+                })
+            })
+        };
+        Ok(Some((cx(&masks.plain, 0), cx(&masks.slot, 1))))
+    }
+
     fn check_len(&self, n: usize) -> CResult<()> {
         if n > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -749,7 +828,22 @@ impl Model {
         if taps.recompute && (taps.attn || taps.first_kv || !taps.edits.is_empty()) {
             candle_core::bail!("recompute combines with the hidden-state tap only");
         }
+        let contexts = self.block_contexts(taps, t, &masks)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some((plain, with_slot)) = &contexts {
+                if let Some(w) = layer.op_weights(self.cfg.rms_norm_eps) {
+                    let slot = layer.self_attn.slot.as_ref();
+                    let cx = if slot.is_some() { with_slot } else { plain };
+                    let cx = cx
+                        .clone()
+                        .ok_or_else(|| candle_core::Error::Msg("block context not built".into()))?;
+                    x = block::block(&x, Arc::new(w), cx, slot.map(|s| (&s.k, &s.v)))?;
+                    if taps.hidden {
+                        out.hidden.push(x.clone());
+                    }
+                    continue;
+                }
+            }
             if taps.recompute && layer.lora_free() {
                 x = layer.recomputed(&x, &self.rope, &masks)?;
                 if taps.hidden {

@@ -449,13 +449,12 @@ fn adapter_gradients_match_finite_differences() {
     }
 }
 
-/// Activation recomputation (`Taps::recompute`, the recipe's `train.recompute`) changes where
-/// the backward pass gets its activations, not what it computes: loss, hidden states and the
-/// gradient of every adapter tensor equal the plain pass (f64, slots in every layer, LoRA on
-/// layer 1, which is kept whole, and a loss term on the hidden states).
-#[test]
-fn recompute_gives_the_same_loss_and_gradients() {
-    let (json, cfg) = llama_config();
+/// Loss and adapter gradients of `arch`'s tiny model in f64 (slots in every layer, LoRA on
+/// layer 1's down and q projections, a loss on the logits and on every hidden state) with
+/// `taps` against the plain per-op pass: they must agree to rounding.
+fn same_as_plain_pass(arch: Arch, mask_first_token: bool, taps: Taps) {
+    let json = common::config(arch);
+    let cfg: Config = serde_json::from_value(json.clone()).unwrap();
     let weights: HashMap<String, Tensor> = common::weights(&json, 41)
         .into_iter()
         .map(|(k, v)| (k, v.to_dtype(DType::F64).unwrap()))
@@ -466,7 +465,7 @@ fn recompute_gives_the_same_loss_and_gradients() {
         random_ids(&mut rng, 10, cfg.vocab_size, true),
     ]);
     let set32 = AdapterSet::new(
-        meta(&cfg, true, true, Some((2, 4.0, &["down", "q"], &[1]))),
+        meta(&cfg, true, mask_first_token, Some((2, 4.0, &["down", "q"], &[1]))),
         SlotInit::Normal { std: 0.5, seed: 9 },
         0.3,
         9,
@@ -481,29 +480,70 @@ fn recompute_gives_the_same_loss_and_gradients() {
         &set.adapters(),
     )
     .unwrap();
-    let run = |recompute: bool| {
-        let taps = Taps {
-            hidden: true,
-            recompute,
-            ..Default::default()
-        };
-        let out = model.forward(&ids, &taps).unwrap();
+    let run = |taps: &Taps| {
+        let out = model.forward(&ids, taps).unwrap();
         let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
         for h in &out.hidden {
             loss = (loss + (h.sqr().unwrap().sum_all().unwrap() * 1e-2).unwrap()).unwrap();
         }
         (loss.to_scalar::<f64>().unwrap(), loss.backward().unwrap())
     };
-    let (l0, g0) = run(false);
-    let (l1, g1) = run(true);
+    let plain = Taps {
+        hidden: true,
+        block_op: Some(false),
+        ..Default::default()
+    };
+    let (l0, g0) = run(&plain);
+    let (l1, g1) = run(&Taps {
+        hidden: true,
+        ..taps
+    });
     assert!((l0 - l1).abs() <= 1e-12 * l0.abs(), "loss {l0} vs {l1}");
     for (name, var) in &set.vars {
         let a = g0.get(var.as_tensor()).expect("plain gradient");
         let b = g1
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no recomputed gradient for {name}"));
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let e = common::max_abs_diff(a, b) / common::max_abs(a);
         assert!(e < 1e-10, "{name}: rel {e}");
+    }
+}
+
+/// Activation recomputation (`Taps::recompute`, the recipe's `train.recompute`) changes where
+/// the backward pass gets its activations, not what it computes (LoRA's layer is kept whole).
+#[test]
+fn recompute_gives_the_same_loss_and_gradients() {
+    same_as_plain_pass(
+        Arch::Llama,
+        false,
+        Taps {
+            recompute: true,
+            block_op: Some(false),
+            ..Default::default()
+        },
+    );
+}
+
+/// The decoder block as one op with a hand-written backward (`ops::block`, on by default for
+/// CUDA bf16) gives the per-op pass's loss and gradients: GQA, the slot with and without the
+/// hidden first token, Mistral's window, and LoRA's layer on the per-op path between blocks on
+/// the op's.
+#[test]
+fn block_op_gives_the_same_loss_and_gradients() {
+    for (arch, mask) in [
+        (Arch::Llama, false),
+        (Arch::Llama, true),
+        (Arch::Mistral, false),
+        (Arch::Llama3, true),
+    ] {
+        same_as_plain_pass(
+            arch,
+            mask,
+            Taps {
+                block_op: Some(true),
+                ..Default::default()
+            },
+        );
     }
 }
 

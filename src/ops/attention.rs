@@ -219,13 +219,112 @@ fn forward(
     Ok((out, stats))
 }
 
+/// What the backward pass needs besides q, k, v and the output.
+pub enum Saved {
+    /// The blocked path recomputes everything from q, k, v and the mask.
+    Blocked,
+    /// The kernel's row log-sum-exp (base 2), (B, H, T) f32.
+    #[cfg(feature = "cuda")]
+    Kernel(Tensor),
+}
+
+/// The forward from detached tensors without stats: the output (B, T, H, hd) and what
+/// [`backward`] needs. The fused kernel where it applies (CUDA, bf16, head_dim 64 or 128),
+/// the blocked composite elsewhere.
+pub fn forward_saved(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    spec: &Spec,
+) -> CResult<(Tensor, Saved)> {
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
+    let p = Plan::new(q, k, v, mask, spec)?;
+    #[cfg(feature = "cuda")]
+    if fused::supported(q) && use_kernel() {
+        let (out, lse) = fused::forward(q, k, v, &p, spec)?;
+        return Ok((out, Saved::Kernel(lse)));
+    }
+    Ok((forward(q, k, v, mask, &p, false)?.0, Saved::Blocked))
+}
+
+/// Gradients (dq (B, H, T, hd), dk, dv (B, KV, S, hd)) from the detached inputs, the output
+/// (B, T, H, hd) of [`forward_saved`], what it saved and the output gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    mask: &Tensor,
+    spec: &Spec,
+    saved: &Saved,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let p = Plan::new(q, k, v, mask, spec)?;
+    match saved {
+        #[cfg(feature = "cuda")]
+        Saved::Kernel(lse) => fused::backward(q, k, v, out, d_out, lse, &p, spec),
+        Saved::Blocked => blocked_backward(q, k, v, out, d_out, mask, &p),
+    }
+}
+
+fn blocked_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    mask: &Tensor,
+    p: &Plan,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, hd, kv, rep, s) = (p.b, p.h, p.t, p.hd, p.kv, p.rep(), p.s);
+    let dt = q.dtype();
+    let ac = mask.dtype();
+    let grouped = |x: &Tensor| -> CResult<Tensor> {
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, kv, rep, t, hd)) // (B, KV, rep, T, hd)
+    };
+    let d_o = grouped(&d_out.to_dtype(dt)?)?;
+    // rowsum(dO * O): (B, KV, rep, T, 1)
+    let delta = (d_o.to_dtype(ac)? * grouped(out)?.to_dtype(ac)?)?.sum_keepdim(D::Minus1)?;
+    let qg = (q * p.scale)?.reshape((b, kv, rep, t, hd))?;
+    let dk = Tensor::zeros((b, kv, s, hd), ac, q.device())?;
+    let dv = Tensor::zeros((b, kv, s, hd), ac, q.device())?;
+    let mut dqs = vec![];
+    for blk in p.blocks() {
+        let (i0, bq, hi) = blk;
+        let qb = p.rows(&qg, i0, bq)?; // (B, KV, rep*bq, hd)
+        let dob = p.rows(&d_o, i0, bq)?; // (B, KV, rep*bq, hd)
+        let probs = p.probs(&qb, k, mask, blk)?; // (B, KV, rep, bq, hi)
+        let pb = probs.to_dtype(dt)?.reshape((b, kv, rep * bq, hi))?;
+        let (kb, vb) = (k.narrow(2, 0, hi)?, v.narrow(2, 0, hi)?); // (B, KV, hi, hd)
+        let dv_part = pb.t()?.matmul(&dob)?; // (B, KV, hi, hd)
+        let dp = dob
+            .matmul(&vb.t()?)?
+            .to_dtype(ac)?
+            .reshape((b, kv, rep, bq, hi))?;
+        let ds = (probs * dp.broadcast_sub(&delta.narrow(3, i0, bq)?)?)?
+            .to_dtype(dt)?
+            .reshape((b, kv, rep * bq, hi))?; // (B, KV, rep*bq, hi)
+        let dq = (ds.matmul(&kb)? * p.scale)?; // (B, KV, rep*bq, hd)
+        dqs.push(dq.reshape((b, kv, rep, bq, hd))?);
+        let dk_part = ds.t()?.matmul(&qb)?; // (B, KV, hi, hd)
+        for (acc, part) in [(&dk, dk_part), (&dv, dv_part)] {
+            let sum = (acc.narrow(2, 0, hi)? + part.to_dtype(ac)?)?;
+            acc.slice_set(&sum, 2, 0)?;
+        }
+    }
+    let dq = Tensor::cat(&dqs, 3)?.reshape((b, h, t, hd))?; // (B, H, T, hd)
+    Ok((dq, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
+}
+
 struct AttentionOp {
     out: Given,
     mask: Tensor,
     spec: Spec,
-    /// The fused forward's row log-sum-exp: its backward runs the fused kernel too.
-    #[cfg(feature = "cuda")]
-    lse: Option<Tensor>,
+    saved: Saved,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -244,52 +343,9 @@ impl CustomOp3 for AttentionOp {
         d_out: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let p = Plan::new(&q, &k, &v, &self.mask, &self.spec)?;
-        #[cfg(feature = "cuda")]
-        if let Some(lse) = &self.lse {
-            let (dq, dk, dv) = fused::backward(&q, &k, &v, out, d_out, lse, &p, &self.spec)?;
-            return Ok((Some(dq), Some(dk), Some(dv)));
-        }
-        let (b, h, t, hd, kv, rep, s) = (p.b, p.h, p.t, p.hd, p.kv, p.rep(), p.s);
-        let dt = q.dtype();
-        let ac = self.mask.dtype();
-        let grouped = |x: &Tensor| -> CResult<Tensor> {
-            x.transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, kv, rep, t, hd)) // (B, KV, rep, T, hd)
-        };
-        let d_o = grouped(&d_out.to_dtype(dt)?)?;
-        // rowsum(dO * O): (B, KV, rep, T, 1)
-        let delta = (d_o.to_dtype(ac)? * grouped(out)?.to_dtype(ac)?)?.sum_keepdim(D::Minus1)?;
-        let qg = (&q * p.scale)?.reshape((b, kv, rep, t, hd))?;
-        let dk = Tensor::zeros((b, kv, s, hd), ac, q.device())?;
-        let dv = Tensor::zeros((b, kv, s, hd), ac, q.device())?;
-        let mut dqs = vec![];
-        for blk in p.blocks() {
-            let (i0, bq, hi) = blk;
-            let qb = p.rows(&qg, i0, bq)?; // (B, KV, rep*bq, hd)
-            let dob = p.rows(&d_o, i0, bq)?; // (B, KV, rep*bq, hd)
-            let probs = p.probs(&qb, &k, &self.mask, blk)?; // (B, KV, rep, bq, hi)
-            let pb = probs.to_dtype(dt)?.reshape((b, kv, rep * bq, hi))?;
-            let (kb, vb) = (k.narrow(2, 0, hi)?, v.narrow(2, 0, hi)?); // (B, KV, hi, hd)
-            let dv_part = pb.t()?.matmul(&dob)?; // (B, KV, hi, hd)
-            let dp = dob
-                .matmul(&vb.t()?)?
-                .to_dtype(ac)?
-                .reshape((b, kv, rep, bq, hi))?;
-            let ds = (probs * dp.broadcast_sub(&delta.narrow(3, i0, bq)?)?)?
-                .to_dtype(dt)?
-                .reshape((b, kv, rep * bq, hi))?; // (B, KV, rep*bq, hi)
-            let dq = (ds.matmul(&kb)? * p.scale)?; // (B, KV, rep*bq, hd)
-            dqs.push(dq.reshape((b, kv, rep, bq, hd))?);
-            let dk_part = ds.t()?.matmul(&qb)?; // (B, KV, hi, hd)
-            for (acc, part) in [(&dk, dk_part), (&dv, dv_part)] {
-                let sum = (acc.narrow(2, 0, hi)? + part.to_dtype(ac)?)?;
-                acc.slice_set(&sum, 2, 0)?;
-            }
-        }
-        let dq = Tensor::cat(&dqs, 3)?.reshape((b, h, t, hd))?; // (B, H, T, hd)
-        Ok((Some(dq), Some(dk.to_dtype(dt)?), Some(dv.to_dtype(dt)?)))
+        let (dq, dk, dv) =
+            backward(&q, &k, &v, out, d_out, &self.mask, &self.spec, &self.saved)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
@@ -305,33 +361,23 @@ pub fn attention(
 ) -> CResult<(Tensor, Option<Stats>)> {
     // The GEMMs take strided rows but not arbitrary views (a `cat` along dim 2 is one).
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
-    let p = Plan::new(q, k, v, mask, spec)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let track = q.track_op() || k.track_op() || v.track_op();
-    #[cfg(feature = "cuda")]
-    if !stats && fused::supported(q) && use_kernel() {
-        let (out, lse) = fused::forward(&qd, &kd, &vd, &p, spec)?;
-        if !track {
-            return Ok((out, None));
-        }
-        let op = AttentionOp {
-            out: Given::new(out),
-            mask: mask.clone(),
-            spec: *spec,
-            lse: Some(lse),
-        };
-        return Ok((q.apply_op3(k, v, op)?, None));
-    }
-    let (out, st) = forward(&qd, &kd, &vd, mask, &p, stats)?;
-    if !track {
+    let (out, st, saved) = if stats {
+        let p = Plan::new(q, k, v, mask, spec)?;
+        let (out, st) = forward(&qd, &kd, &vd, mask, &p, true)?;
+        (out, st, Saved::Blocked)
+    } else {
+        let (out, saved) = forward_saved(&qd, &kd, &vd, mask, spec)?;
+        (out, None, saved)
+    };
+    if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok((out, st));
     }
     let op = AttentionOp {
         out: Given::new(out),
         mask: mask.clone(),
         spec: *spec,
-        #[cfg(feature = "cuda")]
-        lse: None,
+        saved,
     };
     Ok((q.apply_op3(k, v, op)?, st))
 }
@@ -352,255 +398,7 @@ fn use_kernel() -> bool {
     !(env || BLOCKED.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// The tensor-core kernels of `attention.cu` (bf16, head_dim 64 or 128, CUDA): the forward
-/// keeps the output and the row log-sum-exp, the backward recomputes P tile by tile.
+/// The tensor-core kernels of `attention.cu` (bf16, head_dim 64 or 128, CUDA).
 #[cfg(feature = "cuda")]
-mod fused {
-    use super::Plan;
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{
-        CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Shape, Storage, Tensor,
-    };
-    use half::bf16;
-
-    type CResult<T> = candle_core::Result<T>;
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-    /// "No window" for the kernels: larger than any position they will see.
-    const NO_WINDOW: i32 = 1 << 30;
-
-    pub fn supported(q: &Tensor) -> bool {
-        q.device().is_cuda()
-            && q.dtype() == DType::BF16
-            && matches!(q.dims().last(), Some(64 | 128))
-    }
-
-    /// The mask and shape arguments every kernel takes after its tensors.
-    struct Args {
-        h: i32,
-        kv: i32,
-        t: i32,
-        s: i32,
-        slots: i32,
-        past: i32,
-        window: i32,
-        hide_first: i32,
-        scale_log2: f32,
-        scale: f32,
-        hd: usize,
-        b: usize,
-    }
-
-    impl Args {
-        fn new(p: &Plan, spec: &super::Spec) -> CResult<Self> {
-            let int = |x: usize| {
-                i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} overflows i32")))
-            };
-            Ok(Self {
-                h: int(p.h)?,
-                kv: int(p.kv)?,
-                t: int(p.t)?,
-                s: int(p.s)?,
-                slots: int(p.slots)?,
-                past: int(p.past)?,
-                window: spec.window.map_or(Ok(NO_WINDOW), |w| int(w.min(NO_WINDOW as usize)))?,
-                hide_first: spec.hide_first as i32,
-                scale_log2: (p.scale * std::f64::consts::LOG2_E) as f32,
-                scale: p.scale as f32,
-                hd: p.hd,
-                b: p.b,
-            })
-        }
-
-        fn func(&self, dev: &CudaDevice, kind: &str) -> CResult<CudaFunction> {
-            let name = format!("eab_attn_{kind}_{}", self.hd);
-            Ok(dev
-                .get_or_load_custom_func(&name, "eabfit_attention", PTX)?
-                .into_cuda_function())
-        }
-    }
-
-    fn cuda_of(s: &Storage) -> CResult<&CudaStorage> {
-        match s {
-            Storage::Cuda(c) => Ok(c),
-            _ => candle_core::bail!("attention kernel: tensor is not on a CUDA device"),
-        }
-    }
-
-    /// Forward kernel as a custom op over (q, k, v): returns the output and fills `lse`.
-    struct Fwd {
-        args: Args,
-        lse: Tensor,
-    }
-
-    impl CustomOp3 for Fwd {
-        fn name(&self) -> &'static str {
-            "eab-attention-fwd"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> CResult<(CpuStorage, Shape)> {
-            candle_core::bail!("attention kernel: CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            q: &CudaStorage,
-            lq: &Layout,
-            k: &CudaStorage,
-            lk: &Layout,
-            v: &CudaStorage,
-            lv: &Layout,
-        ) -> CResult<(CudaStorage, Shape)> {
-            let a = &self.args;
-            let dev = q.device().clone();
-            let (ls, ll) = self.lse.storage_and_layout();
-            let lse = cuda_of(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
-            let qv = q.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
-            let kv = k.as_cuda_slice::<bf16>()?.slice(lk.start_offset()..);
-            let vv = v.as_cuda_slice::<bf16>()?.slice(lv.start_offset()..);
-            let (t, h, hd) = (a.t as usize, a.h as usize, a.hd);
-            let shape = Shape::from((a.b, t, h, hd)); // (B, T, H, hd)
-            // Every element is written by the kernel.
-            let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
-            let func = a.func(&dev, "fwd")?;
-            let stream = dev.cuda_stream();
-            let mut l = stream.launch_builder(&func);
-            l.arg(&qv).arg(&kv).arg(&vv).arg(&out).arg(&lse);
-            l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
-            l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2);
-            let cfg = LaunchConfig {
-                grid_dim: (t.div_ceil(64) as u32, (a.b * h) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { l.launch(cfg) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
-        }
-    }
-
-    /// q: (B, H, T, hd), k, v: (B, KV, S, hd), contiguous bf16 -> (output (B, T, H, hd),
-    /// base-2 log-sum-exp (B, H, T) f32).
-    pub fn forward(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        p: &Plan,
-        spec: &super::Spec,
-    ) -> CResult<(Tensor, Tensor)> {
-        let lse = Tensor::zeros((p.b, p.h, p.t), DType::F32, q.device())?;
-        let op = Fwd {
-            args: Args::new(p, spec)?,
-            lse: lse.clone(),
-        };
-        let out = q.apply_op3_no_bwd(k, v, &op)?;
-        Ok((out, lse))
-    }
-
-    /// Backward kernels as an in-place op on the f32 dQ buffer, which they fill with
-    /// atomics; dK and dV are written whole.
-    struct Bwd {
-        args: Args,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        d_out: Tensor,
-        lse: Tensor,
-        dk: Tensor,
-        dv: Tensor,
-    }
-
-    impl InplaceOp1 for Bwd {
-        fn name(&self) -> &'static str {
-            "eab-attention-bwd"
-        }
-
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> CResult<()> {
-            candle_core::bail!("attention kernel: CUDA only")
-        }
-
-        fn cuda_fwd(&self, dq: &mut CudaStorage, ldq: &Layout) -> CResult<()> {
-            let a = &self.args;
-            let guards = [&self.q, &self.k, &self.v, &self.out, &self.d_out, &self.dk, &self.dv]
-                .map(|t| t.storage_and_layout());
-            let mut views = vec![];
-            for (s, l) in &guards {
-                views.push(cuda_of(s)?.as_cuda_slice::<bf16>()?.slice(l.start_offset()..));
-            }
-            let [qv, kv, vv, ov, dov, dkv, dvv] = &views[..] else {
-                unreachable!("seven tensors in, seven views out")
-            };
-            let (ls, ll) = self.lse.storage_and_layout();
-            let lse = cuda_of(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
-            let dev = dq.device().clone();
-            let dqv = dq.as_cuda_slice::<f32>()?.slice(ldq.start_offset()..);
-            let rows = a.b * a.t as usize * a.h as usize;
-            let delta = unsafe { dev.alloc::<f32>(rows)? };
-            let (b, t, h) = (a.b as i32, a.t, a.h);
-            let stream = dev.cuda_stream();
-            let func = a.func(&dev, "delta")?;
-            let mut l = stream.launch_builder(&func);
-            l.arg(ov).arg(dov).arg(&delta).arg(&b).arg(&h).arg(&t);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { l.launch(cfg) }.w()?;
-            let func = a.func(&dev, "bwd")?;
-            let mut l = stream.launch_builder(&func);
-            l.arg(qv).arg(kv).arg(vv).arg(dov).arg(&lse).arg(&delta).arg(&dqv);
-            l.arg(dkv).arg(dvv);
-            l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
-            l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2).arg(&a.scale);
-            let cfg = LaunchConfig {
-                grid_dim: ((a.s as usize).div_ceil(64) as u32, (a.b * a.kv as usize) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { l.launch(cfg) }.w()?;
-            Ok(())
-        }
-    }
-
-    /// Gradients (dq (B, H, T, hd), dk, dv (B, KV, S, hd)) of the fused forward, from its
-    /// inputs, output (B, T, H, hd), log-sum-exp and the output gradient.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        d_out: &Tensor,
-        lse: &Tensor,
-        p: &Plan,
-        spec: &super::Spec,
-    ) -> CResult<(Tensor, Tensor, Tensor)> {
-        let dev = q.device();
-        let dq = Tensor::zeros((p.b, p.h, p.t, p.hd), DType::F32, dev)?;
-        let dk = Tensor::zeros((p.b, p.kv, p.s, p.hd), DType::BF16, dev)?;
-        let dv = Tensor::zeros((p.b, p.kv, p.s, p.hd), DType::BF16, dev)?;
-        dq.inplace_op1(&Bwd {
-            args: Args::new(p, spec)?,
-            q: q.contiguous()?,
-            k: k.contiguous()?,
-            v: v.contiguous()?,
-            out: out.contiguous()?,
-            d_out: d_out.to_dtype(DType::BF16)?.contiguous()?,
-            lse: lse.clone(),
-            dk: dk.clone(),
-            dv: dv.clone(),
-        })?;
-        Ok((dq.to_dtype(DType::BF16)?, dk, dv))
-    }
-}
+#[path = "attention_kernel.rs"]
+mod fused;

@@ -7,6 +7,10 @@
 //! time. With p = softmax(logits / tau) and the loss scaled by tau^2 / (B T) (Hinton et al.),
 //!
 //!   d loss / d logits_s = tau / (B T) * (p_s - p_t),   d h_s = (d logits_s) W.
+//!
+//! On CUDA with bf16 a kernel (`kl.cu`) reads each chunk's two bf16 logit blocks once for the
+//! row sums and once for the KL and d logits, and the forward multiplies d logits by W right
+//! away: the backward pass then only scales that stored d h_s (no second pass through the head).
 
 use super::{acc, Given};
 use candle_core::{CustomOp2, DType, Tensor, D};
@@ -29,6 +33,8 @@ struct KlOp {
     teacher: Tensor,
     tau: f64,
     rows_per_chunk: usize,
+    /// d loss / d h_s for an upstream gradient of 1, when the forward formed it.
+    grad: Option<Tensor>,
 }
 
 impl CustomOp2 for KlOp {
@@ -46,6 +52,10 @@ impl CustomOp2 for KlOp {
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (h, w) = (h.detach(), w.detach());
+        if let Some(dh) = &self.grad {
+            let k = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            return Ok((Some((dh * k)?.to_dtype(h.dtype())?), None));
+        }
         let d = h.dim(D::Minus1)?;
         let hs = h.reshape(((), d))?; // (B*T, D)
         let ht = self.teacher.reshape(((), d))?;
@@ -99,6 +109,24 @@ pub fn kl_chunked(
         teacher.reshape(((), d))?,
     );
     let rows = hs.dim(0)?;
+    #[cfg(feature = "cuda")]
+    if kernel::applies(&hs, w) {
+        let track = h_student.track_op();
+        let (loss, dh) = kernel::loss_and_grad(&hs, &ht, w, tau, track)?;
+        if !track {
+            return Ok(loss);
+        }
+        return h_student.apply_op2(
+            w,
+            KlOp {
+                out: Given::new(loss),
+                teacher,
+                tau,
+                rows_per_chunk: rows_per_chunk.max(1),
+                grad: dh.map(|g| g.reshape(h_student.shape())).transpose()?,
+            },
+        );
+    }
     let step = rows_per_chunk.max(1);
     let mut total = Tensor::zeros((), acc(hs.dtype()), hs.device())?;
     for r0 in (0..rows).step_by(step) {
@@ -118,6 +146,120 @@ pub fn kl_chunked(
             teacher,
             tau,
             rows_per_chunk: step,
+            grad: None,
         },
     )
+}
+
+#[cfg(feature = "cuda")]
+mod kernel {
+    use crate::ops::cuda;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+    type CResult<T> = candle_core::Result<T>;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kl.ptx"));
+
+    pub fn applies(h: &Tensor, w: &Tensor) -> bool {
+        h.device().is_cuda() && h.dtype() == DType::BF16 && w.dtype() == DType::BF16
+    }
+
+    /// Per-row KL of two (n, V) bf16 logit blocks; fills `dlogits` when given.
+    struct Rows {
+        inv_tau: f32,
+        scale: f32,
+        dlogits: Option<Tensor>,
+    }
+
+    impl CustomOp2 for Rows {
+        fn name(&self) -> &'static str {
+            "kl-rows-kernel"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> CResult<(CpuStorage, Shape)> {
+            candle_core::bail!("kl kernel: CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            ls: &Layout,
+            t: &CudaStorage,
+            lt: &Layout,
+        ) -> CResult<(CudaStorage, Shape)> {
+            let dev = cuda::device_of(s);
+            let (n, v) = ls.shape().dims2()?;
+            let (sv, tv) = (cuda::bf16_view(s, ls)?, cuda::bf16_view(t, lt)?);
+            // Safety: the kernel writes one value per row.
+            let kl = unsafe { dev.alloc::<f32>(n)? };
+            let guard = self.dlogits.as_ref().map(|d| d.storage_and_layout());
+            let f = cuda::func(&dev, "eabfit_kl", PTX, "eab_kl_rows_bf16")?;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&sv).arg(&tv).arg(&kl);
+            let null = 0u64;
+            let dview = match &guard {
+                Some((st, lay)) => Some(cuda::bf16_view(cuda::storage(st)?, lay)?),
+                None => None,
+            };
+            match &dview {
+                Some(d) => l.arg(d),
+                None => l.arg(&null),
+            };
+            let v32 = v as i32;
+            l.arg(&v32).arg(&self.inv_tau).arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(kl, dev), Shape::from(n)))
+        }
+    }
+
+    /// The loss and, when `grad`, d loss / d h_s (rows, D): chunks of rows through the head.
+    pub fn loss_and_grad(
+        hs: &Tensor,
+        ht: &Tensor,
+        w: &Tensor,
+        tau: f64,
+        grad: bool,
+    ) -> CResult<(Tensor, Option<Tensor>)> {
+        let (rows, vocab) = (hs.dim(0)?, w.dim(0)?);
+        // bf16 logits only, no f32 copies: larger chunks than the composite path.
+        let step = ((256usize << 20) / vocab.max(1)).max(16);
+        let mut total = Tensor::zeros((), DType::F32, hs.device())?;
+        let mut parts = vec![];
+        for r0 in (0..rows).step_by(step) {
+            let n = step.min(rows - r0);
+            let s = hs.narrow(0, r0, n)?.matmul(&w.t()?)?; // (n, V)
+            let t = ht.narrow(0, r0, n)?.matmul(&w.t()?)?;
+            let dlogits = if grad {
+                Some(Tensor::zeros((n, vocab), DType::BF16, hs.device())?)
+            } else {
+                None
+            };
+            let op = Rows {
+                inv_tau: (1.0 / tau) as f32,
+                scale: (tau / rows as f64) as f32,
+                dlogits: dlogits.clone(),
+            };
+            total = (total + s.apply_op2_no_bwd(&t, &op)?.sum_all()?)?;
+            if let Some(d) = dlogits {
+                parts.push(d.matmul(w)?); // (n, D)
+            }
+        }
+        let loss = (total * (tau * tau / rows as f64))?;
+        let dh = if grad { Some(Tensor::cat(&parts, 0)?) } else { None };
+        Ok((loss, dh))
+    }
 }

@@ -13,7 +13,14 @@
 //! - [`norm`]: RMSNorm, computed by a fused kernel with a recomputing backward.
 //! - [`rope`]: rotate-half rotary embedding; its backward is the inverse rotation.
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
+//! - [`swiglu`]: the MLP's silu(gate) * up, one kernel each way on CUDA.
 //! - [`recompute`]: activation recomputation of a decoder block.
+//! - [`block`]: a whole decoder block as one op with a hand-written backward, so that
+//!   candle's graph holds one node per block instead of ~50 (each costing a zero-fill and an
+//!   add of a full activation in the backward pass).
+//!
+//! Kernel sources sit beside the op that launches them (`attention.cu`, `norm.cu`,
+//! `swiglu.cu`); `build.rs` compiles them to PTX with the `cuda` feature.
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
@@ -55,11 +62,15 @@ macro_rules! given_forward {
 pub(crate) use given_forward;
 
 pub mod attention;
+pub mod block;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod kl;
 pub mod linear;
 pub mod norm;
 pub mod recompute;
 pub mod rope;
+pub mod swiglu;
 
 /// A forward result computed outside a custom op, moved into the op's output on first use so
 /// that the graph holds one copy of it, not two.

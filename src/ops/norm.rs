@@ -3,7 +3,7 @@
 //! The composite form keeps four f32 copies of x per norm for the backward pass (the cast, its
 //! square, the normalised value and the product): tens of GiB for a 7B model at batch 4. The
 //! forward here is candle's fused kernel (f32 accumulation inside); the backward recomputes
-//! r = 1/rms(x) and, with g = dy * w,
+//! r = 1/rms(x) (one kernel of `norm.cu` on CUDA for bf16) and, with g = dy * w,
 //!
 //!   dx = r * (g - x * r^2 * mean(g * x)),   dw = sum over rows of dy * x * r.
 
@@ -13,7 +13,7 @@ use candle_core::{CustomOp2, DType, Tensor, D};
 type CResult<T> = candle_core::Result<T>;
 
 /// The forward from detached tensors; f64 (no fused kernel) is composed from basic ops.
-fn forward(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     if x.dtype() == DType::F64 {
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
         return x.broadcast_mul(&r)?.broadcast_mul(w);
@@ -40,26 +40,125 @@ impl CustomOp2 for RmsNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let ac = acc(x.dtype());
-        let (xf, dyf, wf) = (
-            x.detach().to_dtype(ac)?,
-            dy.to_dtype(ac)?,
-            w.detach().to_dtype(ac)?,
-        );
-        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?; // (..., 1)
-        let g = dyf.broadcast_mul(&wf)?;
-        let proj = (&g * &xf)?.mean_keepdim(D::Minus1)?; // (..., 1)
-        let dx = (g - xf.broadcast_mul(&(r.sqr()? * proj)?)?)?.broadcast_mul(&r)?;
+        let (x, w) = (x.detach(), w.detach());
         let dw = if w.track_op() {
-            let d = wf.dim(0)?;
-            let dw = (dyf * xf.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
-            Some(dw.to_dtype(w.dtype())?)
+            Some(backward_dw(&x, &w, dy, self.eps)?)
         } else {
             None
         };
-        Ok((Some(dx.to_dtype(x.dtype())?), dw))
+        Ok((Some(backward_dx(&x, &w, dy, self.eps)?), dw))
+    }
+}
+
+/// 1/rms(x) (..., 1) in the accumulation dtype, and x, dy, w cast to it.
+fn recompute(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<[Tensor; 4]> {
+    let ac = acc(x.dtype());
+    let (xf, dyf, wf) = (x.to_dtype(ac)?, dy.to_dtype(ac)?, w.to_dtype(ac)?);
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?; // (..., 1)
+    Ok([r, xf, dyf, wf])
+}
+
+/// dx of RMSNorm from detached x, w and the output gradient dy: one kernel on CUDA (bf16).
+pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && x.dim(D::Minus1)?.is_multiple_of(2)
+    {
+        return kernel::backward_dx(x, w, dy, eps);
+    }
+    let [r, xf, dyf, wf] = recompute(x, w, dy, eps)?;
+    let g = dyf.broadcast_mul(&wf)?;
+    let proj = (&g * &xf)?.mean_keepdim(D::Minus1)?; // (..., 1)
+    let dx = (g - xf.broadcast_mul(&(r.sqr()? * proj)?)?)?.broadcast_mul(&r)?;
+    dx.to_dtype(x.dtype())
+}
+
+/// dw of RMSNorm (pretraining trains the norms): the sum over rows of dy * x / rms(x).
+fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+    let [r, xf, dyf, wf] = recompute(x, w, dy, eps)?;
+    let d = wf.dim(0)?;
+    let dw = (dyf * xf.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
+    dw.to_dtype(w.dtype())
+}
+
+#[cfg(feature = "cuda")]
+mod kernel {
+    use crate::ops::cuda;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+    type CResult<T> = candle_core::Result<T>;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+
+    struct Bwd {
+        eps: f32,
+    }
+
+    impl CustomOp3 for Bwd {
+        fn name(&self) -> &'static str {
+            "rms-norm-bwd-kernel"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> CResult<(CpuStorage, Shape)> {
+            candle_core::bail!("rms-norm kernel: CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            lx: &Layout,
+            w: &CudaStorage,
+            lw: &Layout,
+            dy: &CudaStorage,
+            ld: &Layout,
+        ) -> CResult<(CudaStorage, Shape)> {
+            let dev = cuda::device_of(x);
+            let n = lx.shape().elem_count();
+            let d = lw.shape().elem_count();
+            let (xv, wv, dv) = (
+                cuda::bf16_view(x, lx)?,
+                cuda::bf16_view(w, lw)?,
+                cuda::bf16_view(dy, ld)?,
+            );
+            let dx = cuda::alloc_bf16(&dev, n)?;
+            let f = cuda::func(&dev, "eabfit_norm", PTX, "eab_rmsnorm_bwd_bf16")?;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            let d32 = d as i32;
+            l.arg(&xv).arg(&wv).arg(&dv).arg(&dx).arg(&d32).arg(&self.eps);
+            let cfg = LaunchConfig {
+                grid_dim: ((n / d) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dx, dev), lx.shape().clone()))
+        }
+    }
+
+    pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+        if x.dim(D::Minus1)? != w.elem_count() {
+            candle_core::bail!("rms-norm: x {:?} and weight {:?} differ", x.dims(), w.dims());
+        }
+        x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &dy.to_dtype(DType::BF16)?.contiguous()?,
+            &Bwd { eps: eps as f32 },
+        )
     }
 }
 

@@ -24,13 +24,14 @@ impl CustomOp1 for RopeOp {
     super::given_forward!(x: lx);
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        let dy = dy.contiguous()?;
-        Ok(Some(candle_nn::rotary_emb::rope(
-            &dy,
-            &self.cos,
-            &self.sin.neg()?,
-        )?))
+        Ok(Some(backward(dy, &self.cos, &self.sin)?))
     }
+}
+
+/// The input gradient of [`rope`] from the output gradient dy (B, H, T, hd): the inverse
+/// rotation.
+pub fn backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    candle_nn::rotary_emb::rope(&dy.contiguous()?, cos, &sin.neg()?)
 }
 
 /// x: (B, H, T, hd); cos, sin: (T, hd/2) of x's dtype, the angles of positions 0..T.

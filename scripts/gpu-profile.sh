@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Per-kernel GPU time of eabfit's training step, by kernel name (Nsight Compute's summary), to see
+# where a step's time goes. Run on the GPU machine from the repo root with .device-bin carried:
+#   scripts/gpu-profile.sh [SHAPE...]        # default: llama2-7b llama-1b
+# Each shape: `eabfit bench --mode train --warmup 0 --steps 1` (T 2048; batch 4 for llama2-7b,
+# 8 for llama-1b) under `ncu --metrics gpu__time_duration.sum --print-summary per-kernel`, so the
+# figures cover two steps (the phase-timed warm-up and the timed one). Kernels run serialised
+# under ncu: the sum is GPU time, launch gaps are not in it. Writes $OUT/profile-SHAPE.txt and
+# prints the 25 kernels that took longest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-./profile-out}
+mkdir -p "$out"
+cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
+export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)
+[ -n "$ncu" ] || { echo "gpu-profile: no ncu" >&2; exit 1; }
+bin=$(mktemp -d)/eabfit
+if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else xz -dc .device-bin/eabfit.xz > "$bin"; fi
+chmod +x "$bin"
+shapes=("$@")
+[ ${#shapes[@]} -gt 0 ] || shapes=(llama2-7b llama-1b)
+for shape in "${shapes[@]}"; do
+  batch=4; [ "$shape" = llama-1b ] && batch=8
+  f=$out/profile-$shape.txt
+  timeout "${PROFILE_TIMEOUT_S:-240}" "$ncu" --clock-control none --csv --print-units base \
+    --metrics gpu__time_duration.sum "$bin" bench --shape "$shape" --mode train --seq 2048 \
+    --batch "$batch" --warmup 0 --steps 1 --device cuda > "$f" 2>&1
+  echo "== $shape (rc $?)"
+  python3 - "$f" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1], errors="replace")) if len(r) > 10]
+head = rows[0] if rows and "Kernel Name" in rows[0] else None
+if head is None:
+    print("no CSV rows"); sys.exit()
+ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
+tot, n_all, ms_all = {}, 0, 0.0
+for r in rows[1:]:
+    try:
+        v = float(r[vi].replace(",", ""))
+    except ValueError:
+        continue
+    ms = v * {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0}.get(r[ui], 1e-6)
+    name = r[ki].split("(")[0][:80]
+    t = tot.setdefault(name, [0.0, 0])
+    t[0] += ms
+    t[1] += 1
+    n_all += 1
+    ms_all += ms
+print(f"{n_all} launches, {ms_all:.1f} ms of kernel time (two steps)")
+for name, (ms, n) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:30]:
+    print(f"{ms:9.1f} ms {100 * ms / ms_all:5.1f}% {n:6d}x  {name}")
+PY
+  xz -f "$f"
+done
