@@ -7,14 +7,14 @@
 //!   du = dy silu(g),   dg = dy u s (1 + g (1 - s)).
 
 use super::Given;
-use candle_core::{CustomOp2, DType, Tensor};
+use candle_core::{CustomOp2, Tensor};
 
 type CResult<T> = candle_core::Result<T>;
 
+#[cfg(feature = "cuda")]
 fn use_kernel(g: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && g.device().is_cuda()
-        && g.dtype() == DType::BF16
+    g.device().is_cuda()
+        && g.dtype() == candle_core::DType::BF16
         && g.elem_count().is_multiple_of(2)
 }
 
