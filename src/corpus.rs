@@ -5,6 +5,8 @@
 //!   followed by the separator token. Each input file is one document; whole documents go to
 //!   the held-out split, so no held-out text is ever seen in training.
 //! - `corpus.json`: [`CorpusMeta`] (tokenizer, vocabulary size, BOS and separator, counts).
+//! - `val-files.txt`: the held-out input files, one path a line (text to scan a model on that
+//!   it never trained on).
 //! - `tokenizer.json`, `tokenizer_config.json`: the tokenizer, with BOS as its first token, so
 //!   that a model trained on the corpus is written out with the tokenizer that reads it.
 //!
@@ -19,6 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const META: &str = "corpus.json";
+pub const VAL_FILES: &str = "val-files.txt";
 const FORMAT_VERSION: u32 = 1;
 /// Files read and tokenized together: large enough to keep every core busy, small enough
 /// that only a slice of a large corpus is in memory at once.
@@ -222,6 +225,7 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
             Ok(std::io::BufWriter::with_capacity(1 << 20, f))
         };
         let (mut train, mut val) = (open(Split::Train)?, open(Split::Val)?);
+        let mut val_files = String::new();
         let mut doc = 0usize;
         for chunk in files.chunks(CHUNK_FILES) {
             let texts: Vec<String> = chunk
@@ -242,7 +246,10 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
                     continue;
                 }
                 let (w, counts, split) = match held_out(doc, args.val_fraction) {
-                    true => (&mut val, &mut meta.val, Split::Val),
+                    true => {
+                        val_files.push_str(&format!("{}\n", f.display()));
+                        (&mut val, &mut meta.val, Split::Val)
+                    }
                     false => (&mut train, &mut meta.train, Split::Train),
                 };
                 let bytes: Vec<u8> = ids
@@ -271,6 +278,7 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
         }
         let body = serde_json::to_string_pretty(&meta).map_err(|e| Error::file(out, e))?;
         write_atomic(&tmp.join(META), body.as_bytes())?;
+        write_atomic(&tmp.join(VAL_FILES), val_files.as_bytes())?;
         write_tokenizer(tok, bos, sep, tmp)
     })?;
     Ok(meta)
