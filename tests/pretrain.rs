@@ -202,17 +202,19 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
     ok(&o);
     let sc = scalars(&out);
     let loss = curve(&sc, "train/loss");
-    assert_eq!(loss.len(), 40);
+    assert_eq!(loss.len(), 80);
     // At init the logits are ~0: the first loss is that of a uniform guess.
     let uniform = (VOCAB as f64).ln();
     assert!((loss[0].1 - uniform).abs() < 0.05, "{} vs ln {VOCAB} = {uniform}", loss[0].1);
     let ppl = curve(&sc, "eval/ppl");
-    assert_eq!(ppl.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 10, 20, 30, 40]);
-    assert!((ppl[0].1 - VOCAB as f64).abs() < 3.0, "{ppl:?}");
-    // The template's own perplexity is 4^(1/13) = 1.11; the tiny model gets most of the way.
+    assert_eq!(ppl.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 20, 40, 60, 80]);
+    assert!((ppl[0].1 / VOCAB as f64 - 1.0).abs() < 0.1, "{ppl:?}");
+    // The text's own perplexity is 4^(1/13) = 1.11 per token (a window's first tokens cost
+    // more: the model must find where in the sentence it starts); 61 for a uniform guess.
     let last = ppl[4].1;
-    assert!(last < 2.0 && last > 1.0, "{ppl:?}");
-    assert!(loss[39].1 < 1.0, "{:?}", &loss[30..]);
+    assert!(last < 1.6 && last > 4f64.powf(1.0 / 13.0), "{ppl:?}");
+    assert!(ppl.windows(2).all(|w| w[1].1 < w[0].1 * 1.02), "{ppl:?}");
+    assert!(loss[79].1 < 0.6, "{:?}", &loss[70..]);
 
     // final/ is a Hugging Face folder: scan it on the held-out document's first 2 windows of
     // 15 tokens after BOS, exactly the run's eval windows.
@@ -241,7 +243,7 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
     let scanned = rep["ppl"].as_f64().unwrap();
     assert!((scanned - last).abs() < 1e-4 * last, "scan {scanned} vs run {last}");
     let summary = json(&out.join("summary.json"));
-    assert_eq!(summary["tokens"], 40 * 8 * 16);
+    assert_eq!(summary["tokens"], 80 * 8 * 16);
     // Every weight trained: 61 x 32 tied embedding, 2 layers, final norm.
     let per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32;
     assert_eq!(summary["parameters"], VOCAB * 32 + 2 * per_layer + 32);
@@ -291,7 +293,7 @@ fn the_slot_variant_trains_its_slots() {
     let f = Fixture::new();
     let out = f.path("eab");
     ok(&f
-        .pretrain_cmd(&out, &["eab.enabled=true", "train.steps=20"])
+        .pretrain_cmd(&out, &["eab.enabled=true", "train.steps=40"])
         .output()
         .unwrap());
     let w = candle_core::safetensors::load(out.join("final/model.safetensors"), &candle_core::Device::Cpu)
@@ -308,7 +310,7 @@ fn the_slot_variant_trains_its_slots() {
     assert_eq!(cfg["auto_map"]["AutoModelForCausalLM"], "modeling_eab.EabLlamaForCausalLM");
     let sc = scalars(&out);
     let slot = curve(&sc, "layers/eab_slot_attn/00");
-    assert_eq!(slot.len(), 3);
+    assert_eq!(slot.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 20, 40]);
     assert!(slot.iter().all(|(_, a)| *a > 0.0 && *a < 1.0), "{slot:?}");
     let ppl = curve(&sc, "eval/ppl");
     assert!(ppl[2].1 < ppl[0].1 / 4.0, "{ppl:?}");
