@@ -150,10 +150,10 @@ fn input_files(inputs: &[PathBuf], exts: &[String]) -> Result<Vec<PathBuf>> {
             let p = e.map_err(|e| Error::file(dir, e))?.path();
             if p.is_dir() {
                 walk(&p, exts, out)?;
-            } else if p
-                .file_name()
-                .is_some_and(|n| exts.iter().any(|x| n.to_string_lossy().ends_with(x.as_str())))
-            {
+            } else if p.file_name().is_some_and(|n| {
+                exts.iter()
+                    .any(|x| n.to_string_lossy().ends_with(x.as_str()))
+            }) {
                 out.push(p);
             }
         }
@@ -186,11 +186,17 @@ fn held_out(i: usize, fraction: f64) -> bool {
     ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
 }
 
-fn token_id(tok: &Tok, flag: &str, text: &Option<String>, fallback: [Option<u32>; 2]) -> Result<u32> {
+fn token_id(
+    tok: &Tok,
+    flag: &str,
+    text: &Option<String>,
+    fallback: [Option<u32>; 2],
+) -> Result<u32> {
     match text {
-        Some(t) => tok.inner.token_to_id(t).ok_or_else(|| {
-            Error::Usage(format!("{flag} `{t}` is not a token of {}", tok.origin))
-        }),
+        Some(t) => tok
+            .inner
+            .token_to_id(t)
+            .ok_or_else(|| Error::Usage(format!("{flag} `{t}` is not a token of {}", tok.origin))),
         None => fallback.into_iter().flatten().next().ok_or_else(|| {
             Error::Usage(format!(
                 "{} has neither BOS nor EOS: name a token with {flag}",
@@ -258,7 +264,10 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
                     .flat_map(|t| t.to_le_bytes())
                     .collect();
                 w.write_all(&bytes).map_err(|e| {
-                    Error::file(out.join(split.file()), format!("write failed ({}): {e}", f.display()))
+                    Error::file(
+                        out.join(split.file()),
+                        format!("write failed ({}): {e}", f.display()),
+                    )
                 })?;
                 counts.documents += 1;
                 counts.tokens += ids.len() + 1;
@@ -288,10 +297,10 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
 /// that says so (eabfit's own windows follow `add_bos_token`).
 fn write_tokenizer(tok: &Tok, bos: u32, sep: u32, dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer.json");
-    let inner = tok
-        .with_bos_first(bos)
+    let inner = tok.with_bos_first(bos).map_err(|e| Error::file(&path, e))?;
+    inner
+        .save(&path, false)
         .map_err(|e| Error::file(&path, e))?;
-    inner.save(&path, false).map_err(|e| Error::file(&path, e))?;
     let text = |id: u32| tok.inner.id_to_token(id);
     let mut tc = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -317,10 +326,13 @@ pub struct Corpus {
 impl Corpus {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(META);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::file(&path, format!("not a corpus folder (eabfit tokenize makes one): {e}")))?;
-        let meta: CorpusMeta =
-            serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::file(
+                &path,
+                format!("not a corpus folder (eabfit tokenize makes one): {e}"),
+            )
+        })?;
+        let meta: CorpusMeta = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
         if meta.format_version != FORMAT_VERSION {
             return Err(Error::file(
                 &path,
@@ -334,7 +346,10 @@ impl Corpus {
             if id as usize >= meta.vocab_size {
                 return Err(Error::file(
                     &path,
-                    format!("{what} {id} is outside the vocabulary ({})", meta.vocab_size),
+                    format!(
+                        "{what} {id} is outside the vocabulary ({})",
+                        meta.vocab_size
+                    ),
                 ));
             }
         }
@@ -390,6 +405,7 @@ impl Corpus {
 
 /// Non-overlapping windows of `width` tokens over a split: BOS, then `width - 1` tokens of
 /// the split, consecutive from its start.
+#[derive(Debug)]
 pub struct TokenWindows {
     tokens: Vec<u32>,
     bos: u32,

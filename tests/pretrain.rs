@@ -125,7 +125,11 @@ fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
         .filter(|v| v["tag"] != "train/tokens_per_s")
         .map(|v| {
             let f = v["value"].as_f64().unwrap_or(f64::NAN);
-            (v["tag"].as_str().unwrap().to_string(), v["step"].as_u64().unwrap(), f)
+            (
+                v["tag"].as_str().unwrap().to_string(),
+                v["step"].as_u64().unwrap(),
+                f,
+            )
         })
         .collect()
 }
@@ -158,7 +162,10 @@ fn tokenize_round_trips_against_the_tokenizer_itself() {
     assert_eq!(train.len(), 60 * 13 + 40 * 13 + 8 * 13 + 3);
     let m = json(&f.corpus().join("corpus.json"));
     assert_eq!(m["vocab_size"], VOCAB);
-    assert_eq!((m["bos_id"].as_u64(), m["sep_id"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (m["bos_id"].as_u64(), m["sep_id"].as_u64()),
+        (Some(1), Some(2))
+    );
     assert_eq!(m["train"]["documents"], 3);
     assert_eq!(m["train"]["tokens"], train.len());
     assert_eq!(m["val"]["documents"], 1);
@@ -205,9 +212,16 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
     assert_eq!(loss.len(), 80);
     // At init the logits are ~0: the first loss is that of a uniform guess.
     let uniform = (VOCAB as f64).ln();
-    assert!((loss[0].1 - uniform).abs() < 0.05, "{} vs ln {VOCAB} = {uniform}", loss[0].1);
+    assert!(
+        (loss[0].1 - uniform).abs() < 0.05,
+        "{} vs ln {VOCAB} = {uniform}",
+        loss[0].1
+    );
     let ppl = curve(&sc, "eval/ppl");
-    assert_eq!(ppl.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 20, 40, 60, 80]);
+    assert_eq!(
+        ppl.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [0, 20, 40, 60, 80]
+    );
     assert!((ppl[0].1 / VOCAB as f64 - 1.0).abs() < 0.1, "{ppl:?}");
     // The text's own perplexity is 4^(1/13) = 1.11 per token (a window's first tokens cost
     // more: the model must find where in the sentence it starts); 61 for a uniform guess.
@@ -241,7 +255,10 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
     assert_eq!(rep["layers"].as_array().unwrap().len(), 2);
     assert_eq!(rep["bos"], true, "{stdout}");
     let scanned = rep["ppl"].as_f64().unwrap();
-    assert!((scanned - last).abs() < 1e-4 * last, "scan {scanned} vs run {last}");
+    assert!(
+        (scanned - last).abs() < 1e-4 * last,
+        "scan {scanned} vs run {last}"
+    );
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["tokens"], 80 * 8 * 16);
     // Every weight trained: 61 x 32 tied embedding, 2 layers, final norm.
@@ -262,7 +279,12 @@ fn a_killed_run_resumes_bit_for_bit() {
         .env(eabfit::killpoint::VAR, "step:7")
         .output()
         .unwrap();
-    assert_eq!(o.status.signal(), Some(9), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!out.join("checkpoints/step-000008").exists());
     let o = f
         .pretrain_cmd(&out, &extra)
@@ -281,10 +303,14 @@ fn a_killed_run_resumes_bit_for_bit() {
         "checkpoints/step-000012/optim-nodecay.safetensors",
         "checkpoints/step-000008/optim-decay.safetensors",
     ] {
-        assert!(bytes(&reference.join(f)) == bytes(&out.join(f)), "{f} differs");
+        assert!(
+            bytes(&reference.join(f)) == bytes(&out.join(f)),
+            "{f} differs"
+        );
     }
     assert_eq!(scalars(&reference), scalars(&out), "logged curves differ");
-    let state = |p: &Path| json(&p.join("checkpoints/step-000012/state.json"))["final_loss"].clone();
+    let state =
+        |p: &Path| json(&p.join("checkpoints/step-000012/state.json"))["final_loss"].clone();
     assert_eq!(state(&reference), state(&out));
 }
 
@@ -296,8 +322,11 @@ fn the_slot_variant_trains_its_slots() {
         .pretrain_cmd(&out, &["eab.enabled=true", "train.steps=40"])
         .output()
         .unwrap());
-    let w = candle_core::safetensors::load(out.join("final/model.safetensors"), &candle_core::Device::Cpu)
-        .unwrap();
+    let w = candle_core::safetensors::load(
+        out.join("final/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     for l in 0..2 {
         // v' starts at zero: anything else is the optimizer acting on its gradient.
         let v = &w[&format!("model.layers.{l}.self_attn.eab_v")];
@@ -307,7 +336,10 @@ fn the_slot_variant_trains_its_slots() {
     }
     let cfg = json(&out.join("final/config.json"));
     assert_eq!(cfg["eab"]["layers"], serde_json::json!([0, 1]));
-    assert_eq!(cfg["auto_map"]["AutoModelForCausalLM"], "modeling_eab.EabLlamaForCausalLM");
+    assert_eq!(
+        cfg["auto_map"]["AutoModelForCausalLM"],
+        "modeling_eab.EabLlamaForCausalLM"
+    );
     let sc = scalars(&out);
     let slot = curve(&sc, "layers/eab_slot_attn/00");
     assert_eq!(slot.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 20, 40]);
@@ -331,7 +363,11 @@ fn the_slot_variant_trains_its_slots() {
     ]));
     let rep = json(&scan_json);
     let a = rep["layers"][0]["slot_attn"].as_f64().unwrap();
-    assert!((a - slot[2].1).abs() < 1e-5, "scan {a} vs run {}", slot[2].1);
+    assert!(
+        (a - slot[2].1).abs() < 1e-5,
+        "scan {a} vs run {}",
+        slot[2].1
+    );
 }
 
 #[test]
@@ -344,24 +380,30 @@ fn bf16_compute_keeps_f32_masters() {
         .unwrap());
     let loss = curve(&scalars(&out), "train/loss");
     assert!(loss[9].1 < loss[0].1 - 0.5, "{loss:?}");
-    let w = candle_core::safetensors::load(out.join("final/model.safetensors"), &candle_core::Device::Cpu)
-        .unwrap();
+    let w = candle_core::safetensors::load(
+        out.join("final/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert!(w.values().all(|t| t.dtype() == candle_core::DType::F32));
 }
 
 #[test]
 fn a_bad_recipe_key_names_the_field() {
     let f = tempfile::tempdir().unwrap();
-    let o = run(&[
-        "pretrain".into(),
-        TINY.into(),
-        "optim.lrr=1".into(),
-    ]);
+    let o = run(&["pretrain".into(), TINY.into(), "optim.lrr=1".into()]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("unknown recipe field `optim.lrr`; did you mean `optim.lr`?"), "{err}");
+    assert!(
+        err.contains("unknown recipe field `optim.lrr`; did you mean `optim.lr`?"),
+        "{err}"
+    );
     let bad = f.path().join("bad.yaml");
-    std::fs::write(&bad, "model:\n  arch:\n    hiden_size: 8\ndata:\n  corpus: c\n").unwrap();
+    std::fs::write(
+        &bad,
+        "model:\n  arch:\n    hiden_size: 8\ndata:\n  corpus: c\n",
+    )
+    .unwrap();
     let o = run(&["pretrain".into(), s(&bad)]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -369,7 +411,11 @@ fn a_bad_recipe_key_names_the_field() {
         err.contains(":3:5: model.arch: unknown field `hiden_size`; did you mean `hidden_size`?"),
         "{err}"
     );
-    let o = run(&["pretrain".into(), TINY.into(), "train.recompute=true".into()]);
+    let o = run(&[
+        "pretrain".into(),
+        TINY.into(),
+        "train.recompute=true".into(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.recompute must be false"));
 }

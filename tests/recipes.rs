@@ -26,11 +26,19 @@ fn shipped_recipes_load_and_document_their_launch_command() {
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("pretrain-"));
         if pretrain {
-            let r: PretrainRecipe = load_typed(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            assert_eq!(parse_typed::<PretrainRecipe>(&r.to_yaml(), "resolved", &[]).unwrap(), r);
+            let r: PretrainRecipe =
+                load_typed(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(
+                parse_typed::<PretrainRecipe>(&r.to_yaml(), "resolved", &[]).unwrap(),
+                r
+            );
         } else {
-            let r = eabfit::recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            assert_eq!(eabfit::recipe::parse_str(&r.to_yaml(), "resolved", &[]).unwrap(), r);
+            let r =
+                eabfit::recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(
+                eabfit::recipe::parse_str(&r.to_yaml(), "resolved", &[]).unwrap(),
+                r
+            );
         }
         n += 1;
     }

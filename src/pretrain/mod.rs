@@ -303,7 +303,8 @@ fn save_checkpoint(
 /// is reported with the batch and sequence length that caused it.
 pub fn pretrain(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     run(r, resume).map_err(|e| {
-        let lower = "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len";
+        let lower =
+            "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len";
         crate::error::explain_oom(e, "pretrain", r.data.batch_size, r.data.seq_len, lower)
     })
 }

@@ -213,9 +213,15 @@ impl Params {
         obj.retain(|_, v| !v.is_null());
         obj.insert("hidden_act".into(), "silu".into());
         obj.insert("torch_dtype".into(), "float32".into());
-        let family = Family::of(self.config.model_type.as_deref(), self.config.sliding_window)?;
+        let family = Family::of(
+            self.config.model_type.as_deref(),
+            self.config.sliding_window,
+        )?;
         if self.slot_layers.is_empty() {
-            obj.insert("architectures".into(), vec![family.base_architecture()].into());
+            obj.insert(
+                "architectures".into(),
+                vec![family.base_architecture()].into(),
+            );
         } else {
             let eab = EabExport {
                 slot_tensors: EabExport::SLOT_TENSORS.into(),

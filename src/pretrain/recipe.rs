@@ -277,7 +277,12 @@ impl Typed for PretrainRecipe {
             .validate()
             .map_err(|e| format!("model.arch: {e}"))?;
         let d = &self.data;
-        check(d.seq_len >= 2, "data.seq_len", ">= 2 (BOS and one token)", d.seq_len)?;
+        check(
+            d.seq_len >= 2,
+            "data.seq_len",
+            ">= 2 (BOS and one token)",
+            d.seq_len,
+        )?;
         at_least_one("data.batch_size", d.batch_size)?;
         at_least_one("data.eval_windows", d.eval_windows)?;
         let s = &self.eab;
