@@ -349,14 +349,19 @@ impl AdapterMeta {
 
 /// Box-Muller normal samples from a seeded generator: init must be reproducible across
 /// devices, which candle's own `randn` is not.
-struct Gauss(rand::rngs::StdRng);
+pub(crate) struct Gauss(rand::rngs::StdRng);
 
 impl Gauss {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         use rand::SeedableRng;
         Self(rand::rngs::StdRng::seed_from_u64(seed))
     }
-    fn tensor(&mut self, shape: (usize, usize), std: f64, device: &Device) -> Result<Tensor> {
+    pub(crate) fn tensor(
+        &mut self,
+        shape: (usize, usize),
+        std: f64,
+        device: &Device,
+    ) -> Result<Tensor> {
         use rand::Rng;
         let n = shape.0 * shape.1;
         let data: Vec<f32> = (0..n)

@@ -84,3 +84,25 @@ impl Windows {
         self.seq_len + usize::from(self.bos.is_some())
     }
 }
+
+/// Indices into `n` items of micro-batch `g` (a global count over steps x accumulation) of
+/// `batch` items: the items in order of seeded per-epoch permutations, so the order depends on
+/// (seed, g) alone and a checkpoint's step is all the state a resume needs.
+pub fn batch_indices(n: usize, seed: u64, g: usize, batch: usize) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut perms: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    (g * batch..(g + 1) * batch)
+        .map(|k| {
+            let epoch = k / n;
+            let perm = perms.entry(epoch).or_insert_with(|| {
+                let mut p: Vec<usize> = (0..n).collect();
+                p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                    seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ));
+                p
+            });
+            perm[k % n]
+        })
+        .collect()
+}

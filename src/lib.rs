@@ -1,13 +1,15 @@
 //! eabfit: retrofit Explicit Attention Bias (EAB) onto frozen LLaMA and Mistral checkpoints.
 //!
 //! Modules follow the data flow: checkpoint -> model (+ adapters, on `ops`) -> data ->
-//! perplexity -> metrics -> plot, with `runtime` holding the flags every command shares.
+//! perplexity -> metrics -> plot, with `runtime` holding the flags every command shares;
+//! `corpus` and `pretrain` train a model from scratch instead of adapting one.
 
 pub mod ablate;
 pub mod adapters;
 pub mod bench;
 pub mod checkpoint;
 pub mod commands;
+pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod export;
@@ -25,6 +27,7 @@ pub mod optim;
 pub mod perplexity;
 pub mod plot;
 pub mod plot_gaps;
+pub mod pretrain;
 pub mod quant;
 pub mod quant_eval;
 pub mod recipe;

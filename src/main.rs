@@ -40,6 +40,10 @@ enum Command {
     Export(eabfit::export::ExportArgs),
     /// Continue a prompt (chat template when the tokenizer has one), KV-cached, with the EAB slots
     Generate(eabfit::generate::GenerateArgs),
+    /// Text files -> a token corpus (train.bin, val.bin, corpus.json, tokenizer) for pretrain
+    Tokenize(eabfit::corpus::TokenizeArgs),
+    /// Train a LLaMA/Mistral-family model from scratch on a token corpus, with or without EAB slots
+    Pretrain(eabfit::pretrain::PretrainArgs),
     /// One sequence's logits as JSON (the reference of scripts/peft_compare.py)
     #[command(hide = true)]
     Logits(eabfit::export::LogitsArgs),
@@ -74,6 +78,8 @@ fn main() {
         Command::Bench(a) => eabfit::bench::bench_cmd(a),
         Command::Export(a) => eabfit::export::export_cmd(a),
         Command::Generate(a) => eabfit::generate::generate_cmd(a),
+        Command::Tokenize(a) => eabfit::corpus::tokenize_cmd(a),
+        Command::Pretrain(a) => eabfit::pretrain::pretrain_cmd(a),
         Command::Logits(a) => eabfit::export::logits_cmd(a),
     };
     if let Err(e) = result {

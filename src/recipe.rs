@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
@@ -558,18 +559,7 @@ impl Recipe {
     /// Range and cross-field rules serde cannot express. The message starts with the
     /// dotted path of the field at fault, which `parse_str` uses to find its line.
     pub fn validate(&self) -> Result<(), String> {
-        let device = self.model.device.as_str();
-        let device_ok = device == "cpu"
-            || device == "cuda"
-            || device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
-        check(
-            device_ok,
-            "model.device",
-            "`cpu`, `cuda` or `cuda:N`",
-            format!("`{device}`"),
-        )?;
+        check_device("model.device", &self.model.device)?;
 
         let data = &self.data;
         at_least_one("data.seq_len", data.seq_len)?;
@@ -684,7 +674,21 @@ impl Recipe {
     }
 }
 
-fn check(ok: bool, path: &str, rule: &str, got: impl Display) -> Result<(), String> {
+pub(crate) fn check_device(path: &str, device: &str) -> Result<(), String> {
+    let device_ok = device == "cpu"
+        || device == "cuda"
+        || device
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    check(
+        device_ok,
+        path,
+        "`cpu`, `cuda` or `cuda:N`",
+        format!("`{device}`"),
+    )
+}
+
+pub(crate) fn check(ok: bool, path: &str, rule: &str, got: impl Display) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
@@ -693,15 +697,15 @@ fn check(ok: bool, path: &str, rule: &str, got: impl Display) -> Result<(), Stri
 }
 
 // `is_finite` because YAML accepts `.inf` and `.nan`, which no rule below means.
-fn positive(path: &str, v: f64) -> Result<(), String> {
+pub(crate) fn positive(path: &str, v: f64) -> Result<(), String> {
     check(v > 0.0 && v.is_finite(), path, "> 0", v)
 }
 
-fn non_negative(path: &str, v: f64) -> Result<(), String> {
+pub(crate) fn non_negative(path: &str, v: f64) -> Result<(), String> {
     check(v >= 0.0 && v.is_finite(), path, ">= 0", v)
 }
 
-fn at_least_one(path: &str, v: usize) -> Result<(), String> {
+pub(crate) fn at_least_one(path: &str, v: usize) -> Result<(), String> {
     check(v >= 1, path, ">= 1", v)
 }
 
@@ -725,17 +729,46 @@ fn unknown_path(path: &str, fields: &[String]) -> String {
     }
 }
 
+/// A recipe type the loader below can read: typed by serde (unknown fields denied), with
+/// defaults for every field it may leave out and rules serde cannot express. `train` reads
+/// [`Recipe`], `pretrain` reads `crate::pretrain::recipe::PretrainRecipe`.
+pub trait Typed: Serialize + DeserializeOwned {
+    /// A value with every field present; its leaves are the paths overrides may set.
+    fn skeleton() -> Self;
+    /// Range and cross-field rules; the message starts with the dotted path at fault.
+    fn check(&self) -> Result<(), String>;
+}
+
+impl Typed for Recipe {
+    fn skeleton() -> Self {
+        Recipe::new("", "", "")
+    }
+    fn check(&self) -> Result<(), String> {
+        self.validate()
+    }
+}
+
 /// Reads, overrides, types and validates a recipe file; see [`parse_str`].
 pub fn load(path: &Path, overrides: &[String]) -> crate::Result<Recipe> {
+    load_typed(path, overrides)
+}
+
+/// [`load`] for any [`Typed`] recipe.
+pub fn load_typed<T: Typed>(path: &Path, overrides: &[String]) -> crate::Result<T> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Usage(format!("{origin}: cannot read recipe: {e}")))?;
-    parse_str(&text, &origin, overrides)
+    parse_typed(&text, &origin, overrides)
 }
 
 /// Parses recipe `text`, applies `overrides` (`dotted.path=value`, the value read as YAML),
 /// types and validates it. `origin` names the text in errors, normally its file path.
 pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Result<Recipe> {
+    parse_typed(text, origin, overrides)
+}
+
+/// [`parse_str`] for any [`Typed`] recipe.
+pub fn parse_typed<T: Typed>(text: &str, origin: &str, overrides: &[String]) -> crate::Result<T> {
     let usage = |at: Option<(usize, usize)>, msg: String| {
         Error::Usage(match at {
             Some((line, column)) => format!("{origin}:{line}:{column}: {msg}"),
@@ -759,11 +792,12 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
         value = Value::Mapping(Mapping::new());
     }
 
+    let fields = leaf_paths::<T>();
     let mut set = Vec::new();
     for raw in overrides {
         let pair = parse_override(raw)
             .and_then(|pair| {
-                apply_overrides(&mut value, std::slice::from_ref(&pair)).map(|()| pair)
+                set_paths(&mut value, std::slice::from_ref(&pair), &fields).map(|()| pair)
             })
             .map_err(|e| usage(None, format!("override `{}`: {e}", shown(raw))))?;
         set.push((raw, pair.0));
@@ -785,7 +819,7 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
         }
     };
 
-    let recipe: Recipe = serde_path_to_error::deserialize(value).map_err(|e| {
+    let recipe: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let mut path = e.path().to_string();
         // Locating stops at the first list index: list items have no key to find.
         let mut keys: Vec<String> = e
@@ -816,7 +850,7 @@ pub fn parse_str(text: &str, origin: &str, overrides: &[String]) -> crate::Resul
         )
     })?;
 
-    recipe.validate().map_err(|msg| {
+    recipe.check().map_err(|msg| {
         let path = msg.split([' ', ':', '[']).next().unwrap_or_default();
         let keys: Vec<String> = path.split('.').map(String::from).collect();
         report(&keys, msg)
@@ -838,10 +872,18 @@ fn parse_override(raw: &str) -> Result<(String, Value), String> {
 /// Sets each dotted leaf path in a recipe tree, creating absent sections on the way.
 /// Paths must be recipe fields (see [`field_paths`]), so a typo cannot slip in as a new key.
 pub fn apply_overrides(value: &mut Value, overrides: &[(String, Value)]) -> Result<(), String> {
-    let fields = field_paths();
+    set_paths(value, overrides, &field_paths())
+}
+
+/// [`apply_overrides`] against the leaf paths `fields` of some recipe type.
+fn set_paths(
+    value: &mut Value,
+    overrides: &[(String, Value)],
+    fields: &[String],
+) -> Result<(), String> {
     for (path, new) in overrides {
         if !fields.contains(path) {
-            return Err(unknown_path(path, &fields));
+            return Err(unknown_path(path, fields));
         }
         let keys: Vec<&str> = path.split('.').collect();
         let mut node = &mut *value;
@@ -867,6 +909,11 @@ pub fn apply_overrides(value: &mut Value, overrides: &[(String, Value)]) -> Resu
 /// Every dotted leaf path a recipe has, read off the default recipe so that it cannot
 /// drift from the structs. Lists, nulls and empty maps (`ablate.grid`) are leaves.
 pub fn field_paths() -> Vec<String> {
+    leaf_paths::<Recipe>()
+}
+
+/// Every dotted leaf path of a [`Typed`] recipe, read off its skeleton.
+pub fn leaf_paths<T: Typed>() -> Vec<String> {
     fn walk(value: &Value, prefix: String, out: &mut Vec<String>) {
         match value {
             Value::Mapping(map) if !map.is_empty() => {
@@ -883,7 +930,7 @@ pub fn field_paths() -> Vec<String> {
             _ => out.push(prefix),
         }
     }
-    let defaults = serde_yaml::to_value(Recipe::new("", "", "")).expect("a recipe serializes");
+    let defaults = serde_yaml::to_value(T::skeleton()).expect("a recipe serializes");
     let mut paths = Vec::new();
     walk(&defaults, String::new(), &mut paths);
     paths

@@ -22,7 +22,6 @@ use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::Tensor;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -233,24 +232,11 @@ fn first_token_kv(s: &Setup, n: usize) -> Result<Vec<(Tensor, Tensor)>> {
         .collect()
 }
 
-/// The training windows of micro-batch `g` (global index over steps x accumulation): epochs
-/// are seeded permutations, so the order depends on (seed, g) alone.
+/// The training windows of micro-batch `g` (global index over steps x accumulation).
 fn batch_ids(windows: &Windows, seed: u64, g: usize, batch: usize) -> Vec<&Vec<u32>> {
-    use rand::SeedableRng;
-    let n = windows.len();
-    let mut perms: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    (g * batch..(g + 1) * batch)
-        .map(|k| {
-            let epoch = k / n;
-            let perm = perms.entry(epoch).or_insert_with(|| {
-                let mut p: Vec<usize> = (0..n).collect();
-                p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-                    seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ));
-                p
-            });
-            &windows.ids[perm[k % n]]
-        })
+    crate::data::batch_indices(windows.len(), seed, g, batch)
+        .into_iter()
+        .map(|i| &windows.ids[i])
         .collect()
 }
 
@@ -344,6 +330,12 @@ fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result
     log.scalar("eval/ma", f.ma, step)?;
     log.scalar("eval/score", f.score, step)?;
     log.scalar("eval/massive_count", f.massive_count as f64, step)?;
+    log_layers(log, report, step)?;
+    log.flush()
+}
+
+/// Per-layer scan figures of an eval, one TensorBoard curve per layer and figure.
+pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Result<()> {
     for l in &report.layers {
         let i = l.layer;
         log.scalar(&format!("layers/top1/{i:02}"), l.top[0], step)?;
@@ -361,7 +353,7 @@ fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result
             log.scalar(&format!("layers/eab_slot_attn/{i:02}"), a, step)?;
         }
     }
-    log.flush()
+    Ok(())
 }
 
 /// Writes a checkpoint folder whole or not at all (an existing one stays until the new one

@@ -36,6 +36,33 @@ impl Tok {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The tokenizer with a post-processor that puts `bos` first in every encoding, as
+    /// transformers expects of a model trained with BOS at position 0.
+    pub fn with_bos_first(&self, bos: u32) -> std::result::Result<Tokenizer, String> {
+        use tokenizers::processors::template::TemplateProcessing;
+        let text = self
+            .inner
+            .id_to_token(bos)
+            .ok_or_else(|| format!("BOS id {bos} is not in the vocabulary"))?;
+        let tp = TemplateProcessing::builder()
+            .try_single(vec![format!("{text}:0"), "$A:0".into()])
+            .and_then(|b| {
+                b.try_pair(vec![
+                    format!("{text}:0"),
+                    "$A:0".into(),
+                    format!("{text}:1"),
+                    "$B:1".into(),
+                ])
+            })
+            .map_err(|e| e.to_string())?
+            .special_tokens(vec![(text, bos)])
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut inner = self.inner.clone();
+        inner.with_post_processor(Some(tp));
+        Ok(inner)
+    }
+
     /// The printable form of one token (for tables: which token carries a massive activation).
     pub fn token_text(&self, id: u32) -> String {
         self.inner
@@ -44,6 +71,30 @@ impl Tok {
     }
 
     pub(super) fn from_hf_dir(dir: &Path, cfg: &Config) -> Result<Self> {
+        let eos = cfg.eos_token_id.as_ref().and_then(first_id);
+        Self::read_dir(dir, cfg.bos_token_id, eos)
+    }
+
+    /// A tokenizer on its own: `tokenizer.json` (a file, or a folder holding it) with the
+    /// BOS/EOS of the `tokenizer_config.json` beside it, if any.
+    pub fn open(path: &Path) -> Result<Self> {
+        let dir = match path.file_name() {
+            Some(n) if path.is_file() && n == "tokenizer.json" => {
+                path.parent().unwrap_or(Path::new("."))
+            }
+            _ if path.is_file() => {
+                return Err(Error::file(
+                    path,
+                    "expected a tokenizer.json or a folder holding one",
+                ))
+            }
+            _ => path,
+        };
+        Self::read_dir(dir, None, None)
+    }
+
+    /// `tokenizer.json` and `tokenizer_config.json` of `dir`; ids from a model's config win.
+    fn read_dir(dir: &Path, bos_id: Option<u32>, eos_id: Option<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(Error::file(
@@ -70,12 +121,8 @@ impl Tok {
             let s = v.as_str().or_else(|| v["content"].as_str())?;
             inner.token_to_id(s)
         };
-        let bos = cfg.bos_token_id.or_else(|| special("bos_token"));
-        let eos = cfg
-            .eos_token_id
-            .as_ref()
-            .and_then(first_id)
-            .or_else(|| special("eos_token"));
+        let bos = bos_id.or_else(|| special("bos_token"));
+        let eos = eos_id.or_else(|| special("eos_token"));
         // tokenizer_config's flag wins; otherwise ask the post-processor what it does.
         let add_bos = match tc["add_bos_token"].as_bool() {
             Some(b) => b,

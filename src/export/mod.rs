@@ -399,28 +399,9 @@ impl Ctx<'_> {
         }
         let text = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
         let mut inner = tok.inner.clone();
-        if let (true, Some(bos), Some(id)) = (tok.add_bos, text(tok.bos), tok.bos) {
-            use tokenizers::processors::template::TemplateProcessing;
-            let tp = TemplateProcessing::builder()
-                .try_single(vec![format!("{bos}:0"), "$A:0".into()])
-                .and_then(|b| {
-                    b.try_pair(vec![
-                        format!("{bos}:0"),
-                        "$A:0".into(),
-                        format!("{bos}:1"),
-                        "$B:1".into(),
-                    ])
-                })
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    b.special_tokens(vec![(bos.clone(), id)])
-                        .build()
-                        .map_err(|e| e.to_string())
-                });
-            match tp {
-                Ok(tp) => {
-                    inner.with_post_processor(Some(tp));
-                }
+        if let (true, Some(id)) = (tok.add_bos, tok.bos) {
+            match tok.with_bos_first(id) {
+                Ok(t) => inner = t,
                 Err(e) => eprintln!("warning: tokenizer.json will not add BOS itself: {e}"),
             }
         }

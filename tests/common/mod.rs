@@ -165,6 +165,11 @@ pub fn write_checkpoint(dir: &Path, cfg: &serde_json::Value, weights: &HashMap<S
     )
     .unwrap();
     candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
+    write_tokenizer(dir);
+}
+
+/// [`tokenizer_json`] and a tokenizer_config.json naming <s> and </s> into `dir`.
+pub fn write_tokenizer(dir: &Path) {
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
     let tc = json!({"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();

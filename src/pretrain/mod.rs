@@ -1,0 +1,448 @@
+//! `eabfit pretrain`: a LLaMA/Mistral-family model trained from scratch on a token corpus,
+//! with or without an EAB slot in every layer (the paper's from-scratch experiment).
+//!
+//! A run folder (`train.out_dir`) holds `recipe.yaml` (resolved), `checkpoints/step-NNNNNN/`
+//! and `final/`, each a Hugging Face folder every other command loads as `--model`
+//! (checkpoints add the optimizer moments, `state.json` and the recipe, and are written to a
+//! temporary folder and renamed), and `summary.json`. Exact resume: the weights, moments and
+//! step are all the state there is, since the data order is a pure function of (seed, step).
+
+mod params;
+pub mod recipe;
+
+pub use params::{Group, Params};
+pub use recipe::PretrainRecipe;
+
+use crate::corpus::{Corpus, Split, TokenWindows};
+use crate::fsio::{replace_dir, write_atomic};
+use crate::killpoint::point;
+use crate::loss::lm_loss;
+use crate::memory::CudaKnobs;
+use crate::metrics::{LogMark, RunLogger};
+use crate::model::Model;
+use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::runtime::{parse_device, parse_dtype};
+use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
+use crate::train::{latest_checkpoint, log_layers};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, clap::Args)]
+pub struct PretrainArgs {
+    /// Recipe YAML [default with --resume: the checkpoint's own resolved recipe]
+    pub recipe: Option<PathBuf>,
+    /// Overrides `key.sub=value`, e.g. `optim.lr=3e-3 eab.enabled=true`
+    pub overrides: Vec<String>,
+    /// Continue a run from its newest checkpoint (a run folder or one checkpoint folder)
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
+    let recipe_path = match (&args.recipe, &args.resume) {
+        (Some(p), _) => p.clone(),
+        (None, Some(dir)) => latest_checkpoint(dir)?.join("recipe.yaml"),
+        (None, None) => {
+            return Err(Error::Usage(
+                "pretrain needs a RECIPE (or --resume DIR)".into(),
+            ))
+        }
+    };
+    let r: PretrainRecipe = crate::recipe::load_typed(&recipe_path, &args.overrides)?;
+    let (dir, s) = pretrain(&r, args.resume.as_deref())?;
+    println!(
+        "{} parameters, {} steps, {} tokens; final loss {:.4}",
+        s.parameters,
+        s.steps,
+        s.tokens,
+        s.final_loss.unwrap_or(f64::NAN)
+    );
+    if let Some(e) = &s.last {
+        println!("last eval {}", one_line(e));
+    }
+    println!("{:.0} tokens/s, {:.1} s", s.tokens_per_s, s.wall_s);
+    println!(
+        "run folder {} (final/ is a Hugging Face folder: eabfit scan --model {})",
+        dir.display(),
+        dir.join("final").display()
+    );
+    Ok(())
+}
+
+/// Held-out figures at one step: perplexity and the scan's per-layer figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Eval {
+    pub step: usize,
+    pub tokens: usize,
+    pub val_ppl: f64,
+    pub massive_count: usize,
+    pub top1: Vec<f64>,
+    pub top1_over_median: Vec<f64>,
+    pub first_token_attn: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_attn: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub parameters: usize,
+    pub steps: usize,
+    pub tokens: usize,
+    /// Training loss of the last step (none before the first).
+    pub final_loss: Option<f64>,
+    pub last: Option<Eval>,
+    pub rule: Rule,
+    pub tokens_per_s: f64,
+    #[serde(default)]
+    pub peak_gib: Option<f64>,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    seed: u64,
+    final_loss: Option<f64>,
+    last: Option<Eval>,
+    log: Option<LogMark>,
+}
+
+pub fn one_line(e: &Eval) -> String {
+    let worst = e.top1_over_median.iter().cloned().fold(0f64, f64::max);
+    let attn0 = e.first_token_attn.iter().sum::<f64>() / e.first_token_attn.len().max(1) as f64;
+    format!(
+        "step {}  val ppl {:.3}  massive {}  max top-1/median {:.1}  attn@0 {:.3}{}",
+        e.step,
+        e.val_ppl,
+        e.massive_count,
+        worst,
+        attn0,
+        e.slot_attn.as_ref().map_or(String::new(), |s| format!(
+            "  attn@slot {:.3}",
+            s.iter().sum::<f64>() / s.len().max(1) as f64
+        ))
+    )
+}
+
+/// Everything a run reads before its first step.
+struct Setup {
+    corpus: Corpus,
+    tok: crate::checkpoint::Tok,
+    train: TokenWindows,
+    val: Vec<Vec<u32>>,
+    params: Params,
+    dtype: DType,
+    rule: Rule,
+}
+
+fn setup(r: &PretrainRecipe) -> Result<Setup> {
+    let corpus = Corpus::open(&r.data.corpus)?;
+    let tok = corpus.tokenizer()?;
+    let m = &corpus.meta;
+    let width = r.data.seq_len;
+    let train = TokenWindows::new(
+        corpus.tokens(Split::Train)?,
+        m.bos_id,
+        width,
+        &corpus.dir.join(Split::Train.file()),
+    )?;
+    let val_all = TokenWindows::new(
+        corpus.tokens(Split::Val)?,
+        m.bos_id,
+        width,
+        &corpus.dir.join(Split::Val.file()),
+    )?;
+    let val = (0..val_all.len().min(r.data.eval_windows))
+        .map(|i| val_all.window(i))
+        .collect();
+    let device = parse_device(&r.model.device)?;
+    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), &device)?;
+    let config = r.config(m.vocab_size, m.bos_id, m.sep_id);
+    config
+        .validate()
+        .map_err(|e| Error::Usage(format!("model.arch: {e}")))?;
+    let params = Params::init(&config, r, &device)?;
+    Ok(Setup {
+        corpus,
+        tok,
+        train,
+        val,
+        params,
+        dtype,
+        rule: Rule {
+            abs: r.eval.abs,
+            ratio: r.eval.ratio,
+        },
+    })
+}
+
+/// One optimizer per [`Group`], each over its own vars: AdamW here takes one learning rate
+/// and one weight decay per instance.
+struct Optimizers {
+    groups: BTreeMap<Group, (AdamW, BTreeMap<String, candle_core::Var>, f64)>,
+}
+
+impl Optimizers {
+    fn new(r: &PretrainRecipe, params: &Params) -> Result<Self> {
+        let o = &r.optim;
+        let mut by_group: BTreeMap<Group, BTreeMap<String, candle_core::Var>> = BTreeMap::new();
+        for (name, var) in params.vars()? {
+            by_group
+                .entry(Params::group(&name))
+                .or_default()
+                .insert(name, var);
+        }
+        let mut groups = BTreeMap::new();
+        for (g, vars) in by_group {
+            let (decay, lr_scale) = match g {
+                Group::Decay => (o.weight_decay, 1.0),
+                Group::NoDecay => (0.0, 1.0),
+                Group::Slot => (r.eab.weight_decay, r.eab.lr_scale),
+            };
+            let cfg = AdamWConfig {
+                betas: (o.betas[0], o.betas[1]),
+                eps: o.eps,
+                weight_decay: decay,
+            };
+            groups.insert(g, (AdamW::new(cfg, &vars)?, vars, lr_scale));
+        }
+        Ok(Self { groups })
+    }
+
+    fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        for (opt, vars, scale) in self.groups.values_mut() {
+            opt.step(vars, grads, lr * *scale)?;
+        }
+        Ok(())
+    }
+
+    fn file(g: Group) -> String {
+        format!("optim-{}.safetensors", format!("{g:?}").to_lowercase())
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        for (g, (opt, _, _)) in &self.groups {
+            opt.save(&dir.join(Self::file(*g)))?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &Path, step: usize) -> Result<()> {
+        for (g, (opt, _, _)) in self.groups.iter_mut() {
+            opt.load(&dir.join(Self::file(*g)), step)?;
+        }
+        Ok(())
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Perplexity and scan figures on the held-out windows.
+fn evaluate(s: &Setup, model: &Model, step: usize, tokens: usize) -> Result<(Eval, ScanReport)> {
+    let mut scanner = Scanner::new(s.params.config.num_hidden_layers, s.rule);
+    for w in &s.val {
+        let ids = Tensor::new(w.as_slice(), &s.params.device)?.unsqueeze(0)?;
+        scanner.add(&model.forward(&ids, &scan_taps())?, w)?;
+    }
+    let width = s.train.width();
+    let report = scanner.finish(&s.tok, &s.corpus.dir.display().to_string(), width - 1, true);
+    let l = &report.layers;
+    let eval = Eval {
+        step,
+        tokens,
+        val_ppl: report.ppl,
+        massive_count: report.massive_count(),
+        top1: l.iter().map(|l| l.top[0]).collect(),
+        top1_over_median: l
+            .iter()
+            .map(|l| l.top[0] / l.median.max(f64::MIN_POSITIVE))
+            .collect(),
+        first_token_attn: l.iter().map(|l| l.first_token_attn).collect(),
+        slot_attn: l.iter().map(|l| l.slot_attn).collect(),
+    };
+    Ok((eval, report))
+}
+
+fn log_eval(log: &mut RunLogger, e: &Eval, report: &ScanReport) -> Result<()> {
+    log.scalar("eval/ppl", e.val_ppl, e.step)?;
+    log.scalar("eval/massive_count", e.massive_count as f64, e.step)?;
+    let worst = e.top1_over_median.iter().cloned().fold(0f64, f64::max);
+    log.scalar("eval/max_top1_over_median", worst, e.step)?;
+    for l in &report.layers {
+        let name = format!("layers/massive_count/{:02}", l.layer);
+        log.scalar(&name, l.massive_count as f64, e.step)?;
+    }
+    log_layers(log, report, e.step)?;
+    log.flush()
+}
+
+/// A checkpoint: the Hugging Face folder plus moments, state and recipe, whole or not at all.
+fn save_checkpoint(
+    dir: &Path,
+    s: &Setup,
+    opt: &Optimizers,
+    state: &State,
+    recipe_yaml: &str,
+) -> Result<()> {
+    replace_dir(dir, |tmp| {
+        s.params.write_hf(tmp, &s.corpus.dir)?;
+        point("checkpoint");
+        opt.save(tmp)?;
+        let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(dir, e))?;
+        write_atomic(&tmp.join("state.json"), st.as_bytes())?;
+        write_atomic(&tmp.join("recipe.yaml"), recipe_yaml.as_bytes())
+    })
+}
+
+/// Runs (or resumes) a pretraining run; returns its folder and summary. Out of device memory
+/// is reported with the batch and sequence length that caused it.
+pub fn pretrain(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+    run(r, resume).map_err(|e| {
+        let lower =
+            "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len";
+        crate::error::explain_oom(e, "pretrain", r.data.batch_size, r.data.seq_len, lower)
+    })
+}
+
+fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+    let out_dir = r.train.out_dir.clone();
+    let recipe_yaml = r.to_yaml();
+    let s = setup(r)?;
+    let mut opt = Optimizers::new(r, &s.params)?;
+    let mut state = State {
+        step: 0,
+        seed: r.train.seed,
+        final_loss: None,
+        last: None,
+        log: None,
+    };
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    let _lock = crate::lock::lock_dir(&out_dir)?;
+    if let Some(dir) = resume {
+        let ck = latest_checkpoint(dir)?;
+        s.params.load(&ck.join("model.safetensors"))?;
+        let st_path = ck.join("state.json");
+        let text = std::fs::read_to_string(&st_path).map_err(|e| Error::file(&st_path, e))?;
+        state = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, e))?;
+        opt.load(&ck, state.step)?;
+        eprintln!("resuming from {} at step {}", ck.display(), state.step);
+    }
+    write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    let run_name = r.log.name.clone().unwrap_or_else(|| {
+        out_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    });
+    let log_dir = r.log.dir.join(&run_name);
+    let mut log = match &state.log {
+        Some(mark) => RunLogger::resume(&log_dir, mark).or_else(|e| {
+            eprintln!("warning: {e}; logging to a new event file");
+            RunLogger::create(&log_dir)
+        })?,
+        None => RunLogger::create(&log_dir)?,
+    };
+    let (o, total) = (&r.optim, r.train.steps);
+    let (batch, width) = (r.data.batch_size, s.train.width());
+    let tokens_per_step = o.grad_accum * batch * width;
+    if state.step == 0 {
+        let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, 0, 0)?;
+        log_eval(&mut log, &e, &report)?;
+        eprintln!("{}", one_line(&e));
+        state.last = Some(e);
+    }
+    let mem = CudaKnobs::apply(&s.params.device, false, false)?;
+    mem.reset_peak();
+    let start = std::time::Instant::now();
+    let mut tokens_done = 0usize;
+    while state.step < total {
+        let step = state.step;
+        let lr = lr_at(step, o.lr, o.warmup_steps, total, o.min_lr_ratio);
+        // Built again every step: in bf16 its weights are casts of the masters taken now.
+        let model = s.params.model(s.dtype)?;
+        let vars = s.params.vars()?;
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = 0f64;
+        for micro in 0..o.grad_accum {
+            let g = step * o.grad_accum + micro;
+            let idx = crate::data::batch_indices(s.train.len(), state.seed, g, batch);
+            let flat: Vec<u32> = idx.iter().flat_map(|&i| s.train.window(i)).collect();
+            let ids = Tensor::from_vec(flat, (batch, width), &s.params.device)?; // (B, T)
+            let (x, _) = model.forward_trunk(&ids, &Default::default())?;
+            let loss = lm_loss(&model.head(&x)?, &ids)?;
+            let gs = (&loss / o.grad_accum as f64)?.backward()?;
+            point("step");
+            for (name, var) in &vars {
+                if let Some(g) = gs.get(var.as_tensor()) {
+                    let g = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(name.clone(), g);
+                }
+            }
+            loss_sum += scalar(&loss)? / o.grad_accum as f64;
+        }
+        if !loss_sum.is_finite() {
+            let good = latest_checkpoint(&out_dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "none".into());
+            return Err(Error::Msg(format!(
+                "step {step}: loss is {loss_sum}; training stopped (lower optim.lr?). Last good checkpoint: {good}"
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, o.grad_clip)?;
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.final_loss = Some(loss_sum);
+        tokens_done += tokens_per_step;
+        let tokens = state.step * tokens_per_step;
+        let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        if state.step.is_multiple_of(r.log.every) || state.step == total {
+            log.scalar("train/loss", loss_sum, state.step)?;
+            log.scalar("train/lr", lr, state.step)?;
+            log.scalar("train/grad_norm", grad_norm, state.step)?;
+            log.scalar("train/tokens", tokens as f64, state.step)?;
+            log.scalar("train/tokens_per_s", tps, state.step)?;
+        }
+        if state.step.is_multiple_of(r.eval.every) || state.step == total {
+            let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, state.step, tokens)?;
+            log_eval(&mut log, &e, &report)?;
+            eprintln!("{}  loss {loss_sum:.4}  {tps:.0} tokens/s", one_line(&e));
+            point("logged");
+            state.last = Some(e);
+        }
+        if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total {
+            let ck = out_dir
+                .join("checkpoints")
+                .join(format!("step-{:06}", state.step));
+            state.log = Some(log.mark()?);
+            save_checkpoint(&ck, &s, &opt, &state, &recipe_yaml)?;
+        }
+    }
+    log.close()?;
+    replace_dir(&out_dir.join("final"), |tmp| {
+        s.params.write_hf(tmp, &s.corpus.dir)
+    })?;
+    let wall_s = start.elapsed().as_secs_f64();
+    let summary = Summary {
+        parameters: s.params.count()?,
+        steps: state.step,
+        tokens: state.step * tokens_per_step,
+        final_loss: state.final_loss,
+        last: state.last.clone(),
+        rule: s.rule,
+        tokens_per_s: tokens_done as f64 / wall_s.max(1e-9),
+        peak_gib: mem.peak().map(|b| b as f64 / (1u64 << 30) as f64),
+        wall_s,
+    };
+    let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
+    write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
+    Ok((out_dir, summary))
+}

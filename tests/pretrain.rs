@@ -1,0 +1,421 @@
+//! `eabfit tokenize` and `eabfit pretrain` on the CPU with recipes/pretrain-tiny.yaml: the token
+//! file round-trips against the tokenizers crate itself, the loss starts at ln(vocab) and falls
+//! toward the text's own entropy, the written folder reloads for `scan` with the perplexity the
+//! run measured, a killed run resumes bit for bit, and the slot variant trains its slots.
+
+mod common;
+
+use serde_json::Value;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/pretrain-tiny.yaml");
+/// The fixture tokenizer's vocabulary: <unk>, <s>, </s> and the words.
+const VOCAB: usize = common::WORDS.len() + 3;
+const SEP: u32 = 2;
+/// The slot of the template sentence and the words it takes, uniformly.
+const CHOICES: [&str; 4] = ["king", "prince", "ghost", "friend"];
+const TEMPLATE: [&str; 13] = [
+    "the", "_", "and", "the", "queen", "of", "the", "castle", "speak", "to", "my", "lord", ".",
+];
+
+/// A document of `n` template sentences, the slot filled at random: ln(4) nats of news per
+/// 13 tokens, so a model that learns the template predicts at perplexity near 4^(1/13) = 1.11.
+fn document(n: usize, seed: u64) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut words = vec![];
+    for _ in 0..n {
+        for w in TEMPLATE {
+            words.push(match w {
+                "_" => CHOICES[rng.gen_range(0..4)],
+                w => w,
+            });
+        }
+    }
+    words.join(" ")
+}
+
+fn run(args: &[String]) -> Output {
+    Command::new(common::bin()).args(args).output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{:?}: {err}", o.status);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Docs a..e (c is empty), the tokenizer, and the corpus tokenize made of them (every fourth
+/// non-empty document held out: d).
+struct Fixture {
+    root: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let docs = root.path().join("docs");
+        std::fs::create_dir_all(docs.join("sub")).unwrap();
+        std::fs::write(docs.join("a.txt"), document(60, 1)).unwrap();
+        std::fs::write(docs.join("b.txt"), document(40, 2)).unwrap();
+        std::fs::write(docs.join("c.txt"), "").unwrap();
+        std::fs::write(docs.join("sub/d.txt"), document(8, 3)).unwrap();
+        std::fs::write(docs.join("sub/e.txt"), document(50, 4)).unwrap();
+        std::fs::write(docs.join("skip.md"), "not a txt file").unwrap();
+        let tok = root.path().join("tok");
+        std::fs::create_dir(&tok).unwrap();
+        common::write_tokenizer(&tok);
+        let f = Self { root };
+        ok(&run(&[
+            "tokenize".into(),
+            "--tokenizer".into(),
+            s(&tok),
+            "--out".into(),
+            s(&f.corpus()),
+            "--val-fraction".into(),
+            "0.25".into(),
+            s(&docs),
+        ]));
+        f
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.path().join(p)
+    }
+    fn corpus(&self) -> PathBuf {
+        self.path("corpus")
+    }
+
+    /// `pretrain` of the tiny recipe into `out`, with `extra` overrides.
+    fn pretrain_cmd(&self, out: &Path, extra: &[&str]) -> Command {
+        let mut c = Command::new(common::bin());
+        c.args(["pretrain", TINY])
+            .arg(format!("data.corpus={}", s(&self.corpus())))
+            .arg(format!("train.out_dir={}", s(out)))
+            .arg(format!("log.dir={}", s(&out.join("tb"))))
+            .args(extra);
+        c
+    }
+}
+
+fn read_u32s(p: &Path) -> Vec<u32> {
+    std::fs::read(p)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// (tag, step, value) of every scalar the run logged, tokens/s left out (it measures time).
+fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
+    let name = out.file_name().unwrap();
+    std::fs::read_to_string(out.join("tb").join(name).join("scalars.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["tag"] != "train/tokens_per_s")
+        .map(|v| {
+            let f = v["value"].as_f64().unwrap_or(f64::NAN);
+            (
+                v["tag"].as_str().unwrap().to_string(),
+                v["step"].as_u64().unwrap(),
+                f,
+            )
+        })
+        .collect()
+}
+
+fn curve(sc: &[(String, u64, f64)], tag: &str) -> Vec<(u64, f64)> {
+    sc.iter()
+        .filter(|(t, _, _)| t == tag)
+        .map(|(_, s, v)| (*s, *v))
+        .collect()
+}
+
+#[test]
+fn tokenize_round_trips_against_the_tokenizer_itself() {
+    let f = Fixture::new();
+    let tok = tokenizers::Tokenizer::from_file(f.path("tok/tokenizer.json")).unwrap();
+    let ids = |name: &str| -> Vec<u32> {
+        let text = std::fs::read_to_string(f.path("docs").join(name)).unwrap();
+        tok.encode(text, false).unwrap().get_ids().to_vec()
+    };
+    // Path order; c.txt is empty and skipped; the 4th non-empty document (sub/e) is held out.
+    let mut train = vec![];
+    for d in ["a.txt", "b.txt", "sub/d.txt"] {
+        train.extend(ids(d));
+        train.push(SEP);
+    }
+    let mut val = ids("sub/e.txt");
+    val.push(SEP);
+    assert_eq!(read_u32s(&f.corpus().join("train.bin")), train);
+    assert_eq!(read_u32s(&f.corpus().join("val.bin")), val);
+    assert_eq!(train.len(), 60 * 13 + 40 * 13 + 8 * 13 + 3);
+    let m = json(&f.corpus().join("corpus.json"));
+    assert_eq!(m["vocab_size"], VOCAB);
+    assert_eq!(
+        (m["bos_id"].as_u64(), m["sep_id"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(m["train"]["documents"], 3);
+    assert_eq!(m["train"]["tokens"], train.len());
+    assert_eq!(m["val"]["documents"], 1);
+    assert_eq!(m["val"]["tokens"], 50 * 13 + 1);
+    assert_eq!(m["skipped_empty"], 1);
+    let listed = std::fs::read_to_string(f.corpus().join("val-files.txt")).unwrap();
+    assert_eq!(listed, format!("{}\n", s(&f.path("docs/sub/e.txt"))));
+    // The corpus's tokenizer puts BOS first, as the model will see it.
+    let own = tokenizers::Tokenizer::from_file(f.corpus().join("tokenizer.json")).unwrap();
+    assert_eq!(own.encode("the king", true).unwrap().get_ids(), [1, 3, 4]);
+
+    // A missing input is named; an existing --out is kept without --force.
+    let o = run(&[
+        "tokenize".into(),
+        "--tokenizer".into(),
+        s(&f.path("tok")),
+        "--out".into(),
+        s(&f.path("other")),
+        s(&f.path("nope.txt")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&s(&f.path("nope.txt"))), "{err}");
+    let o = run(&[
+        "tokenize".into(),
+        "--tokenizer".into(),
+        s(&f.path("tok")),
+        "--out".into(),
+        s(&f.corpus()),
+        s(&f.path("docs")),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(read_u32s(&f.corpus().join("val.bin")), val);
+}
+
+#[test]
+fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
+    let f = Fixture::new();
+    let out = f.path("run");
+    let o = f.pretrain_cmd(&out, &[]).output().unwrap();
+    ok(&o);
+    let sc = scalars(&out);
+    let loss = curve(&sc, "train/loss");
+    assert_eq!(loss.len(), 80);
+    // At init the logits are ~0: the first loss is that of a uniform guess.
+    let uniform = (VOCAB as f64).ln();
+    assert!(
+        (loss[0].1 - uniform).abs() < 0.05,
+        "{} vs ln {VOCAB} = {uniform}",
+        loss[0].1
+    );
+    let ppl = curve(&sc, "eval/ppl");
+    assert_eq!(
+        ppl.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [0, 20, 40, 60, 80]
+    );
+    assert!((ppl[0].1 / VOCAB as f64 - 1.0).abs() < 0.1, "{ppl:?}");
+    // The text's own perplexity is 4^(1/13) = 1.11 per token (a window's first tokens cost
+    // more: the model must find where in the sentence it starts); 61 for a uniform guess.
+    let last = ppl[4].1;
+    assert!(last < 1.6 && last > 4f64.powf(1.0 / 13.0), "{ppl:?}");
+    assert!(ppl.windows(2).all(|w| w[1].1 < w[0].1 * 1.02), "{ppl:?}");
+    assert!(loss[79].1 < 0.6, "{:?}", &loss[70..]);
+
+    // final/ is a Hugging Face folder: scan it on the held-out document's first 2 windows of
+    // 15 tokens after BOS, exactly the run's eval windows.
+    let final_dir = out.join("final");
+    let cfg = json(&final_dir.join("config.json"));
+    assert_eq!(cfg["vocab_size"], VOCAB);
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert!(cfg.get("eab").is_none());
+    let scan_json = f.path("scan.json");
+    let stdout = ok(&run(&[
+        "scan".into(),
+        "--model".into(),
+        s(&final_dir),
+        "--text".into(),
+        s(&f.path("docs/sub/e.txt")),
+        "--seq-len".into(),
+        "15".into(),
+        "--num-seqs".into(),
+        "2".into(),
+        "--json".into(),
+        s(&scan_json),
+    ]));
+    let rep = json(&scan_json);
+    assert_eq!(rep["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(rep["bos"], true, "{stdout}");
+    let scanned = rep["ppl"].as_f64().unwrap();
+    assert!(
+        (scanned - last).abs() < 1e-4 * last,
+        "scan {scanned} vs run {last}"
+    );
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["tokens"], 80 * 8 * 16);
+    // Every weight trained: 61 x 32 tied embedding, 2 layers, final norm.
+    let per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32;
+    assert_eq!(summary["parameters"], VOCAB * 32 + 2 * per_layer + 32);
+}
+
+#[test]
+fn a_killed_run_resumes_bit_for_bit() {
+    let f = Fixture::new();
+    let extra = ["train.steps=12", "train.checkpoint_every=4", "eval.every=6"];
+    let reference = f.path("reference");
+    ok(&f.pretrain_cmd(&reference, &extra).output().unwrap());
+    let out = f.path("killed");
+    // Inside step 7: the checkpoint of step 4 is the one to resume from.
+    let o = f
+        .pretrain_cmd(&out, &extra)
+        .env(eabfit::killpoint::VAR, "step:7")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.join("checkpoints/step-000008").exists());
+    let o = f
+        .pretrain_cmd(&out, &extra)
+        .arg("--resume")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("step-000004 at step 4"), "{stderr}");
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    for f in [
+        "final/model.safetensors",
+        "checkpoints/step-000012/model.safetensors",
+        "checkpoints/step-000012/optim-decay.safetensors",
+        "checkpoints/step-000012/optim-nodecay.safetensors",
+        "checkpoints/step-000008/optim-decay.safetensors",
+    ] {
+        assert!(
+            bytes(&reference.join(f)) == bytes(&out.join(f)),
+            "{f} differs"
+        );
+    }
+    assert_eq!(scalars(&reference), scalars(&out), "logged curves differ");
+    let state =
+        |p: &Path| json(&p.join("checkpoints/step-000012/state.json"))["final_loss"].clone();
+    assert_eq!(state(&reference), state(&out));
+}
+
+#[test]
+fn the_slot_variant_trains_its_slots() {
+    let f = Fixture::new();
+    let out = f.path("eab");
+    ok(&f
+        .pretrain_cmd(&out, &["eab.enabled=true", "train.steps=40"])
+        .output()
+        .unwrap());
+    let w = candle_core::safetensors::load(
+        out.join("final/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for l in 0..2 {
+        // v' starts at zero: anything else is the optimizer acting on its gradient.
+        let v = &w[&format!("model.layers.{l}.self_attn.eab_v")];
+        assert_eq!(v.dims(), [2, 8]);
+        assert!(common::max_abs(v) > 1e-3, "layer {l}: v' = {v}");
+        assert_eq!(v.dtype(), candle_core::DType::F32);
+    }
+    let cfg = json(&out.join("final/config.json"));
+    assert_eq!(cfg["eab"]["layers"], serde_json::json!([0, 1]));
+    assert_eq!(
+        cfg["auto_map"]["AutoModelForCausalLM"],
+        "modeling_eab.EabLlamaForCausalLM"
+    );
+    let sc = scalars(&out);
+    let slot = curve(&sc, "layers/eab_slot_attn/00");
+    assert_eq!(slot.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 20, 40]);
+    assert!(slot.iter().all(|(_, a)| *a > 0.0 && *a < 1.0), "{slot:?}");
+    let ppl = curve(&sc, "eval/ppl");
+    assert!(ppl[2].1 < ppl[0].1 / 4.0, "{ppl:?}");
+    // The folder loads as --model with its slots: scan reports attention on them.
+    let scan_json = f.path("scan.json");
+    ok(&run(&[
+        "scan".into(),
+        "--model".into(),
+        s(&out.join("final")),
+        "--text".into(),
+        s(&f.path("docs/sub/e.txt")),
+        "--seq-len".into(),
+        "15".into(),
+        "--num-seqs".into(),
+        "2".into(),
+        "--json".into(),
+        s(&scan_json),
+    ]));
+    let rep = json(&scan_json);
+    let a = rep["layers"][0]["slot_attn"].as_f64().unwrap();
+    assert!(
+        (a - slot[2].1).abs() < 1e-5,
+        "scan {a} vs run {}",
+        slot[2].1
+    );
+}
+
+#[test]
+fn bf16_compute_keeps_f32_masters() {
+    let f = Fixture::new();
+    let out = f.path("bf16");
+    ok(&f
+        .pretrain_cmd(&out, &["model.dtype=bf16", "train.steps=10"])
+        .output()
+        .unwrap());
+    let loss = curve(&scalars(&out), "train/loss");
+    assert!(loss[9].1 < loss[0].1 - 0.5, "{loss:?}");
+    let w = candle_core::safetensors::load(
+        out.join("final/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(w.values().all(|t| t.dtype() == candle_core::DType::F32));
+}
+
+#[test]
+fn a_bad_recipe_key_names_the_field() {
+    let f = tempfile::tempdir().unwrap();
+    let o = run(&["pretrain".into(), TINY.into(), "optim.lrr=1".into()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("unknown recipe field `optim.lrr`; did you mean `optim.lr`?"),
+        "{err}"
+    );
+    let bad = f.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "model:\n  arch:\n    hiden_size: 8\ndata:\n  corpus: c\n",
+    )
+    .unwrap();
+    let o = run(&["pretrain".into(), s(&bad)]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(":3:5: model.arch: unknown field `hiden_size`; did you mean `hidden_size`?"),
+        "{err}"
+    );
+    let o = run(&[
+        "pretrain".into(),
+        TINY.into(),
+        "train.recompute=true".into(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("train.recompute must be false"));
+}
