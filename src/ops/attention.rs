@@ -261,6 +261,7 @@ pub fn backward(
     spec: &Spec,
     saved: &Saved,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let p = Plan::new(q, k, v, mask, spec)?;
     match saved {
         #[cfg(feature = "cuda")]

@@ -88,8 +88,8 @@ fn forward(
                     .broadcast_as((b, kv, 1, hd)) // (B, KV, 1, hd)
             };
             (
-                Tensor::cat(&[&lead(sk)?, &k], 2)?, // (B, KV, 1+T, hd)
-                Tensor::cat(&[&lead(sv)?, &v], 2)?,
+                Tensor::cat(&[&lead(sk)?, &k], 2)?.contiguous()?, // (B, KV, 1+T, hd)
+                Tensor::cat(&[&lead(sv)?, &v], 2)?.contiguous()?,
             )
         }
         None => (k, v),
