@@ -40,8 +40,9 @@ impl CustomOp2 for RmsNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let train_w = w.track_op();
         let (x, w) = (x.detach(), w.detach());
-        let dw = if w.track_op() {
+        let dw = if train_w {
             Some(backward_dw(&x, &w, dy, self.eps)?)
         } else {
             None
