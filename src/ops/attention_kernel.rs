@@ -75,17 +75,7 @@ impl CustomOp3 for Fwd {
         "eab-attention-fwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        candle_core::bail!("attention kernel: CUDA only")
-    }
+    cuda::cuda_only!(a: la, b: lb, c: lc);
 
     fn cuda_fwd(
         &self,

@@ -9,6 +9,20 @@ use half::bf16;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// The `cpu_fwd` of a custom op with 1, 2 or 3 inputs that exists on CUDA only: an error.
+macro_rules! cuda_only {
+    ($($arg:ident: $lay:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, $lay: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = ($arg, $lay);)+
+            candle_core::bail!("{}: a CUDA kernel, called on the CPU", self.name())
+        }
+    };
+}
+pub(crate) use cuda_only;
+
 /// `name` from the PTX module `module` (loaded once per device).
 pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> CResult<CudaFunction> {
     Ok(dev

@@ -156,7 +156,7 @@ mod kernel {
     use crate::ops::cuda;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+    use candle_core::{CustomOp2, DType, Layout, Shape, Tensor};
 
     type CResult<T> = candle_core::Result<T>;
 
@@ -178,15 +178,7 @@ mod kernel {
             "kl-rows-kernel"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> CResult<(CpuStorage, Shape)> {
-            candle_core::bail!("kl kernel: CUDA only")
-        }
+        cuda::cuda_only!(a: la, b: lb);
 
         fn cuda_fwd(
             &self,

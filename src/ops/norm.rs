@@ -91,7 +91,7 @@ mod kernel {
     use crate::ops::cuda;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+    use candle_core::{CustomOp3, DType, Layout, Shape, Tensor, D};
 
     type CResult<T> = candle_core::Result<T>;
 
@@ -106,17 +106,7 @@ mod kernel {
             "rms-norm-bwd-kernel"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> CResult<(CpuStorage, Shape)> {
-            candle_core::bail!("rms-norm kernel: CUDA only")
-        }
+        cuda::cuda_only!(a: la, b: lb, c: lc);
 
         fn cuda_fwd(
             &self,

@@ -85,7 +85,7 @@ mod kernels {
     use crate::ops::cuda;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape};
+    use candle_core::{CustomOp2, CustomOp3, Layout, Shape};
 
     type CResult<T> = candle_core::Result<T>;
 
@@ -99,15 +99,7 @@ mod kernels {
             "swiglu-fwd-kernel"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> CResult<(CpuStorage, Shape)> {
-            candle_core::bail!("swiglu kernel: CUDA only")
-        }
+        cuda::cuda_only!(a: la, b: lb);
 
         fn cuda_fwd(
             &self,
@@ -135,17 +127,7 @@ mod kernels {
             "swiglu-bwd-kernel"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> CResult<(CpuStorage, Shape)> {
-            candle_core::bail!("swiglu kernel: CUDA only")
-        }
+        cuda::cuda_only!(a: la, b: lb, c: lc);
 
         fn cuda_fwd(
             &self,
