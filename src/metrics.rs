@@ -89,6 +89,32 @@ struct JsonLine<'a> {
 }
 
 impl RunLogger {
+    /// The logger of a run writing to `out_dir`: TensorBoard folder `root/name` (`name`: the
+    /// recipe's, else `out_dir`'s last component), resumed at `mark` when there is one (a
+    /// logger that cannot resume starts a new event file, with a warning).
+    pub fn for_run(
+        root: &Path,
+        name: Option<&str>,
+        out_dir: &Path,
+        mark: Option<&LogMark>,
+    ) -> Result<Self> {
+        let name = name.map(str::to_string).unwrap_or_else(|| {
+            out_dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        let dir = root.join(name);
+        match mark {
+            Some(mark) => Self::resume(&dir, mark).or_else(|e| {
+                eprintln!("warning: {e}; logging to a new event file");
+                Self::create(&dir)
+            }),
+            None => Self::create(&dir),
+        }
+    }
+
     /// Opens (or creates) a run folder with a new event file. An existing `scalars.jsonl` is
     /// appended to.
     pub fn create(dir: &Path) -> Result<Self> {

@@ -333,21 +333,12 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
         eprintln!("resuming from {} at step {}", ck.display(), state.step);
     }
     write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let run_name = r.log.name.clone().unwrap_or_else(|| {
-        out_dir
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned()
-    });
-    let log_dir = r.log.dir.join(&run_name);
-    let mut log = match &state.log {
-        Some(mark) => RunLogger::resume(&log_dir, mark).or_else(|e| {
-            eprintln!("warning: {e}; logging to a new event file");
-            RunLogger::create(&log_dir)
-        })?,
-        None => RunLogger::create(&log_dir)?,
-    };
+    let mut log = RunLogger::for_run(
+        &r.log.dir,
+        r.log.name.as_deref(),
+        &out_dir,
+        state.log.as_ref(),
+    )?;
     let (o, total) = (&r.optim, r.train.steps);
     let (batch, width) = (r.data.batch_size, s.train.width());
     let tokens_per_step = o.grad_accum * batch * width;
