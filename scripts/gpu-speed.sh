@@ -4,7 +4,9 @@
 # GPU machine with .device-bin carried (scripts/gpu-test.sh --pack cuda ops builds it):
 #   scripts/gpu-speed.sh
 # Keeps what comes back to a few files under $OUT: gpu-test.txt, bench-table.md,
-# benchmarks.json, bench-results.jsonl, bench-logs.tgz.
+# benchmarks.json, bench-results.jsonl, bench-logs.tgz. With SPEED_TRAIN_7B=1 it then runs
+# scripts/gpu-train-7b.sh (the real train / verify / export at 7B; .cache/assets/shakespeare
+# carried too) into train-7b.txt and train-7b.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu-speed-out}
@@ -20,4 +22,14 @@ cp "$work/bench/table.md" "$out/bench-table.md" 2>/dev/null
 cp "$work/bench/benchmarks.json" "$out/benchmarks.json" 2>/dev/null
 cp "$work/bench/results.jsonl" "$out/bench-results.jsonl" 2>/dev/null
 tar -czf "$out/bench-logs.tgz" -C "$work/bench" logs env.txt 2>/dev/null
+echo "bench done after $(( $(date +%s) - t0 )) s"
+# The real command at 7B after the benchmark (needs .cache/assets/shakespeare carried too).
+if [ "${SPEED_TRAIN_7B:-0}" = 1 ]; then
+  left=$(( ${SPEED_TOTAL_S:-590} - ($(date +%s) - t0) ))
+  OUT=$work/train-7b TRAIN_STEPS=${TRAIN_STEPS:-6} timeout "$left" scripts/gpu-train-7b.sh > "$work/train-7b.txt" 2>&1
+  echo "gpu-train-7b exit $? after $(( $(date +%s) - t0 )) s" >> "$work/train-7b.txt"
+  cp "$work/train-7b.txt" "$out/train-7b.txt"
+  tar -czf "$out/train-7b.tgz" -C "$work" train-7b 2>/dev/null
+  grep -E "^trained|tokens/s|PASS|FAIL|verify|exit" "$work/train-7b.txt" | tail -n 12
+fi
 echo "gpu-speed done in $(( $(date +%s) - t0 )) s"
