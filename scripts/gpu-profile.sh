@@ -3,10 +3,10 @@
 # where a step's time goes. Run on the GPU machine from the repo root with .device-bin carried:
 #   scripts/gpu-profile.sh [SHAPE...]        # default: llama2-7b llama-1b
 # Each shape: `eabfit bench --mode train --warmup 0 --steps 1` (T 2048; batch 4 for llama2-7b,
-# 8 for llama-1b) under `ncu --metrics gpu__time_duration.sum --print-summary per-kernel`, so the
-# figures cover two steps (the phase-timed warm-up and the timed one). Kernels run serialised
-# under ncu: the sum is GPU time, launch gaps are not in it. Writes $OUT/profile-SHAPE.txt and
-# prints the 25 kernels that took longest.
+# 8 for llama-1b) under `ncu --csv --metrics gpu__time_duration.sum`: one step, plus the
+# random-weight setup (curand kernels). Kernels run serialised under ncu: the sum is GPU time,
+# launch gaps are not in it. Writes $OUT/profile-SHAPE.txt.xz (one row per launch) and prints
+# the 30 kernels that took longest, summed by name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./profile-out}
@@ -29,25 +29,23 @@ for shape in "${shapes[@]}"; do
   echo "== $shape (rc $?)"
   python3 - "$f" <<'PY'
 import csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1], errors="replace")) if len(r) > 10]
-head = rows[0] if rows and "Kernel Name" in rows[0] else None
-if head is None:
-    print("no CSV rows"); sys.exit()
+rows = list(csv.reader(open(sys.argv[1], errors="replace")))
+hi = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+head = rows[hi]
 ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
 tot, n_all, ms_all = {}, 0, 0.0
-for r in rows[1:]:
+for r in rows[hi + 1:]:
+    if len(r) != len(head):
+        continue
     try:
         v = float(r[vi].replace(",", ""))
     except ValueError:
         continue
-    ms = v * {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0}.get(r[ui], 1e-6)
+    ms = v * {"ns": 1e-6, "us": 1e-3, "ms": 1.0}.get(r[ui], 1e-6)
     name = r[ki].split("(")[0][:80]
     t = tot.setdefault(name, [0.0, 0])
-    t[0] += ms
-    t[1] += 1
-    n_all += 1
-    ms_all += ms
-print(f"{n_all} launches, {ms_all:.1f} ms of kernel time (two steps)")
+    t[0] += ms; t[1] += 1; n_all += 1; ms_all += ms
+print(f"{n_all} launches, {ms_all:.1f} ms of kernel time")
 for name, (ms, n) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:30]:
     print(f"{ms:9.1f} ms {100 * ms / ms_all:5.1f}% {n:6d}x  {name}")
 PY
