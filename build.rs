@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["attention", "kl", "norm", "swiglu"];
+const KERNELS: &[&str] = &["attention", "heads", "kl", "norm", "swiglu"];
 
 fn main() {
     for k in KERNELS {

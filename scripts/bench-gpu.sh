@@ -15,8 +15,8 @@
 # eabfit fitted none, the first of BENCH_BATCHES that fits). A train case that fits at no batch
 # is retried once at half the sequence length with batches "2 1" (both tools), time allowing.
 # Last, time allowing, the first train case that fitted again with `--attention blocked` (the
-# composite the fused kernel replaced; BENCH_AB_ATTENTION=0 skips it) and with --keep-pool
-# --no-event-tracking.
+# composite the fused kernel replaced; BENCH_AB_ATTENTION=0 skips it) and with --release-pool
+# --event-tracking (candle's allocator defaults, which eabfit turns off).
 #
 # Every run: BENCH_WARMUP (2) untimed + BENCH_STEPS (5) timed steps, under `timeout`; GPU memory
 # sampled with nvidia-smi every 100 ms alongside. The whole script keeps to BENCH_BUDGET_S
@@ -178,13 +178,13 @@ for c in "${retry[@]}"; do
   log "retrying $shape $mode at seq $seq (no batch fitted at $(( seq * 2 )))"
   bench_case "$shape" "$mode" "$seq" "2 1"
 done
-# The attention lever (the blocked composite the kernel replaced), then the allocator knobs, on
-# the first train case that fitted.
+# The attention lever (the blocked composite the kernel replaced), then candle's allocator
+# defaults, on the first train case that fitted.
 for c in $cases; do
   IFS=: read -r shape mode seq cb <<< "$c"
   if [ "$mode" = train ] && [ -n "${fit[$c]:-}" ] && [ "$device" != cpu ]; then
     [ "${BENCH_AB_ATTENTION:-1}" = 1 ] && bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --attention blocked
-    bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --keep-pool --no-event-tracking
+    bench_case "$shape" "$mode" "$seq" "${fit[$c]}" --release-pool --event-tracking
     break
   fi
 done

@@ -2,10 +2,11 @@
 # Per-kernel GPU time of eabfit's training step, by kernel name (Nsight Compute's summary), to see
 # where a step's time goes. Run on the GPU machine from the repo root with .device-bin carried:
 #   scripts/gpu-profile.sh [SHAPE...]        # default: llama2-7b llama-1b
-# Each shape: `eabfit bench --mode train --warmup 0 --steps 1` (T 2048; batch 4 for llama2-7b,
-# 8 for llama-1b) under `ncu --csv --metrics gpu__time_duration.sum`: one step, plus the
+# Each shape: `eabfit bench --mode $PROFILE_MODE --warmup 0 --steps 1` (train by default, or
+# forward; T 2048; batch 4 for llama2-7b, 8 for llama-1b in train, 4 in forward) under
+# `ncu --csv --metrics gpu__time_duration.sum`: one step, plus the
 # random-weight setup (curand kernels). Kernels run serialised under ncu: the sum is GPU time,
-# launch gaps are not in it. Writes $OUT/profile-SHAPE.txt.xz (one row per launch) and prints
+# launch gaps are not in it. Writes $OUT/profile-SHAPE[-forward].txt.xz (one row per launch) and prints
 # the 30 kernels that took longest, summed by name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +21,14 @@ if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else xz -dc .de
 chmod +x "$bin"
 shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(llama2-7b llama-1b)
+mode=${PROFILE_MODE:-train}
 for shape in "${shapes[@]}"; do
-  batch=4; [ "$shape" = llama-1b ] && batch=8
-  f=$out/profile-$shape.txt
+  batch=4; [ "$shape" = llama-1b ] && [ "$mode" = train ] && batch=8
+  f=$out/profile-$shape.txt; [ "$mode" = train ] || f=$out/profile-$shape-$mode.txt
   timeout "${PROFILE_TIMEOUT_S:-240}" "$ncu" --clock-control none --csv --print-units base \
-    --metrics gpu__time_duration.sum "$bin" bench --shape "$shape" --mode train --seq 2048 \
+    --metrics gpu__time_duration.sum "$bin" bench --shape "$shape" --mode "$mode" --seq 2048 \
     --batch "$batch" --warmup 0 --steps 1 --device cuda > "$f" 2>&1
-  echo "== $shape (rc $?)"
+  echo "== $shape $mode (rc $?)"
   python3 - "$f" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1], errors="replace")))

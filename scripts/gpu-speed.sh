@@ -6,7 +6,8 @@
 # Keeps what comes back to a few files under $OUT: gpu-test.txt, bench-table.md,
 # benchmarks.json, bench-results.jsonl, bench-logs.tgz. With SPEED_TRAIN_7B=1 it then runs
 # scripts/gpu-train-7b.sh (the real train / verify / export at 7B; .cache/assets/shakespeare
-# carried too) into train-7b.txt and train-7b.tgz.
+# carried too) into train-7b.txt and train-7b.tgz. With SPEED_PROFILE="SHAPE:MODE ..." it ends
+# with scripts/gpu-profile.sh for each (per-kernel GPU time) into profile.txt, time allowing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu-speed-out}
@@ -32,4 +33,9 @@ if [ "${SPEED_TRAIN_7B:-0}" = 1 ]; then
   tar -czf "$out/train-7b.tgz" -C "$work" train-7b 2>/dev/null
   grep -E "^trained|tokens/s|PASS|FAIL|verify|exit" "$work/train-7b.txt" | tail -n 12
 fi
+for p in ${SPEED_PROFILE:-}; do
+  left=$(( ${SPEED_TOTAL_S:-590} - ($(date +%s) - t0) ))
+  [ "$left" -gt 60 ] || { echo "profile $p: skipped, $left s left" >> "$out/profile.txt"; continue; }
+  OUT=$out PROFILE_MODE=${p#*:} PROFILE_TIMEOUT_S=$(( left - 10 )) scripts/gpu-profile.sh "${p%%:*}" >> "$out/profile.txt" 2>&1
+done
 echo "gpu-speed done in $(( $(date +%s) - t0 )) s"

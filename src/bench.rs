@@ -165,13 +165,13 @@ pub struct BenchArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CUDA: keep freed memory in the memory pool (release threshold = max) instead of handing
-    /// it back to the driver at every synchronisation
+    /// CUDA: hand freed memory back to the driver at every synchronisation (candle's default;
+    /// eabfit keeps it in the pool, as PyTorch's caching allocator does)
     #[arg(long)]
-    pub keep_pool: bool,
-    /// CUDA: turn off cudarc's per-tensor event tracking (safe here: one stream)
+    pub release_pool: bool,
+    /// CUDA: keep cudarc's per-tensor event tracking on (candle's default; eabfit turns it off)
     #[arg(long)]
-    pub no_event_tracking: bool,
+    pub event_tracking: bool,
     /// Attention on CUDA: the fused bf16 kernel, or the blocked composite it replaced
     #[arg(long, value_enum, default_value = "kernel")]
     pub attention: AttentionPath,
@@ -482,7 +482,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         vec![]
     };
     let lora_targets = parse_targets(&args.lora_targets)?;
-    let cuda = CudaKnobs::apply(&device, args.keep_pool, args.no_event_tracking)?;
+    crate::memory::configure(&device, args.release_pool, args.event_tracking)?;
+    let cuda = CudaKnobs::of(&device);
     crate::ops::attention::force_blocked(args.attention == AttentionPath::Blocked);
     let _ = device.set_seed(args.seed); // CUDA only; the CPU generator cannot be seeded
 
@@ -631,7 +632,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         weights_alloc_gib: weights_alloc.map(gib),
         loss,
         phases_ms: phases,
-        keep_pool: args.keep_pool,
+        keep_pool: !args.release_pool,
         attention: args.attention,
         event_tracking: cuda.event_tracking,
         recompute: args.recompute,

@@ -442,7 +442,7 @@ impl Attention {
             None
         };
         // The slot is key 0 of every KV head, ahead of the tokens; position-free, never rotated.
-        let (k, v, mask, spec) = match &slot {
+        let (k, v, mask) = match &slot {
             Some(slot) => {
                 let lead = |x: &Tensor| -> CResult<Tensor> {
                     x.to_dtype(k.dtype())?
@@ -454,15 +454,14 @@ impl Attention {
                     Tensor::cat(&[&lead(&slot.k)?, &k], 2)?, // (B, KV, 1+T, hd)
                     Tensor::cat(&[&lead(&slot.v)?, &v], 2)?,
                     &masks.slot,
-                    masks.spec(1),
                 )
             }
-            None => (k, v, &masks.plain, masks.spec(0)),
+            None => (k, v, &masks.plain),
         };
         let mask = mask
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("attention mask not built".into()))?;
-        let (out, stats) = attention::attention(&q, &k, &v, mask, &spec, taps.attn)?; // (B, T, H, hd)
+        let (out, stats) = attention::attention(&q, &k, &v, mask, taps.attn)?; // (B, T, H, hd)
         let out = out.reshape((b, t, h * hd))?; // (B, T, H*hd)
         let out = taps.linear_input(self.layer, LinearInput::O, out)?;
         Ok(AttnOut {
@@ -474,12 +473,12 @@ impl Attention {
     }
 }
 
-/// The additive masks of one forward pass: one for layers without a slot, one for layers with,
+/// The attention masks of one forward pass: one for layers without a slot, one for layers with,
 /// for T queries at positions start..start + T.
 #[derive(Clone)]
 struct Masks {
-    plain: Option<Tensor>,
-    slot: Option<Tensor>,
+    plain: Option<attention::Mask>,
+    slot: Option<attention::Mask>,
     window: Option<usize>,
     hide_first: bool,
     start: usize,
@@ -781,17 +780,16 @@ impl Model {
         }
         let cos = self.rope.cos.narrow(0, 0, t)?.contiguous()?; // (T, hd/2)
         let sin = self.rope.sin.narrow(0, 0, t)?.contiguous()?;
-        let cx = |mask: &Option<Tensor>, slots: usize| {
+        let cx = |mask: &Option<attention::Mask>| {
             mask.as_ref().map(|m| {
                 Arc::new(block::Context {
                     cos: cos.clone(),
                     sin: sin.clone(),
                     mask: m.clone(),
-                    spec: masks.spec(slots),
                 })
             })
         };
-        Ok(Some((cx(&masks.plain, 0), cx(&masks.slot, 1))))
+        Ok(Some((cx(&masks.plain), cx(&masks.slot))))
     }
 
     fn check_len(&self, n: usize) -> CResult<()> {

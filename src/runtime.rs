@@ -73,18 +73,18 @@ impl ModelArgs {
 
 pub fn parse_device(spec: &str) -> Result<Device> {
     let bad = || Error::Usage(format!("--device `{spec}`: expected cpu, cuda or cuda:N"));
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| Error::Usage(format!("--device cuda: {e}"))),
-        s => {
-            let n: usize = s
-                .strip_prefix("cuda:")
-                .ok_or_else(bad)?
-                .parse()
-                .map_err(|_| bad())?;
-            Device::new_cuda(n).map_err(|e| Error::Usage(format!("--device {s}: {e}")))
-        }
-    }
+    let n: usize = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .ok_or_else(bad)?
+            .parse()
+            .map_err(|_| bad())?,
+    };
+    let device = Device::new_cuda(n).map_err(|e| Error::Usage(format!("--device {spec}: {e}")))?;
+    crate::memory::configure(&device, false, false)?;
+    Ok(device)
 }
 
 pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {

@@ -498,7 +498,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
-    let mem = CudaKnobs::apply(&device, false, false)?;
+    let mem = CudaKnobs::of(&device);
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;

@@ -465,7 +465,12 @@ fn same_as_plain_pass(arch: Arch, mask_first_token: bool, taps: Taps) {
         random_ids(&mut rng, 10, cfg.vocab_size, true),
     ]);
     let set32 = AdapterSet::new(
-        meta(&cfg, true, mask_first_token, Some((2, 4.0, &["down", "q"], &[1]))),
+        meta(
+            &cfg,
+            true,
+            mask_first_token,
+            Some((2, 4.0, &["down", "q"], &[1])),
+        ),
         SlotInit::Normal { std: 0.5, seed: 9 },
         0.3,
         9,

@@ -1,7 +1,8 @@
 //! CPU vs CUDA on tiny random checkpoints with EAB slots in every layer (position 0 masked) and
 //! LoRA: logits, the gradient of every adapter tensor, three AdamW steps, bf16 logits, and the
 //! `bench` command's CUDA paths; and every op of `eabfit::ops` on CUDA against the CPU (forward
-//! and the gradient of every input, f32 within 1e-4 relative, bf16 within 3%). Built only with `--features cuda`; needs a CUDA device 0 (run
+//! and the gradient of every input, f32 within 1e-4 relative, bf16 within 3%; the head
+//! split/merge kernels, forward only, within 1%). Built only with `--features cuda`; needs a CUDA device 0 (run
 //! on the GPU machine through scripts/gpu-test.sh).
 #![cfg(feature = "cuda")]
 
@@ -291,23 +292,17 @@ fn bench_runs_on_cuda_and_reports_memory() {
         #[command(flatten)]
         b: eabfit::bench::BenchArgs,
     }
-    for mode in ["train", "forward"] {
-        let cli = Cli::parse_from([
-            "bench",
-            "--shape",
-            "tiny",
-            "--device",
-            "cuda",
-            "--mode",
-            mode,
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch",
-            "2",
-            "--keep-pool",
-        ]);
+    // Forward with candle's allocator defaults, train with eabfit's.
+    for (mode, knobs) in [
+        ("train", &[][..]),
+        ("forward", &["--release-pool", "--event-tracking"][..]),
+    ] {
+        let mut args = vec![
+            "bench", "--shape", "tiny", "--device", "cuda", "--mode", mode, "--steps", "2",
+            "--warmup", "1", "--batch", "2",
+        ];
+        args.extend_from_slice(knobs);
+        let cli = Cli::parse_from(args);
         let r = eabfit::bench::run(&cli.b).unwrap();
         eprintln!("{}", eabfit::bench::summary_line(&r));
         assert_eq!(r.dtype, "bf16");
@@ -414,7 +409,7 @@ fn fused_attention_matches_cpu() {
         };
         let f = move |x: &[Tensor]| {
             let m = mask(t, s, &spec, x[0].dtype(), x[0].device()).unwrap();
-            attention(&x[0], &x[1], &x[2], &m, &spec, false).unwrap().0
+            attention(&x[0], &x[1], &x[2], &m, false).unwrap().0
         };
         let inputs = [
             rnd(&[b, h, t, hd], 21),
@@ -447,7 +442,7 @@ fn ops_on_cuda_match_cpu() {
         };
         let f = move |x: &[Tensor]| {
             let m = mask(t, s, &spec, x[0].dtype(), x[0].device()).unwrap();
-            attention(&x[0], &x[1], &x[2], &m, &spec, false).unwrap().0
+            attention(&x[0], &x[1], &x[2], &m, false).unwrap().0
         };
         let inputs = [
             rnd(&[b, h, t, hd], 1),
@@ -512,11 +507,63 @@ fn ops_on_cuda_match_cpu() {
     });
 }
 
+/// `ops::heads` on CUDA bf16 (its kernels) against the CPU f32 composite (reshape, transpose,
+/// candle's RoPE, cat): split with and without RoPE and slot, merge with and without both,
+/// head_dim 64 and 128, T odd; bf16 within 1% relative.
+#[test]
+fn heads_kernels_match_the_composite() {
+    use eabfit::ops::heads::{merge, split};
+    let dev = gpu();
+    for (b, t, n, hd) in [(2, 37, 3, 64), (1, 130, 2, 128)] {
+        let x = rnd(&[b * t, n * hd], 1);
+        let g = rnd(&[b, n, t + 1, hd], 2);
+        let slot = rnd(&[n, hd], 3);
+        let ang = (rnd(&[t, hd / 2], 4) * 3.0).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let on = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let (xg, gg, sg, cg, ng) = (on(&x), on(&g), on(&slot), on(&cos), on(&sin));
+        let check = |what: &str, gpu: Tensor, cpu: Tensor| {
+            assert_eq!(gpu.dims(), cpu.dims(), "{what}");
+            let gpu = gpu
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let e = common::max_abs_diff(&gpu, &cpu) / common::max_abs(&cpu);
+            eprintln!("heads hd {hd} {what}: rel {e:.2e}");
+            assert!(e < 1e-2, "heads hd {hd} {what}: rel {e}");
+        };
+        for (rope, with_slot) in [(false, false), (true, false), (true, true), (false, true)] {
+            let what = format!("split rope {rope} slot {with_slot}");
+            let r_cpu = rope.then_some((&cos, &sin));
+            let r_gpu = rope.then_some((&cg, &ng));
+            check(
+                &what,
+                split(&xg, b, n, r_gpu, with_slot.then_some(&sg)).unwrap(),
+                split(&x, b, n, r_cpu, with_slot.then_some(&slot)).unwrap(),
+            );
+            let slots = with_slot as usize;
+            let gs = g.narrow(2, 1 - slots, t + slots).unwrap();
+            let gsg = gg
+                .narrow(2, 1 - slots, t + slots)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            check(
+                &format!("merge rope {rope} slots {slots}"),
+                merge(&gsg, slots, r_gpu).unwrap(),
+                merge(&gs, slots, r_cpu).unwrap(),
+            );
+        }
+    }
+}
+
 /// The training step's CUDA bf16 path on a model whose head_dim (64) takes the fused kernels
-/// (the decoder block op, attention, SwiGLU, RMSNorm backward, the KL through the head) against
-/// the CPU's f32 per-op path: the hold loss plus a hidden-state term, and the gradient of every
-/// adapter tensor (slots in every layer with position 0 hidden; LoRA on layer 1, which stays on
-/// the per-op path between two block ops).
+/// (the decoder block op, head split/merge, attention, SwiGLU, RMSNorm backward, the KL through
+/// the head) against the CPU's f32 per-op path, within what bf16 alone costs there: the hold
+/// loss plus a hidden-state term, and the gradient of every adapter tensor (slots in every layer
+/// with position 0 hidden; LoRA on layer 1, which stays on the per-op path between two block
+/// ops).
 #[test]
 fn block_op_and_kernels_on_cuda_match_cpu() {
     use candle_nn::VarBuilder;
@@ -527,6 +574,7 @@ fn block_op_and_kernels_on_cuda_match_cpu() {
     json["intermediate_size"] = 256.into();
     json["num_attention_heads"] = 2.into();
     json["num_key_value_heads"] = 1.into();
+    json["max_position_embeddings"] = 256.into();
     let cfg: Config = serde_json::from_value(json.clone()).unwrap();
     assert_eq!(cfg.head_dim(), 64);
     let weights = common::weights(&json, 5);
@@ -537,17 +585,34 @@ fn block_op_and_kernels_on_cuda_match_cpu() {
     meta.lora_alpha = 8.0;
     meta.lora_targets = vec!["down".into()];
     meta.lora_layers = vec![1];
-    let set = AdapterSet::new(meta, SlotInit::Normal { std: 0.3, seed: 5 }, 0.2, 5, &Device::Cpu)
-        .unwrap();
+    let set = AdapterSet::new(
+        meta,
+        SlotInit::Normal { std: 0.3, seed: 5 },
+        0.2,
+        5,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(5);
     let ids: Vec<u32> = (0..2 * 150)
-        .map(|i| if i % 150 == 0 { 1 } else { rng.gen_range(3..61) })
+        .map(|i| {
+            if i % 150 == 0 {
+                1
+            } else {
+                rng.gen_range(3..61)
+            }
+        })
         .collect();
     let run = |dev: &Device, dtype: DType| {
         let set = copy_to(&set, dev);
         let ts = weights
             .iter()
-            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap().to_device(dev).unwrap()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.to_dtype(dtype).unwrap().to_device(dev).unwrap(),
+                )
+            })
             .collect();
         let vb = VarBuilder::from_tensors(ts, dtype, dev);
         let teacher = Model::load(vb.clone(), &cfg, &Adapters::none()).unwrap();
@@ -561,7 +626,13 @@ fn block_op_and_kernels_on_cuda_match_cpu() {
         let (ht, _) = teacher.forward_trunk(&x, &Taps::default()).unwrap();
         let mut loss = kl_through_head(&hs, &ht, student.lm_head(), 1.0).unwrap();
         for h in &out.hidden {
-            let m = h.to_dtype(DType::F32).unwrap().sqr().unwrap().mean_all().unwrap();
+            let m = h
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
             loss = (loss + (m * 1e-3).unwrap()).unwrap();
         }
         let gs = loss.backward().unwrap();
@@ -569,21 +640,39 @@ fn block_op_and_kernels_on_cuda_match_cpu() {
             .vars
             .iter()
             .map(|(n, v)| {
-                let g = gs.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
-                (n.clone(), g.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap())
+                let g = gs
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {n}"));
+                (
+                    n.clone(),
+                    g.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap(),
+                )
             })
             .collect();
         (loss.to_scalar::<f32>().unwrap(), grads)
     };
+    // The reference is f32 on the CPU; how far bf16 rounding alone moves these gradients is
+    // measured by the CPU's own bf16 run (the per-op composite): on this tiny random model, up
+    // to ~100% for a slot key, whose gradient is a sum over all queries that nearly cancels.
+    // The kernels must stay within 1.5x of that, plus 2% of the gradient's size.
     let (l_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
+    let (l_c16, g_c16) = run(&Device::Cpu, DType::BF16);
     let (l_gpu, g_gpu) = run(&gpu(), DType::BF16);
-    let e = ((l_gpu - l_cpu) / l_cpu).abs();
-    eprintln!("block op: loss cpu f32 {l_cpu:.6}, cuda bf16 {l_gpu:.6} (rel {e:.2e})");
-    assert!(e < 3e-2, "loss rel {e}");
+    let rel_loss = |l: f32| ((l - l_cpu) / l_cpu).abs();
+    let (e, e16) = (rel_loss(l_gpu), rel_loss(l_c16));
+    eprintln!("block op: loss cpu f32 {l_cpu:.6}, cuda bf16 {l_gpu:.6} (rel {e:.2e}), cpu bf16 rel {e16:.2e}");
+    assert!(e < 1.5 * e16 + 1e-2, "loss rel {e} (cpu bf16 {e16})");
     for (name, a) in &g_cpu {
-        let b = &g_gpu[name];
-        let e = common::max_abs_diff(b, a) / common::max_abs(a).max(1e-12);
-        eprintln!("block op: {name} gradient rel {e:.2e}");
-        assert!(e < 8e-2, "{name}: gradient rel {e}");
+        let scale = common::max_abs(a).max(1e-12);
+        let e = common::max_abs_diff(&g_gpu[name], a) / scale;
+        let e16 = common::max_abs_diff(&g_c16[name], a) / scale;
+        eprintln!("block op: {name} gradient rel {e:.2e} (cpu bf16 {e16:.2e})");
+        assert!(
+            e < 1.5 * e16 + 2e-2,
+            "{name}: gradient rel {e}, cpu bf16 {e16}"
+        );
     }
 }

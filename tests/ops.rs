@@ -161,7 +161,7 @@ fn check_attention(c: Case, dtype: DType, tol: f64) {
         (k.clone(), v.clone())
     };
     let m = mask(c.t, kf.dim(2).unwrap(), &spec, dtype, &Device::Cpu).unwrap();
-    let (out, _) = attention(q, &kf, &vf, &m, &spec, false).unwrap();
+    let (out, _) = attention(q, &kf, &vf, &m, false).unwrap();
     let slot = c.slot.then_some((ks, vs));
     let want = reference_attention(q, k, v, slot, c.window, c.hide_first);
     let e = rel(&out, &want);
@@ -286,7 +286,7 @@ fn attention_in_bf16_stays_within_bf16_rounding() {
         block: c.block,
     };
     let m = mask(c.t, c.t, &spec, DType::BF16, &Device::Cpu).unwrap();
-    let (out, _) = attention(&q, &k, &v, &m, &spec, false).unwrap();
+    let (out, _) = attention(&q, &k, &v, &m, false).unwrap();
     let f = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
     let want = reference_attention(&f(&q), &f(&k), &f(&v), None, None, false);
     let e = rel(&out, &want);
@@ -312,7 +312,7 @@ fn attention_stats_match_the_probabilities() {
         block: c.block,
     };
     let m = mask(c.t, c.t + 1, &spec, DType::F64, &Device::Cpu).unwrap();
-    let (_, st) = attention(&q, &k, &v, &m, &spec, true).unwrap();
+    let (_, st) = attention(&q, &k, &v, &m, true).unwrap();
     let st = st.expect("stats");
     // Reference: full (B, H, T, T+1) probabilities with repeated K.
     let rep = c.h / c.kv;
@@ -324,7 +324,7 @@ fn attention_stats_match_the_probabilities() {
         .reshape((c.b, c.h, c.t + 1, c.hd))
         .unwrap();
     let s = ((q.matmul(&kr.t().unwrap()).unwrap() / (c.hd as f64).sqrt()).unwrap())
-        .broadcast_add(&m)
+        .broadcast_add(m.dense().unwrap())
         .unwrap();
     let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
     let mean_col = |col: usize| -> f64 {
@@ -365,11 +365,11 @@ fn attention_over_a_cache_equals_the_last_rows_of_the_full_one() {
         block: 0,
     };
     let full_mask = mask(n, n + 1, &spec, DType::F64, &Device::Cpu).unwrap();
-    let (full, _) = attention(&q, &k, &v, &full_mask, &spec, false).unwrap();
+    let (full, _) = attention(&q, &k, &v, &full_mask, false).unwrap();
     let tail = 3;
     let qt = q.narrow(2, n - tail, tail).unwrap();
     let tail_mask = mask(tail, n + 1, &spec, DType::F64, &Device::Cpu).unwrap();
-    let (part, _) = attention(&qt, &k, &v, &tail_mask, &spec, false).unwrap();
+    let (part, _) = attention(&qt, &k, &v, &tail_mask, false).unwrap();
     let e = rel(&part, &full.narrow(1, n - tail, tail).unwrap());
     assert!(e < 1e-12, "cached rows differ: {e}");
 }

@@ -17,6 +17,7 @@
 
 use super::{acc, Given};
 use candle_core::{CustomOp3, DType, Device, Tensor, D};
+use std::sync::{Arc, OnceLock};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -41,11 +42,24 @@ pub struct Stats {
     pub slot: Option<Tensor>,
 }
 
-/// Additive mask (T, S) for T queries that are the last T of the S - slots tokens: 0 where
-/// visible, -inf where not, in the accumulation dtype of `dtype`.
-pub fn mask(t: usize, s: usize, spec: &Spec, dtype: DType, dev: &Device) -> CResult<Tensor> {
-    let n = s
-        .checked_sub(spec.slots)
+/// Which keys T queries over S keys may see, as `spec` says. The additive (T, S) tensor the
+/// blocked path adds to its scores is built on first use only: the fused kernel reads the spec,
+/// and building that tensor on the host (LLaMA at T 2048: 4M entries, ~10 ms, then a 16 MiB
+/// upload) left the GPU idle at the start of every forward pass.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    t: usize,
+    s: usize,
+    spec: Spec,
+    dtype: DType,
+    device: Device,
+    dense: Arc<OnceLock<Tensor>>,
+}
+
+/// The mask of T queries that are the last T of the S - slots tokens, in the accumulation dtype
+/// of `dtype` once built.
+pub fn mask(t: usize, s: usize, spec: &Spec, dtype: DType, dev: &Device) -> CResult<Mask> {
+    s.checked_sub(spec.slots)
         .filter(|&n| n >= t)
         .ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -53,18 +67,47 @@ pub fn mask(t: usize, s: usize, spec: &Spec, dtype: DType, dev: &Device) -> CRes
                 spec.slots
             ))
         })?;
-    let past = n - t;
-    let window = spec.window.unwrap_or(usize::MAX);
-    let mut data = vec![0f32; t * s];
-    for i in 0..t {
-        let p = past + i;
-        for j in 0..n {
-            if j > p || p - j >= window || (spec.hide_first && j == 0) {
-                data[i * s + spec.slots + j] = f32::NEG_INFINITY;
+    Ok(Mask {
+        t,
+        s,
+        spec: *spec,
+        dtype: acc(dtype),
+        device: dev.clone(),
+        dense: Arc::new(OnceLock::new()),
+    })
+}
+
+impl Mask {
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// (queries, keys).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.t, self.s)
+    }
+
+    /// The additive (T, S) tensor: 0 where visible, -inf where not.
+    pub fn dense(&self) -> CResult<&Tensor> {
+        if let Some(m) = self.dense.get() {
+            return Ok(m);
+        }
+        let (t, s, spec) = (self.t, self.s, &self.spec);
+        let n = s - spec.slots;
+        let past = n - t;
+        let window = spec.window.unwrap_or(usize::MAX);
+        let mut data = vec![0f32; t * s];
+        for i in 0..t {
+            let p = past + i;
+            for j in 0..n {
+                if j > p || p - j >= window || (spec.hide_first && j == 0) {
+                    data[i * s + spec.slots + j] = f32::NEG_INFINITY;
+                }
             }
         }
+        let m = Tensor::from_vec(data, (t, s), &self.device)?.to_dtype(self.dtype)?;
+        Ok(self.dense.get_or_init(|| m))
     }
-    Tensor::from_vec(data, (t, s), dev)?.to_dtype(acc(dtype))
 }
 
 /// The shapes of one call, and the query blocks it is cut into.
@@ -83,7 +126,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, spec: &Spec) -> CResult<Self> {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult<Self> {
+        let spec = mask.spec();
         let (b, h, t, hd) = q.dims4()?;
         let (bk, kv, s, hdk) = k.dims4()?;
         if bk != b || hdk != hd || k.dims() != v.dims() || kv == 0 || h % kv != 0 {
@@ -94,7 +138,7 @@ impl Plan {
                 v.dims()
             );
         }
-        if mask.dims() != [t, s] {
+        if mask.dims() != (t, s) {
             candle_core::bail!(
                 "attention: mask {:?} for {t} queries and {s} keys",
                 mask.dims()
@@ -231,42 +275,37 @@ pub enum Saved {
 /// The forward from detached tensors without stats: the output (B, T, H, hd) and what
 /// [`backward`] needs. The fused kernel where it applies (CUDA, bf16, head_dim 64 or 128),
 /// the blocked composite elsewhere.
-pub fn forward_saved(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    spec: &Spec,
-) -> CResult<(Tensor, Saved)> {
+pub fn forward_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult<(Tensor, Saved)> {
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
-    let p = Plan::new(q, k, v, mask, spec)?;
+    let p = Plan::new(q, k, v, mask)?;
     #[cfg(feature = "cuda")]
     if fused::supported(q) && use_kernel() {
-        let (out, lse) = fused::forward(q, k, v, &p, spec)?;
+        let (out, lse) = fused::forward(q, k, v, &p, mask.spec())?;
         return Ok((out, Saved::Kernel(lse)));
     }
-    Ok((forward(q, k, v, mask, &p, false)?.0, Saved::Blocked))
+    Ok((
+        forward(q, k, v, mask.dense()?, &p, false)?.0,
+        Saved::Blocked,
+    ))
 }
 
 /// Gradients (dq (B, H, T, hd), dk, dv (B, KV, S, hd)) from the detached inputs, the output
 /// (B, T, H, hd) of [`forward_saved`], what it saved and the output gradient.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     out: &Tensor,
     d_out: &Tensor,
-    mask: &Tensor,
-    spec: &Spec,
+    mask: &Mask,
     saved: &Saved,
 ) -> CResult<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
-    let p = Plan::new(q, k, v, mask, spec)?;
+    let p = Plan::new(q, k, v, mask)?;
     match saved {
         #[cfg(feature = "cuda")]
-        Saved::Kernel(lse) => fused::backward(q, k, v, out, d_out, lse, &p, spec),
-        Saved::Blocked => blocked_backward(q, k, v, out, d_out, mask, &p),
+        Saved::Kernel(lse) => fused::backward(q, k, v, out, d_out, lse, &p, mask.spec()),
+        Saved::Blocked => blocked_backward(q, k, v, out, d_out, mask.dense()?, &p),
     }
 }
 
@@ -323,8 +362,7 @@ fn blocked_backward(
 
 struct AttentionOp {
     out: Given,
-    mask: Tensor,
-    spec: Spec,
+    mask: Mask,
     saved: Saved,
 }
 
@@ -344,8 +382,7 @@ impl CustomOp3 for AttentionOp {
         d_out: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (dq, dk, dv) =
-            backward(&q, &k, &v, out, d_out, &self.mask, &self.spec, &self.saved)?;
+        let (dq, dk, dv) = backward(&q, &k, &v, out, d_out, &self.mask, &self.saved)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -356,19 +393,18 @@ pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
-    spec: &Spec,
+    mask: &Mask,
     stats: bool,
 ) -> CResult<(Tensor, Option<Stats>)> {
     // The GEMMs take strided rows but not arbitrary views (a `cat` along dim 2 is one).
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (out, st, saved) = if stats {
-        let p = Plan::new(q, k, v, mask, spec)?;
-        let (out, st) = forward(&qd, &kd, &vd, mask, &p, true)?;
+        let p = Plan::new(q, k, v, mask)?;
+        let (out, st) = forward(&qd, &kd, &vd, mask.dense()?, &p, true)?;
         (out, st, Saved::Blocked)
     } else {
-        let (out, saved) = forward_saved(&qd, &kd, &vd, mask, spec)?;
+        let (out, saved) = forward_saved(&qd, &kd, &vd, mask)?;
         (out, None, saved)
     };
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -377,7 +413,6 @@ pub fn attention(
     let op = AttentionOp {
         out: Given::new(out),
         mask: mask.clone(),
-        spec: *spec,
         saved,
     };
     Ok((q.apply_op3(k, v, op)?, st))
@@ -395,7 +430,8 @@ pub fn force_blocked(on: bool) {
 #[cfg(feature = "cuda")]
 fn use_kernel() -> bool {
     static ENV_BLOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let env = *ENV_BLOCKED.get_or_init(|| std::env::var("EABFIT_ATTENTION").is_ok_and(|v| v == "blocked"));
+    let env = *ENV_BLOCKED
+        .get_or_init(|| std::env::var("EABFIT_ATTENTION").is_ok_and(|v| v == "blocked"));
     !(env || BLOCKED.load(std::sync::atomic::Ordering::Relaxed))
 }
 

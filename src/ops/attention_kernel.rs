@@ -17,9 +17,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const NO_WINDOW: i32 = 1 << 30;
 
 pub fn supported(q: &Tensor) -> bool {
-    q.device().is_cuda()
-        && q.dtype() == DType::BF16
-        && matches!(q.dims().last(), Some(64 | 128))
+    q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dims().last(), Some(64 | 128))
 }
 
 /// The mask and shape arguments every kernel takes after its tensors.
@@ -41,7 +39,8 @@ struct Args {
 impl Args {
     fn new(p: &Plan, spec: &super::Spec) -> CResult<Self> {
         let int = |x: usize| {
-            i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} overflows i32")))
+            i32::try_from(x)
+                .map_err(|_| candle_core::Error::Msg(format!("attention: {x} overflows i32")))
         };
         Ok(Self {
             h: int(p.h)?,
@@ -50,7 +49,9 @@ impl Args {
             s: int(p.s)?,
             slots: int(p.slots)?,
             past: int(p.past)?,
-            window: spec.window.map_or(Ok(NO_WINDOW), |w| int(w.min(NO_WINDOW as usize)))?,
+            window: spec
+                .window
+                .map_or(Ok(NO_WINDOW), |w| int(w.min(NO_WINDOW as usize)))?,
             hide_first: spec.hide_first as i32,
             scale_log2: (p.scale * std::f64::consts::LOG2_E) as f32,
             scale: p.scale as f32,
@@ -60,7 +61,12 @@ impl Args {
     }
 
     fn func(&self, dev: &CudaDevice, kind: &str) -> CResult<CudaFunction> {
-        cuda::func(dev, "eabfit_attention", PTX, &format!("eab_attn_{kind}_{}", self.hd))
+        cuda::func(
+            dev,
+            "eabfit_attention",
+            PTX,
+            &format!("eab_attn_{kind}_{}", self.hd),
+        )
     }
 }
 
@@ -89,19 +95,26 @@ impl CustomOp3 for Fwd {
         let a = &self.args;
         let dev = q.device().clone();
         let (ls, ll) = self.lse.storage_and_layout();
-        let lse = cuda::storage(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+        let lse = cuda::storage(&ls)?
+            .as_cuda_slice::<f32>()?
+            .slice(ll.start_offset()..);
         let qv = q.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
         let kv = k.as_cuda_slice::<bf16>()?.slice(lk.start_offset()..);
         let vv = v.as_cuda_slice::<bf16>()?.slice(lv.start_offset()..);
         let (t, h, hd) = (a.t as usize, a.h as usize, a.hd);
         let shape = Shape::from((a.b, t, h, hd)); // (B, T, H, hd)
-        // Every element is written by the kernel.
+                                                  // Every element is written by the kernel.
         let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
         let func = a.func(&dev, "fwd")?;
         let stream = dev.cuda_stream();
         let mut l = stream.launch_builder(&func);
         l.arg(&qv).arg(&kv).arg(&vv).arg(&out).arg(&lse);
-        l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
+        l.arg(&a.h)
+            .arg(&a.kv)
+            .arg(&a.t)
+            .arg(&a.s)
+            .arg(&a.slots)
+            .arg(&a.past);
         l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2);
         let cfg = LaunchConfig {
             grid_dim: (t.div_ceil(64) as u32, (a.b * h) as u32, 1),
@@ -156,17 +169,31 @@ impl InplaceOp1 for Bwd {
 
     fn cuda_fwd(&self, dq: &mut CudaStorage, ldq: &Layout) -> CResult<()> {
         let a = &self.args;
-        let guards = [&self.q, &self.k, &self.v, &self.out, &self.d_out, &self.dk, &self.dv]
-            .map(|t| t.storage_and_layout());
+        let guards = [
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.out,
+            &self.d_out,
+            &self.dk,
+            &self.dv,
+        ]
+        .map(|t| t.storage_and_layout());
         let mut views = vec![];
         for (s, l) in &guards {
-            views.push(cuda::storage(s)?.as_cuda_slice::<bf16>()?.slice(l.start_offset()..));
+            views.push(
+                cuda::storage(s)?
+                    .as_cuda_slice::<bf16>()?
+                    .slice(l.start_offset()..),
+            );
         }
         let [qv, kv, vv, ov, dov, dkv, dvv] = &views[..] else {
             unreachable!("seven tensors in, seven views out")
         };
         let (ls, ll) = self.lse.storage_and_layout();
-        let lse = cuda::storage(&ls)?.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+        let lse = cuda::storage(&ls)?
+            .as_cuda_slice::<f32>()?
+            .slice(ll.start_offset()..);
         let dev = dq.device().clone();
         let dqv = dq.as_cuda_slice::<f32>()?.slice(ldq.start_offset()..);
         let rows = a.b * a.t as usize * a.h as usize;
@@ -184,12 +211,30 @@ impl InplaceOp1 for Bwd {
         unsafe { l.launch(cfg) }.w()?;
         let func = a.func(&dev, "bwd")?;
         let mut l = stream.launch_builder(&func);
-        l.arg(qv).arg(kv).arg(vv).arg(dov).arg(&lse).arg(&delta).arg(&dqv);
+        l.arg(qv)
+            .arg(kv)
+            .arg(vv)
+            .arg(dov)
+            .arg(&lse)
+            .arg(&delta)
+            .arg(&dqv);
         l.arg(dkv).arg(dvv);
-        l.arg(&a.h).arg(&a.kv).arg(&a.t).arg(&a.s).arg(&a.slots).arg(&a.past);
-        l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2).arg(&a.scale);
+        l.arg(&a.h)
+            .arg(&a.kv)
+            .arg(&a.t)
+            .arg(&a.s)
+            .arg(&a.slots)
+            .arg(&a.past);
+        l.arg(&a.window)
+            .arg(&a.hide_first)
+            .arg(&a.scale_log2)
+            .arg(&a.scale);
         let cfg = LaunchConfig {
-            grid_dim: ((a.s as usize).div_ceil(64) as u32, (a.b * a.kv as usize) as u32, 1),
+            grid_dim: (
+                (a.s as usize).div_ceil(64) as u32,
+                (a.b * a.kv as usize) as u32,
+                1,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

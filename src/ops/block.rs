@@ -14,8 +14,8 @@
 //!
 //! Only the input gradients of frozen projections are formed (x^T dy for a weight never is).
 
-use super::attention::{self, Saved as AttnSaved, Spec};
-use super::{linear, norm, rope, swiglu, Given};
+use super::attention::{self, Mask, Saved as AttnSaved};
+use super::{heads, linear, norm, swiglu, Given};
 use candle_core::{CustomOp1, CustomOp3, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -41,13 +41,12 @@ pub struct Weights {
 }
 
 /// What every block of one forward pass shares: RoPE tables of positions 0..T (T, hd/2) in
-/// the model dtype, the attention mask and which keys it shows.
+/// the model dtype and the attention mask.
 #[derive(Debug, Clone)]
 pub struct Context {
     pub cos: Tensor,
     pub sin: Tensor,
-    pub mask: Tensor,
-    pub spec: Spec,
+    pub mask: Mask,
 }
 
 /// The forward's tensors the backward reads.
@@ -72,29 +71,12 @@ fn forward(
     let (b, t, d) = x.dims3()?;
     let (h, kv, hd) = (w.heads, w.kv_heads, w.head_dim);
     let n1 = norm::forward(x, &w.input_layernorm, w.eps)?.reshape((b * t, d))?; // (B*T, D)
-    let heads = |y: Tensor, n: usize| -> CResult<Tensor> {
-        y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
-    };
-    let q = heads(linear::linear(&n1, &w.q_proj)?, h)?;
-    let q = rope::rope(&q, &cx.cos, &cx.sin)?;
-    let k = heads(linear::linear(&n1, &w.k_proj)?, kv)?;
-    let k = rope::rope(&k, &cx.cos, &cx.sin)?;
-    let v = heads(linear::linear(&n1, &w.v_proj)?, kv)?;
-    let (k, v) = match slot {
-        Some((sk, sv)) => {
-            let lead = |s: &Tensor| -> CResult<Tensor> {
-                s.to_dtype(x.dtype())?
-                    .reshape((1, kv, 1, hd))?
-                    .broadcast_as((b, kv, 1, hd)) // (B, KV, 1, hd)
-            };
-            (
-                Tensor::cat(&[&lead(sk)?, &k], 2)?.contiguous()?, // (B, KV, 1+T, hd)
-                Tensor::cat(&[&lead(sv)?, &v], 2)?.contiguous()?,
-            )
-        }
-        None => (k, v),
-    };
-    let (attn_out, attn) = attention::forward_saved(&q, &k, &v, &cx.mask, &cx.spec)?; // (B, T, H, hd)
+    let (sk, sv) = (slot.map(|s| s.0), slot.map(|s| s.1));
+    let rope = Some((&cx.cos, &cx.sin));
+    let q = heads::split(&linear::linear(&n1, &w.q_proj)?, b, h, rope, None)?; // (B, H, T, hd)
+    let k = heads::split(&linear::linear(&n1, &w.k_proj)?, b, kv, rope, sk)?; // (B, KV, S, hd)
+    let v = heads::split(&linear::linear(&n1, &w.v_proj)?, b, kv, None, sv)?; // (B, KV, S, hd)
+    let (attn_out, attn) = attention::forward_saved(&q, &k, &v, &cx.mask)?; // (B, T, H, hd)
     let o = linear::linear(&attn_out.reshape((b * t, h * hd))?, &w.o_proj)?; // (B*T, D)
     let hres = (x + o.reshape((b, t, d))?)?;
     let n2 = norm::forward(&hres, &w.post_attention_layernorm, w.eps)?.reshape((b * t, d))?;
@@ -131,23 +113,20 @@ fn backward(
     let (dg, du) = swiglu::backward(&s.gate, &s.up, &d_act)?;
     let d_n2 = (dg.matmul(&w.gate_proj)? + du.matmul(&w.up_proj)?)?; // (B*T, D)
     let dh = (&dy
-        + norm::backward_dx(&s.h, &w.post_attention_layernorm, &d_n2.reshape((b, t, d))?, w.eps)?)?;
+        + norm::backward_dx(
+            &s.h,
+            &w.post_attention_layernorm,
+            &d_n2.reshape((b, t, d))?,
+            w.eps,
+        )?)?;
     // attention
     let d_attn = dh
         .reshape((b * t, d))?
         .matmul(&w.o_proj)?
         .reshape((b, t, h, hd))?; // (B, T, H, hd)
-    let (dq, dk, dv) = attention::backward(
-        &s.q,
-        &s.k,
-        &s.v,
-        &s.attn_out,
-        &d_attn,
-        &cx.mask,
-        &cx.spec,
-        &s.attn,
-    )?; // (B, H, T, hd), (B, KV, S, hd) x 2
-    let slots = cx.spec.slots;
+    let (dq, dk, dv) =
+        attention::backward(&s.q, &s.k, &s.v, &s.attn_out, &d_attn, &cx.mask, &s.attn)?; // (B, H, T, hd), (B, KV, S, hd) x 2
+    let slots = cx.mask.spec().slots;
     let d_slot = if slots > 0 {
         let per_head = |g: &Tensor| -> CResult<Tensor> {
             g.narrow(2, 0, 1)?.sum(0)?.reshape((kv, hd)) // (KV, hd)
@@ -156,13 +135,10 @@ fn backward(
     } else {
         None
     };
-    let rows = |g: Tensor, n: usize| -> CResult<Tensor> {
-        g.transpose(1, 2)?.contiguous()?.reshape((b * t, n * hd)) // (B*T, n*hd)
-    };
-    let dq = rows(rope::backward(&dq, &cx.cos, &cx.sin)?, h)?;
-    let dk = rope::backward(&dk.narrow(2, slots, t)?, &cx.cos, &cx.sin)?;
-    let dk = rows(dk, kv)?;
-    let dv = rows(dv.narrow(2, slots, t)?, kv)?;
+    let rope = Some((&cx.cos, &cx.sin));
+    let dq = heads::merge(&dq, 0, rope)?; // (B*T, H*hd)
+    let dk = heads::merge(&dk, slots, rope)?; // (B*T, KV*hd)
+    let dv = heads::merge(&dv, slots, None)?;
     let d_n1 = ((dq.matmul(&w.q_proj)? + dk.matmul(&w.k_proj)?)? + dv.matmul(&w.v_proj)?)?;
     let dx = (dh + norm::backward_dx(x, &w.input_layernorm, &d_n1.reshape((b, t, d))?, w.eps)?)?;
     Ok((dx, d_slot))
@@ -212,8 +188,8 @@ impl CustomOp3 for BlockOp {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, d_slot) = self.grads(x, dy)?;
-        let (dk, dv) = d_slot
-            .ok_or_else(|| candle_core::Error::Msg("block op: no slot gradient".into()))?;
+        let (dk, dv) =
+            d_slot.ok_or_else(|| candle_core::Error::Msg("block op: no slot gradient".into()))?;
         Ok((
             Some(dx),
             Some(dk.to_dtype(sk.dtype())?),
@@ -223,17 +199,17 @@ impl CustomOp3 for BlockOp {
 }
 
 /// The block applied to x (B, T, D) at positions 0..T, differentiable in x and in the slot's
-/// k', v' (KV, hd) when given (`cx.spec.slots` must be 1 then, else 0).
+/// k', v' (KV, hd) when given (the mask's slots must be 1 then, else 0).
 pub fn block(
     x: &Tensor,
     weights: Arc<Weights>,
     cx: Arc<Context>,
     slot: Option<(&Tensor, &Tensor)>,
 ) -> CResult<Tensor> {
-    if slot.is_some() != (cx.spec.slots == 1) || cx.spec.slots > 1 {
+    let slots = cx.mask.spec().slots;
+    if slot.is_some() != (slots == 1) || slots > 1 {
         candle_core::bail!(
-            "block op: {} slot keys in the mask for {} slot",
-            cx.spec.slots,
+            "block op: {slots} slot keys in the mask for {} slot",
             if slot.is_some() { "a" } else { "no" }
         );
     }

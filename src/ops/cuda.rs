@@ -55,7 +55,10 @@ pub fn elementwise_cfg(n: usize) -> LaunchConfig {
 }
 
 /// A fresh uninitialised bf16 buffer of n elements on `dev` (the kernel writes every one).
-pub fn alloc_bf16(dev: &CudaDevice, n: usize) -> CResult<candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>> {
+pub fn alloc_bf16(
+    dev: &CudaDevice,
+    n: usize,
+) -> CResult<candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>> {
     // Safety: every caller launches a kernel that writes all n elements before any read.
     unsafe { dev.alloc::<bf16>(n) }
 }

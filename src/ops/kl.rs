@@ -251,7 +251,11 @@ mod kernel {
             }
         }
         let loss = (total * (tau * tau / rows as f64))?;
-        let dh = if grad { Some(Tensor::cat(&parts, 0)?) } else { None };
+        let dh = if grad {
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
         Ok((loss, dh))
     }
 }

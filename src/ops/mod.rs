@@ -12,6 +12,8 @@
 //!   queries; keeps only its output for the backward pass.
 //! - [`norm`]: RMSNorm, computed by a fused kernel with a recomputing backward.
 //! - [`rope`]: rotate-half rotary embedding; its backward is the inverse rotation.
+//! - [`heads`]: a projection's output into attention heads and back, RoPE and the EAB slot
+//!   folded in (one pass each way on CUDA instead of candle's strided copies).
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
 //! - [`swiglu`]: the MLP's silu(gate) * up, one kernel each way on CUDA.
 //! - [`recompute`]: activation recomputation of a decoder block.
@@ -20,7 +22,7 @@
 //!   add of a full activation in the backward pass).
 //!
 //! Kernel sources sit beside the op that launches them (`attention.cu`, `norm.cu`,
-//! `swiglu.cu`); `build.rs` compiles them to PTX with the `cuda` feature.
+//! `swiglu.cu`, `heads.cu`, `kl.cu`); `build.rs` compiles them to PTX with the `cuda` feature.
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
@@ -65,6 +67,7 @@ pub mod attention;
 pub mod block;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod heads;
 pub mod kl;
 pub mod linear;
 pub mod norm;

@@ -130,7 +130,12 @@ mod kernel {
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             let d32 = d as i32;
-            l.arg(&xv).arg(&wv).arg(&dv).arg(&dx).arg(&d32).arg(&self.eps);
+            l.arg(&xv)
+                .arg(&wv)
+                .arg(&dv)
+                .arg(&dx)
+                .arg(&d32)
+                .arg(&self.eps);
             let cfg = LaunchConfig {
                 grid_dim: ((n / d) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -143,7 +148,11 @@ mod kernel {
 
     pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
         if x.dim(D::Minus1)? != w.elem_count() {
-            candle_core::bail!("rms-norm: x {:?} and weight {:?} differ", x.dims(), w.dims());
+            candle_core::bail!(
+                "rms-norm: x {:?} and weight {:?} differ",
+                x.dims(),
+                w.dims()
+            );
         }
         x.contiguous()?.apply_op3_no_bwd(
             &w.contiguous()?,

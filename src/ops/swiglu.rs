@@ -22,7 +22,9 @@ fn use_kernel(g: &Tensor) -> bool {
 pub fn forward(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
     if use_kernel(g) {
-        return g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &kernels::Fwd);
+        return g
+            .contiguous()?
+            .apply_op2_no_bwd(&u.contiguous()?, &kernels::Fwd);
     }
     g.silu()? * u
 }

@@ -348,7 +348,7 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
         eprintln!("{}", one_line(&e));
         state.last = Some(e);
     }
-    let mem = CudaKnobs::apply(&s.params.device, false, false)?;
+    let mem = CudaKnobs::of(&s.params.device);
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
