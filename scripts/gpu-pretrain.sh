@@ -14,7 +14,12 @@
 #        steps (warmup $WARMUP) under `timeout $RUN_S`;
 #     3. scans each model (its final/ folder, else its newest checkpoint) on 16 windows of 1023
 #        tokens of the held-out files, and overlays the two scans;
-#     4. turns both runs' scalars into curves.csv (and curves.png where matplotlib imports).
+#     4. turns both runs' scalars into curves.csv (and curves.png where matplotlib imports);
+#     5. the retrofit (RETROFIT_STEPS > 0, default 60): `eabfit train` of
+#        recipes/smollm2-135m-eab.yaml's adapters (slots in every layer, LoRA on layer 1's MLP,
+#        KL to the frozen model) on the default model, on held-in training files, then
+#        `eabfit verify` (massive count and perplexity before/after) on the held-out text,
+#        under `timeout $RETROFIT_S`.
 # Work folder $WORK (default /tmp/eabfit-pretrain) survives between calls while the machine
 # stays warm: the corpus is reused, and a run that has checkpoints resumes from its newest
 # (keep STEPS and WARMUP as they were: they set the learning-rate schedule). Tokenizing ran at
@@ -141,6 +146,29 @@ fig.tight_layout()
 fig.savefig(os.path.join(out, "curves.png"), dpi=90)
 print("curves.png written")
 PY
+
+retrofit_steps=${RETROFIT_STEPS:-60}
+model=$work/runs/default/final
+[ -f "$model/config.json" ] || model=$(ls -d "$work"/runs/default/checkpoints/step-* 2>/dev/null | tail -n 1)
+if [ "$retrofit_steps" -gt 0 ] && [ -n "$model" ] && [ -f "$model/config.json" ]; then
+  # Training text: held-in files (never the held-out ones the scans and verify read), ~2 MB.
+  find "$src" -name '*.py' -size +2k | sort | grep -vxFf "$corpus/val-files.txt" | head -n 2000 \
+    | xargs -d '\n' cat 2>/dev/null | head -c 2000000 > "$work/train.txt"
+  over=(model.path="$model" model.device=cuda model.dtype=bf16 data.train="$work/train.txt"
+        data.eval="$work/heldout.txt" data.seq_len=512 data.batch_size=8 "adapters.lora.layers=[1]"
+        train.steps="$retrofit_steps" train.out_dir="$work/retrofit" train.checkpoint_every=1000
+        eval.every=20 log.dir="$work/tb" log.name=retrofit verify.text="$work/heldout.txt"
+        verify.seq_len=1023 verify.windows=16)
+  log "retrofit: $retrofit_steps steps on $model"
+  timeout "${RETROFIT_S:-120}" "$bin" train recipes/smollm2-135m-eab.yaml "${over[@]}" \
+    > "$work/logs/retrofit-train.txt" 2>&1
+  log "retrofit train exit $? at $(( $(date +%s) - t0 )) s"
+  grep -E "^trained|tokens/s" "$work/logs/retrofit-train.txt" | tail -n 2 | tee -a "$work/logs/summary.txt"
+  timeout "${VERIFY_S:-60}" "$bin" verify recipes/smollm2-135m-eab.yaml "${over[@]}" --out "$work/logs/retrofit-verify" \
+    > "$work/logs/retrofit-verify.txt" 2>&1
+  log "retrofit verify exit $?"
+  tail -n 12 "$work/logs/retrofit-verify.txt" | tee -a "$work/logs/summary.txt"
+fi
 
 log "done at $(( $(date +%s) - t0 )) s"
 cp "$work/logs/summary.txt" "$out/summary.txt"
