@@ -5,7 +5,9 @@
 use super::Plan;
 use crate::ops::cuda;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Shape, Tensor};
 use half::bf16;
@@ -60,6 +62,13 @@ impl Args {
         })
     }
 
+    /// Pushes the arguments every kernel takes after its tensors: shapes, mask, log2 scale.
+    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+        l.arg(&self.h).arg(&self.kv).arg(&self.t).arg(&self.s);
+        l.arg(&self.slots).arg(&self.past).arg(&self.window);
+        l.arg(&self.hide_first).arg(&self.scale_log2);
+    }
+
     fn func(&self, dev: &CudaDevice, kind: &str) -> CResult<CudaFunction> {
         cuda::func(
             dev,
@@ -109,13 +118,7 @@ impl CustomOp3 for Fwd {
         let stream = dev.cuda_stream();
         let mut l = stream.launch_builder(&func);
         l.arg(&qv).arg(&kv).arg(&vv).arg(&out).arg(&lse);
-        l.arg(&a.h)
-            .arg(&a.kv)
-            .arg(&a.t)
-            .arg(&a.s)
-            .arg(&a.slots)
-            .arg(&a.past);
-        l.arg(&a.window).arg(&a.hide_first).arg(&a.scale_log2);
+        a.push(&mut l);
         let cfg = LaunchConfig {
             grid_dim: (t.div_ceil(64) as u32, (a.b * h) as u32, 1),
             block_dim: (128, 1, 1),
@@ -219,16 +222,8 @@ impl InplaceOp1 for Bwd {
             .arg(&delta)
             .arg(&dqv);
         l.arg(dkv).arg(dvv);
-        l.arg(&a.h)
-            .arg(&a.kv)
-            .arg(&a.t)
-            .arg(&a.s)
-            .arg(&a.slots)
-            .arg(&a.past);
-        l.arg(&a.window)
-            .arg(&a.hide_first)
-            .arg(&a.scale_log2)
-            .arg(&a.scale);
+        a.push(&mut l);
+        l.arg(&a.scale);
         let cfg = LaunchConfig {
             grid_dim: (
                 (a.s as usize).div_ceil(64) as u32,

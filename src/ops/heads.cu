@@ -18,13 +18,35 @@ __device__ __forceinline__ void rotate(float2 &a, float2 &b, float2 c, float2 s)
     b = rb;
 }
 
-// rope: 0 none, 1 forward rotation, -1 inverse.
+// The two bf16x2 of pair j of one head row (elements 2j, 2j+1 and their rotate-half partners
+// hd/2 on), rotated by position ti's angles (rope: 0 none, 1 forward, -1 inverse).
+__device__ __forceinline__ void load_pair(const bf16 *row, int j, int q, const bf16 *cos_t,
+                                          const bf16 *sin_t, int ti, int rope, float2 &a,
+                                          float2 &b) {
+    const bf162 *src = reinterpret_cast<const bf162 *>(row);
+    a = __bfloat1622float2(src[j]);
+    b = __bfloat1622float2(src[j + q]);
+    if (rope) {
+        const long long at = (long long)ti * (2 * q);
+        float2 c = __bfloat1622float2(reinterpret_cast<const bf162 *>(cos_t + at)[j]);
+        float2 s = __bfloat1622float2(reinterpret_cast<const bf162 *>(sin_t + at)[j]);
+        if (rope < 0) s = make_float2(-s.x, -s.y);
+        rotate(a, b, c, s);
+    }
+}
+
+__device__ __forceinline__ void store_pair(bf16 *row, int j, int q, float2 a, float2 b) {
+    bf162 *dst = reinterpret_cast<bf162 *>(row);
+    dst[j] = __float22bfloat162_rn(a);
+    dst[j + q] = __float22bfloat162_rn(b);
+}
+
 extern "C" __global__ void eab_heads_split_bf16(const bf16 *__restrict__ x,
                                                 const bf16 *__restrict__ cos_t,
                                                 const bf16 *__restrict__ sin_t,
                                                 const bf16 *__restrict__ slot, bf16 *__restrict__ y,
                                                 int b, int t, int n, int hd, int slots, int rope) {
-    const int h2 = hd / 2, q = hd / 4;
+    const int q = hd / 4;
     const int s_len = slots + t;
     const long long main = (long long)b * t * n * q;
     const long long extra = slots ? (long long)b * n * (hd / 2) : 0;
@@ -45,18 +67,9 @@ extern "C" __global__ void eab_heads_split_bf16(const bf16 *__restrict__ x,
         int head = r % n;
         long long bt = r / n;
         int ti = bt % t, bi = bt / t;
-        const bf162 *src = reinterpret_cast<const bf162 *>(x + r * hd);
-        float2 a = __bfloat1622float2(src[j]), c2 = __bfloat1622float2(src[j + q]);
-        if (rope) {
-            float2 c = __bfloat1622float2(reinterpret_cast<const bf162 *>(cos_t + (long long)ti * h2)[j]);
-            float2 s = __bfloat1622float2(reinterpret_cast<const bf162 *>(sin_t + (long long)ti * h2)[j]);
-            if (rope < 0) s = make_float2(-s.x, -s.y);
-            rotate(a, c2, c, s);
-        }
-        bf162 *dst = reinterpret_cast<bf162 *>(
-            y + (((long long)bi * n + head) * s_len + slots + ti) * hd);
-        dst[j] = __float22bfloat162_rn(a);
-        dst[j + q] = __float22bfloat162_rn(c2);
+        float2 a, c2;
+        load_pair(x + r * hd, j, q, cos_t, sin_t, ti, rope, a, c2);
+        store_pair(y + (((long long)bi * n + head) * s_len + slots + ti) * hd, j, q, a, c2);
     }
 }
 
@@ -65,7 +78,7 @@ extern "C" __global__ void eab_heads_merge_bf16(const bf16 *__restrict__ g,
                                                 const bf16 *__restrict__ sin_t,
                                                 bf16 *__restrict__ y, int b, int t, int n, int hd,
                                                 int slots, int rope) {
-    const int h2 = hd / 2, q = hd / 4;
+    const int q = hd / 4;
     const int s_len = slots + t;
     const long long main = (long long)b * t * n * q;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < main;
@@ -75,17 +88,9 @@ extern "C" __global__ void eab_heads_merge_bf16(const bf16 *__restrict__ g,
         int head = r % n;
         long long bt = r / n;
         int ti = bt % t, bi = bt / t;
-        const bf162 *src = reinterpret_cast<const bf162 *>(
-            g + (((long long)bi * n + head) * s_len + slots + ti) * hd);
-        float2 a = __bfloat1622float2(src[j]), c2 = __bfloat1622float2(src[j + q]);
-        if (rope) {
-            float2 c = __bfloat1622float2(reinterpret_cast<const bf162 *>(cos_t + (long long)ti * h2)[j]);
-            float2 s = __bfloat1622float2(reinterpret_cast<const bf162 *>(sin_t + (long long)ti * h2)[j]);
-            if (rope < 0) s = make_float2(-s.x, -s.y);
-            rotate(a, c2, c, s);
-        }
-        bf162 *dst = reinterpret_cast<bf162 *>(y + r * hd);
-        dst[j] = __float22bfloat162_rn(a);
-        dst[j + q] = __float22bfloat162_rn(c2);
+        float2 a, c2;
+        load_pair(g + (((long long)bi * n + head) * s_len + slots + ti) * hd, j, q, cos_t, sin_t,
+                  ti, rope, a, c2);
+        store_pair(y + r * hd, j, q, a, c2);
     }
 }
