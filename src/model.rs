@@ -209,6 +209,9 @@ pub struct Taps {
     /// `None` decides (on for CUDA bf16 with head_dim 64 or 128), `Some` forces it on or off.
     /// Only `hidden` combines with it; other taps keep the per-op path.
     pub block_op: Option<bool>,
+    /// Blocks whose weights train (pretraining) take the block op too, and its backward puts
+    /// their weight gradients here instead of in candle's gradient store.
+    pub weight_grads: Option<std::sync::Arc<block::WeightGrads>>,
 }
 
 impl Taps {
@@ -586,9 +589,14 @@ impl Block {
         .all(|l| l.lora.is_none())
     }
 
-    /// The frozen weights the block op reads; `None` when the block has LoRA or trains a weight
-    /// (pretraining), which the op's backward would not reach.
-    fn op_weights(&self, eps: f64) -> Option<block::Weights> {
+    /// The weights the block op reads; `None` when the block has LoRA, or trains a weight
+    /// (pretraining) and no `grads` was given to take its gradient.
+    fn op_weights(
+        &self,
+        eps: f64,
+        layer: usize,
+        grads: Option<&Arc<block::WeightGrads>>,
+    ) -> Option<block::Weights> {
         let (a, m) = (&self.self_attn, &self.mlp);
         let linears = [
             &a.q_proj,
@@ -603,26 +611,29 @@ impl Block {
             &self.input_layernorm.weight,
             &self.post_attention_layernorm.weight,
         ];
-        if !self.lora_free()
-            || linears.iter().any(|l| l.weight.track_op())
-            || norms.iter().any(|w| w.track_op())
-        {
-            return None;
-        }
+        let trains =
+            linears.iter().any(|l| l.weight.track_op()) || norms.iter().any(|w| w.track_op());
+        let trained = match (trains, grads) {
+            _ if !self.lora_free() => return None,
+            (false, _) => None,
+            (true, None) => return None,
+            (true, Some(g)) => Some((format!("model.layers.{layer}."), g.clone())),
+        };
         Some(block::Weights {
-            input_layernorm: self.input_layernorm.weight.clone(),
-            post_attention_layernorm: self.post_attention_layernorm.weight.clone(),
+            input_layernorm: self.input_layernorm.weight.detach(),
+            post_attention_layernorm: self.post_attention_layernorm.weight.detach(),
             eps,
-            q_proj: a.q_proj.weight.clone(),
-            k_proj: a.k_proj.weight.clone(),
-            v_proj: a.v_proj.weight.clone(),
-            o_proj: a.o_proj.weight.clone(),
-            gate_proj: m.gate_proj.weight.clone(),
-            up_proj: m.up_proj.weight.clone(),
-            down_proj: m.down_proj.weight.clone(),
+            q_proj: a.q_proj.weight.detach(),
+            k_proj: a.k_proj.weight.detach(),
+            v_proj: a.v_proj.weight.detach(),
+            o_proj: a.o_proj.weight.detach(),
+            gate_proj: m.gate_proj.weight.detach(),
+            up_proj: m.up_proj.weight.detach(),
+            down_proj: m.down_proj.weight.detach(),
             heads: a.n_heads,
             kv_heads: a.n_kv,
             head_dim: a.head_dim,
+            trained,
         })
     }
 
@@ -829,7 +840,8 @@ impl Model {
         let contexts = self.block_contexts(taps, t, &masks)?;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some((plain, with_slot)) = &contexts {
-                if let Some(w) = layer.op_weights(self.cfg.rms_norm_eps) {
+                let grads = taps.weight_grads.as_ref();
+                if let Some(w) = layer.op_weights(self.cfg.rms_norm_eps, i, grads) {
                     let slot = layer.self_attn.slot.as_ref();
                     let cx = if slot.is_some() { with_slot } else { plain };
                     let cx = cx

@@ -552,6 +552,96 @@ fn block_op_gives_the_same_loss_and_gradients() {
     }
 }
 
+/// Pretraining through the block op: every weight trains, and the op's backward hands the
+/// weight gradients of its blocks to a `WeightGrads` instead of candle's store. Loss and the
+/// gradient of every weight and slot (f64; layer 1 has LoRA and stays on the per-op path, so
+/// its weights' gradients come from candle) against the plain per-op pass.
+#[test]
+fn block_op_gives_every_weight_gradient_when_weights_train() {
+    use eabfit::ops::block::WeightGrads;
+    use std::sync::Arc;
+    for arch in [Arch::Llama, Arch::Mistral] {
+        let json = common::config(arch);
+        let cfg: Config = serde_json::from_value(json.clone()).unwrap();
+        let vars: BTreeMap<String, Var> = common::weights(&json, 43)
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    Var::from_tensor(&v.to_dtype(DType::F64).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let tensors = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(43);
+        let ids = batch(&[
+            random_ids(&mut rng, 9, cfg.vocab_size, true),
+            random_ids(&mut rng, 9, cfg.vocab_size, true),
+        ]);
+        let set32 = AdapterSet::new(
+            meta(&cfg, true, false, Some((2, 4.0, &["down"], &[1]))),
+            SlotInit::Normal { std: 0.5, seed: 4 },
+            0.3,
+            4,
+            &Device::Cpu,
+        )
+        .unwrap();
+        randomize_lora_b(&set32, &mut rng, 0.3);
+        let set = in_f64(&set32);
+        let model = Model::load(
+            VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu),
+            &cfg,
+            &set.adapters(),
+        )
+        .unwrap();
+        let run = |block_op: bool| {
+            let sink = Arc::new(WeightGrads::default());
+            let taps = Taps {
+                hidden: true,
+                block_op: Some(block_op),
+                weight_grads: Some(sink.clone()),
+                ..Default::default()
+            };
+            let out = model.forward(&ids, &taps).unwrap();
+            let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
+            for h in &out.hidden {
+                loss = (loss + (h.sqr().unwrap().sum_all().unwrap() * 1e-2).unwrap()).unwrap();
+            }
+            let gs = loss.backward().unwrap();
+            let sunk = sink.take().unwrap();
+            let mut grads = BTreeMap::new();
+            for (name, var) in vars.iter().chain(&set.vars) {
+                let g = match (gs.get(var.as_tensor()), sunk.get(name)) {
+                    (Some(g), None) | (None, Some(g)) => g.clone(),
+                    (a, b) => panic!(
+                        "{name}: gradient from candle {}, from the op {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                };
+                grads.insert(name.clone(), g);
+            }
+            (loss.to_scalar::<f64>().unwrap(), grads, sunk.len())
+        };
+        let (l0, g0, n0) = run(false);
+        let (l1, g1, n1) = run(true);
+        assert_eq!(n0, 0, "{arch:?}: the per-op pass wrote to the sink");
+        // 9 weights in each of the two blocks without LoRA (0 and 2).
+        assert_eq!(n1, 18, "{arch:?}: weights the block op handed over");
+        assert!(
+            (l0 - l1).abs() <= 1e-12 * l0.abs(),
+            "{arch:?}: loss {l0} vs {l1}"
+        );
+        for (name, a) in &g0 {
+            let e = common::max_abs_diff(a, &g1[name]) / common::max_abs(a);
+            assert!(e < 1e-10, "{arch:?} {name}: rel {e}");
+        }
+    }
+}
+
 /// Slots initialised from the base model's own post-RoPE key/value of position 0 (BOS), with
 /// position 0 masked, reproduce the base logits at every position of any BOS-first sequence:
 /// the slot is then exactly the sink it replaces. Without the mask the sink counts twice and

@@ -12,11 +12,15 @@
 //!   y = h + W_d swiglu(W_g n2, W_u n2),  n2 = norm(h),   h = x + W_o attn(q, k, v),
 //!   q, k, v = rope(W_q n1), rope(W_k n1), W_v n1,         n1 = norm(x).
 //!
-//! Only the input gradients of frozen projections are formed (x^T dy for a weight never is).
+//! Only the input gradients of frozen projections are formed (x^T dy for a frozen weight never
+//! is). When the block trains its weights (pretraining), the backward also forms every weight's
+//! gradient and hands it to a [`WeightGrads`] outside candle's graph, which holds one node per
+//! block and so cannot reach them.
 
 use super::attention::{self, Mask, Saved as AttnSaved};
 use super::{heads, linear, norm, swiglu, Given};
 use candle_core::{CustomOp1, CustomOp3, Tensor};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 type CResult<T> = candle_core::Result<T>;
@@ -38,6 +42,38 @@ pub struct Weights {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Set when these weights train: the prefix of their names (`model.layers.3.`) and where
+    /// their gradients go. The tensors above are detached then.
+    pub trained: Option<(String, Arc<WeightGrads>)>,
+}
+
+/// Weight gradients of trained blocks by Hugging Face name, summed over the backward passes
+/// that wrote them (micro-batches) until taken.
+#[derive(Debug, Default)]
+pub struct WeightGrads(Mutex<BTreeMap<String, Tensor>>);
+
+impl WeightGrads {
+    fn add(&self, name: String, g: Tensor) -> CResult<()> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("weight gradients poisoned".into()))?;
+        let g = match m.remove(&name) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        m.insert(name, g);
+        Ok(())
+    }
+
+    /// Every gradient written since the last call.
+    pub fn take(&self) -> CResult<BTreeMap<String, Tensor>> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("weight gradients poisoned".into()))?;
+        Ok(std::mem::take(&mut *m))
+    }
 }
 
 /// What every block of one forward pass shares: RoPE tables of positions 0..T (T, hd/2) in
@@ -108,22 +144,50 @@ fn backward(
     let (b, t, d) = x.dims3()?;
     let (h, kv, hd) = (w.heads, w.kv_heads, w.head_dim);
     let dy = dy.to_dtype(x.dtype())?;
-    // MLP
-    let d_act = dy.reshape((b * t, d))?.matmul(&w.down_proj)?; // (B*T, F)
+    // The weight gradients (dW = dy^T input, each (out, in)) when the weights train.
+    let wg = |name: &str, dout: &Tensor, input: &Tensor| -> CResult<()> {
+        match &w.trained {
+            Some((prefix, sink)) => sink.add(format!("{prefix}{name}"), dout.t()?.matmul(input)?),
+            None => Ok(()),
+        }
+    };
+    let wg_norm = |name: &str, x: &Tensor, nw: &Tensor, dn: &Tensor| -> CResult<()> {
+        match &w.trained {
+            Some((prefix, sink)) => sink.add(
+                format!("{prefix}{name}"),
+                norm::backward_dw(x, nw, dn, w.eps)?,
+            ),
+            None => Ok(()),
+        }
+    };
+    let rows = |y: &Tensor| y.reshape((b * t, ())); // (B*T, ...)
+                                                    // MLP
+    let dy_rows = rows(&dy)?;
+    let d_act = dy_rows.matmul(&w.down_proj)?; // (B*T, F)
     let (dg, du) = swiglu::backward(&s.gate, &s.up, &d_act)?;
     let d_n2 = (dg.matmul(&w.gate_proj)? + du.matmul(&w.up_proj)?)?; // (B*T, D)
-    let dh = (&dy
-        + norm::backward_dx(
+    let d_n2 = d_n2.reshape((b, t, d))?;
+    if w.trained.is_some() {
+        let n2 = rows(&norm::forward(&s.h, &w.post_attention_layernorm, w.eps)?)?;
+        wg(
+            "mlp.down_proj.weight",
+            &dy_rows,
+            &swiglu::forward(&s.gate, &s.up)?,
+        )?;
+        wg("mlp.gate_proj.weight", &dg, &n2)?;
+        wg("mlp.up_proj.weight", &du, &n2)?;
+        wg_norm(
+            "post_attention_layernorm.weight",
             &s.h,
             &w.post_attention_layernorm,
-            &d_n2.reshape((b, t, d))?,
-            w.eps,
-        )?)?;
+            &d_n2,
+        )?;
+    }
+    let dh = (&dy + norm::backward_dx(&s.h, &w.post_attention_layernorm, &d_n2, w.eps)?)?;
     // attention
-    let d_attn = dh
-        .reshape((b * t, d))?
-        .matmul(&w.o_proj)?
-        .reshape((b, t, h, hd))?; // (B, T, H, hd)
+    let dh_rows = rows(&dh)?;
+    wg("self_attn.o_proj.weight", &dh_rows, &rows(&s.attn_out)?)?;
+    let d_attn = dh_rows.matmul(&w.o_proj)?.reshape((b, t, h, hd))?; // (B, T, H, hd)
     let (dq, dk, dv) =
         attention::backward(&s.q, &s.k, &s.v, &s.attn_out, &d_attn, &cx.mask, &s.attn)?; // (B, H, T, hd), (B, KV, S, hd) x 2
     let slots = cx.mask.spec().slots;
@@ -140,7 +204,15 @@ fn backward(
     let dk = heads::merge(&dk, slots, rope)?; // (B*T, KV*hd)
     let dv = heads::merge(&dv, slots, None)?;
     let d_n1 = ((dq.matmul(&w.q_proj)? + dk.matmul(&w.k_proj)?)? + dv.matmul(&w.v_proj)?)?;
-    let dx = (dh + norm::backward_dx(x, &w.input_layernorm, &d_n1.reshape((b, t, d))?, w.eps)?)?;
+    let d_n1 = d_n1.reshape((b, t, d))?;
+    if w.trained.is_some() {
+        let n1 = rows(&norm::forward(x, &w.input_layernorm, w.eps)?)?;
+        wg("self_attn.q_proj.weight", &dq, &n1)?;
+        wg("self_attn.k_proj.weight", &dk, &n1)?;
+        wg("self_attn.v_proj.weight", &dv, &n1)?;
+        wg_norm("input_layernorm.weight", x, &w.input_layernorm, &d_n1)?;
+    }
+    let dx = (dh + norm::backward_dx(x, &w.input_layernorm, &d_n1, w.eps)?)?;
     Ok((dx, d_slot))
 }
 
@@ -220,6 +292,7 @@ pub fn block(
         &cx,
         detached.as_ref().map(|(k, v)| (k, v)),
     )?;
+    // Weight gradients flow only when x itself is tracked (in pretraining the embedding is).
     let tracked = x.track_op() || slot.is_some_and(|(k, v)| k.track_op() || v.track_op());
     if !tracked {
         return Ok(y);

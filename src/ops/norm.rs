@@ -79,7 +79,7 @@ pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Ten
 }
 
 /// dw of RMSNorm (pretraining trains the norms): the sum over rows of dy * x / rms(x).
-fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+pub fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
     let [r, xf, dyf, wf] = recompute(x, w, dy, eps)?;
     let d = wf.dim(0)?;
     let dw = (dyf * xf.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;

@@ -19,7 +19,8 @@ use crate::killpoint::point;
 use crate::loss::lm_loss;
 use crate::memory::CudaKnobs;
 use crate::metrics::{LogMark, RunLogger};
-use crate::model::Model;
+use crate::model::{Model, Taps};
+use crate::ops::block::WeightGrads;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
@@ -29,6 +30,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 pub struct PretrainArgs {
@@ -365,15 +367,28 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
             let idx = crate::data::batch_indices(s.train.len(), state.seed, g, batch);
             let flat: Vec<u32> = idx.iter().flat_map(|&i| s.train.window(i)).collect();
             let ids = Tensor::from_vec(flat, (batch, width), &s.params.device)?; // (B, T)
-            let (x, _) = model.forward_trunk(&ids, &Default::default())?;
+                                                                                 // Blocks on the block op (CUDA bf16) hand their weight gradients to `sink`.
+            let sink = Arc::new(WeightGrads::default());
+            let taps = Taps {
+                weight_grads: Some(sink.clone()),
+                ..Default::default()
+            };
+            let (x, _) = model.forward_trunk(&ids, &taps)?;
             let loss = lm_loss(&model.head(&x)?, &ids)?;
             let gs = (&loss / o.grad_accum as f64)?.backward()?;
             point("step");
+            let from_sink = sink.take()?;
             for (name, var) in &vars {
-                if let Some(g) = gs.get(var.as_tensor()) {
+                let sunk = from_sink.get(name).map(|g| g.to_dtype(var.dtype()));
+                for g in gs
+                    .get(var.as_tensor())
+                    .cloned()
+                    .into_iter()
+                    .chain(sunk.transpose()?)
+                {
                     let g = match grads.remove(name) {
                         Some(acc) => (acc + g)?,
-                        None => g.clone(),
+                        None => g,
                     };
                     grads.insert(name.clone(), g);
                 }
