@@ -15,6 +15,8 @@
 //! - [`heads`]: a projection's output into attention heads and back, RoPE and the EAB slot
 //!   folded in (one pass each way on CUDA instead of candle's strided copies).
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
+//! - [`ce`]: next-token cross-entropy through a trained LM head, chunked over positions
+//!   (pretraining).
 //! - [`swiglu`]: the MLP's silu(gate) * up, one kernel each way on CUDA.
 //! - [`recompute`]: activation recomputation of a decoder block.
 //! - [`block`]: a whole decoder block as one op with a hand-written backward, so that
@@ -65,6 +67,7 @@ pub(crate) use given_forward;
 
 pub mod attention;
 pub mod block;
+pub mod ce;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod heads;

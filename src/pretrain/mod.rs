@@ -16,11 +16,11 @@ pub use recipe::PretrainRecipe;
 use crate::corpus::{Corpus, Split, TokenWindows};
 use crate::fsio::{replace_dir, write_atomic};
 use crate::killpoint::point;
-use crate::loss::lm_loss;
 use crate::memory::CudaKnobs;
 use crate::metrics::{LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::block::WeightGrads;
+use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
@@ -374,7 +374,8 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
                 ..Default::default()
             };
             let (x, _) = model.forward_trunk(&ids, &taps)?;
-            let loss = lm_loss(&model.head(&x)?, &ids)?;
+            // Through the head in chunks: the full f32 logits never exist.
+            let loss = ce_through_head(&x, model.lm_head(), &ids)?;
             let gs = (&loss / o.grad_accum as f64)?.backward()?;
             point("step");
             let from_sink = sink.take()?;
