@@ -449,6 +449,43 @@ fn adapter_gradients_match_finite_differences() {
     }
 }
 
+/// Slots in every layer (~N(0, 0.5)) and LoRA r2 on `targets` of layer 1 with B made nonzero,
+/// in f64, and the model over `weights` with them.
+fn f64_model_with_adapters(
+    cfg: &Config,
+    weights: HashMap<String, Tensor>,
+    rng: &mut StdRng,
+    mask_first_token: bool,
+    targets: &[&str],
+) -> (AdapterSet, Model) {
+    let set32 = AdapterSet::new(
+        meta(cfg, true, mask_first_token, Some((2, 4.0, targets, &[1]))),
+        SlotInit::Normal { std: 0.5, seed: 9 },
+        0.3,
+        9,
+        &Device::Cpu,
+    )
+    .unwrap();
+    randomize_lora_b(&set32, rng, 0.3);
+    let set = in_f64(&set32);
+    let model = Model::load(
+        VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu),
+        cfg,
+        &set.adapters(),
+    )
+    .unwrap();
+    (set, model)
+}
+
+/// Squared logits plus 1e-2 x every kept hidden state squared: a loss that reaches every layer.
+fn probe_loss(out: &eabfit::model::Output) -> Tensor {
+    let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
+    for h in &out.hidden {
+        loss = (loss + (h.sqr().unwrap().sum_all().unwrap() * 1e-2).unwrap()).unwrap();
+    }
+    loss
+}
+
 /// Loss and adapter gradients of `arch`'s tiny model in f64 (slots in every layer, LoRA on
 /// layer 1's down and q projections, a loss on the logits and on every hidden state) with
 /// `taps` against the plain per-op pass: they must agree to rounding.
@@ -464,33 +501,10 @@ fn same_as_plain_pass(arch: Arch, mask_first_token: bool, taps: Taps) {
         random_ids(&mut rng, 10, cfg.vocab_size, true),
         random_ids(&mut rng, 10, cfg.vocab_size, true),
     ]);
-    let set32 = AdapterSet::new(
-        meta(
-            &cfg,
-            true,
-            mask_first_token,
-            Some((2, 4.0, &["down", "q"], &[1])),
-        ),
-        SlotInit::Normal { std: 0.5, seed: 9 },
-        0.3,
-        9,
-        &Device::Cpu,
-    )
-    .unwrap();
-    randomize_lora_b(&set32, &mut rng, 0.3);
-    let set = in_f64(&set32);
-    let model = Model::load(
-        VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu),
-        &cfg,
-        &set.adapters(),
-    )
-    .unwrap();
+    let (set, model) =
+        f64_model_with_adapters(&cfg, weights, &mut rng, mask_first_token, &["down", "q"]);
     let run = |taps: &Taps| {
-        let out = model.forward(&ids, taps).unwrap();
-        let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
-        for h in &out.hidden {
-            loss = (loss + (h.sqr().unwrap().sum_all().unwrap() * 1e-2).unwrap()).unwrap();
-        }
+        let loss = probe_loss(&model.forward(&ids, taps).unwrap());
         (loss.to_scalar::<f64>().unwrap(), loss.backward().unwrap())
     };
     let plain = Taps {
@@ -581,22 +595,7 @@ fn block_op_gives_every_weight_gradient_when_weights_train() {
             random_ids(&mut rng, 9, cfg.vocab_size, true),
             random_ids(&mut rng, 9, cfg.vocab_size, true),
         ]);
-        let set32 = AdapterSet::new(
-            meta(&cfg, true, false, Some((2, 4.0, &["down"], &[1]))),
-            SlotInit::Normal { std: 0.5, seed: 4 },
-            0.3,
-            4,
-            &Device::Cpu,
-        )
-        .unwrap();
-        randomize_lora_b(&set32, &mut rng, 0.3);
-        let set = in_f64(&set32);
-        let model = Model::load(
-            VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu),
-            &cfg,
-            &set.adapters(),
-        )
-        .unwrap();
+        let (set, model) = f64_model_with_adapters(&cfg, tensors, &mut rng, false, &["down"]);
         let run = |block_op: bool| {
             let sink = Arc::new(WeightGrads::default());
             let taps = Taps {
@@ -605,11 +604,7 @@ fn block_op_gives_every_weight_gradient_when_weights_train() {
                 weight_grads: Some(sink.clone()),
                 ..Default::default()
             };
-            let out = model.forward(&ids, &taps).unwrap();
-            let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
-            for h in &out.hidden {
-                loss = (loss + (h.sqr().unwrap().sum_all().unwrap() * 1e-2).unwrap()).unwrap();
-            }
+            let loss = probe_loss(&model.forward(&ids, &taps).unwrap());
             let gs = loss.backward().unwrap();
             let sunk = sink.take().unwrap();
             let mut grads = BTreeMap::new();

@@ -9,15 +9,10 @@
 //!   loss = mean of -log softmax(h W^T)[next],   d logits = (softmax(h W^T) - onehot(next)) / N,
 //!   dh = (d logits) W,   dW = sum over chunks of (d logits)^T h.
 
-use super::{acc, Given};
+use super::{acc, head_chunk_rows, Given};
 use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
-
-/// Rows per chunk so that one chunk's f32 logits stay near 256 MiB.
-fn chunk_rows(vocab: usize) -> usize {
-    ((64usize << 20) / vocab.max(1)).max(16)
-}
 
 /// Logits of rows [r0, r0 + n) of h (rows, D) in the accumulation dtype: (n, V).
 fn logits(h: &Tensor, w: &Tensor, r0: usize, n: usize) -> CResult<Tensor> {
@@ -80,7 +75,7 @@ impl CustomOp2 for CeOp {
 /// states, w (V, D) the LM head, ids (B, T). A scalar in the accumulation dtype, differentiable
 /// in x and w; equal to [`crate::loss::lm_loss`] of the full logits.
 pub fn ce_through_head(x: &Tensor, w: &Tensor, ids: &Tensor) -> CResult<Tensor> {
-    ce_chunked(x, w, ids, chunk_rows(w.dim(0)?))
+    ce_chunked(x, w, ids, head_chunk_rows(w.dim(0)?))
 }
 
 /// [`ce_through_head`] with an explicit number of rows per chunk.

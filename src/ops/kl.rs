@@ -12,15 +12,10 @@
 //! row sums and once for the KL and d logits, and the forward multiplies d logits by W right
 //! away: the backward pass then only scales that stored d h_s (no second pass through the head).
 
-use super::{acc, Given};
+use super::{acc, head_chunk_rows, Given};
 use candle_core::{CustomOp2, DType, Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
-
-/// Rows per chunk so that one chunk's f32 logits stay near 256 MiB.
-fn chunk_rows(vocab: usize) -> usize {
-    ((64usize << 20) / vocab.max(1)).max(16)
-}
 
 /// Log-probabilities of rows [r0, r0 + n) of h: (rows, D) x W^T / tau.
 fn log_probs(h: &Tensor, w: &Tensor, r0: usize, n: usize, tau: f64) -> CResult<Tensor> {
@@ -83,7 +78,7 @@ pub fn kl_through_head(
     w: &Tensor,
     tau: f64,
 ) -> CResult<Tensor> {
-    kl_chunked(h_student, h_teacher, w, tau, chunk_rows(w.dim(0)?))
+    kl_chunked(h_student, h_teacher, w, tau, head_chunk_rows(w.dim(0)?))
 }
 
 /// [`kl_through_head`] with an explicit number of rows per chunk.

@@ -41,6 +41,12 @@ pub fn acc(dtype: candle_core::DType) -> candle_core::DType {
     }
 }
 
+/// Rows per chunk of an op through the LM head ([`kl`], [`ce`]): one chunk's f32 logits stay
+/// near 256 MiB.
+fn head_chunk_rows(vocab: usize) -> usize {
+    ((64usize << 20) / vocab.max(1)).max(16)
+}
+
 /// `cpu_fwd` and `cuda_fwd` of a custom op with 1, 2 or 3 inputs whose forward result was
 /// computed outside it and sits in its `out: Given` field: both hand that result over.
 macro_rules! given_forward {
