@@ -21,7 +21,7 @@
 //! (also used, as a reference point only, for f32 runs).
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, EabSlot, Lora, SlotInit, TARGETS};
-use crate::memory::CudaKnobs;
+use crate::memory::CudaMemory;
 use crate::model::{Config, Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -483,7 +483,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     };
     let lora_targets = parse_targets(&args.lora_targets)?;
     crate::memory::configure(&device, args.release_pool, args.event_tracking)?;
-    let cuda = CudaKnobs::of(&device);
+    let cuda = CudaMemory::of(&device);
     crate::ops::attention::force_blocked(args.attention == AttentionPath::Blocked);
     let _ = device.set_seed(args.seed); // CUDA only; the CPU generator cannot be seeded
 

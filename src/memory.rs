@@ -32,13 +32,13 @@ pub fn configure(device: &Device, release_pool: bool, event_tracking: bool) -> R
 }
 
 /// CUDA memory-pool statistics; inert on other devices and without the `cuda` feature.
-pub struct CudaKnobs {
+pub struct CudaMemory {
     #[cfg(feature = "cuda")]
     pool: Option<pool::Pool>,
     pub event_tracking: bool,
 }
 
-impl CudaKnobs {
+impl CudaMemory {
     pub fn of(device: &Device) -> Self {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = device {

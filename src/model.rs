@@ -573,9 +573,9 @@ impl Block {
         Ok((x, attn))
     }
 
-    fn lora_free(&self) -> bool {
-        let a = &self.self_attn;
-        let m = &self.mlp;
+    /// The block's seven projections: q, k, v, o, gate, up, down.
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
         [
             &a.q_proj,
             &a.k_proj,
@@ -585,8 +585,10 @@ impl Block {
             &m.up_proj,
             &m.down_proj,
         ]
-        .iter()
-        .all(|l| l.lora.is_none())
+    }
+
+    fn lora_free(&self) -> bool {
+        self.linears().iter().all(|l| l.lora.is_none())
     }
 
     /// The weights the block op reads; `None` when the block has LoRA, or trains a weight
@@ -597,28 +599,22 @@ impl Block {
         layer: usize,
         grads: Option<&Arc<block::WeightGrads>>,
     ) -> Option<block::Weights> {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        let linears = [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ];
+        if !self.lora_free() {
+            return None;
+        }
         let norms = [
             &self.input_layernorm.weight,
             &self.post_attention_layernorm.weight,
         ];
-        let trains =
-            linears.iter().any(|l| l.weight.track_op()) || norms.iter().any(|w| w.track_op());
-        let trained = match (trains, grads) {
-            _ if !self.lora_free() => return None,
-            (false, _) => None,
-            (true, None) => return None,
-            (true, Some(g)) => Some((format!("model.layers.{layer}."), g.clone())),
+        let trains = self.linears().iter().any(|l| l.weight.track_op())
+            || norms.iter().any(|w| w.track_op());
+        // Trained weights need somewhere for their gradients: no `grads`, no block op.
+        let trained = if trains {
+            Some((format!("model.layers.{layer}."), grads?.clone()))
+        } else {
+            None
         };
+        let (a, m) = (&self.self_attn, &self.mlp);
         Some(block::Weights {
             input_layernorm: self.input_layernorm.weight.detach(),
             post_attention_layernorm: self.post_attention_layernorm.weight.detach(),

@@ -12,7 +12,7 @@ use crate::data::{read_text, Windows};
 use crate::fsio::replace_dir;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
-use crate::memory::CudaKnobs;
+use crate::memory::CudaMemory;
 use crate::metrics::{LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
@@ -401,6 +401,13 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
 }
 
+/// The run state a checkpoint folder's `state.json` holds (train's or pretrain's).
+pub fn read_state<S: serde::de::DeserializeOwned>(ck: &Path) -> Result<S> {
+    let path = ck.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
+}
+
 /// Runs (or resumes) training; returns the run folder and its summary. Out of device memory
 /// is reported with the batch and sequence length that caused it.
 pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
@@ -463,9 +470,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         for (name, var) in &set.vars {
             var.set(loaded.vars[name].as_tensor())?;
         }
-        let st_path = ck.join("state.json");
-        let text = std::fs::read_to_string(&st_path).map_err(|e| Error::file(&st_path, e))?;
-        state = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, e))?;
+        state = read_state(&ck)?;
         opt.load(&ck.join("optim.safetensors"), state.step)?;
         eprintln!("resuming from {} at step {}", ck.display(), state.step);
     }
@@ -498,7 +503,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
-    let mem = CudaKnobs::of(&device);
+    let mem = CudaMemory::of(&device);
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;

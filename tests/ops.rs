@@ -470,7 +470,8 @@ fn chunked_kl_matches_the_full_logits_kl() {
 
 /// The chunked cross-entropy through a trained head against the plain one in f64 (the full
 /// logits, candle's log-softmax, the next token picked by gather): value, and the gradients of
-/// the hidden states and of the head, one chunk and several (uneven) chunks.
+/// the hidden states and of the head (also under an upstream factor), one chunk and several
+/// (uneven) chunks.
 #[test]
 fn chunked_cross_entropy_matches_the_full_logits_one() {
     use eabfit::ops::ce;
@@ -513,6 +514,13 @@ fn chunked_cross_entropy_matches_the_full_logits_one() {
                 g_ref.get(v.as_tensor()).unwrap(),
             );
             assert!(e < 1e-12, "rows {rows}: {name} gradient rel err {e}");
+        }
+        // The op forms its gradient in the forward: an upstream factor must still reach it.
+        let g3 = (got * 3.0).unwrap().backward().unwrap();
+        for (name, v) in [("hidden", &x), ("head", &w)] {
+            let want3 = (g_ref.get(v.as_tensor()).unwrap() * 3.0).unwrap();
+            let e = rel(g3.get(v.as_tensor()).unwrap(), &want3);
+            assert!(e < 1e-12, "rows {rows}: {name} gradient x3 rel err {e}");
         }
     }
 }

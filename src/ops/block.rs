@@ -95,6 +95,15 @@ struct Saved {
     h: Tensor,
     gate: Tensor,
     up: Tensor,
+    /// When the weights train: the inputs of their gradients (B*T, ...) that the backward does
+    /// not otherwise read, the two normed hidden states and the SwiGLU output.
+    weight_inputs: Option<WeightInputs>,
+}
+
+struct WeightInputs {
+    n1: Tensor,
+    n2: Tensor,
+    act: Tensor,
 }
 
 /// x (B, T, D) -> (B, T, D); `slot`: the layer's (k', v'), each (KV, hd), any float dtype.
@@ -129,6 +138,7 @@ fn forward(
         h: hres,
         gate,
         up,
+        weight_inputs: w.trained.is_some().then_some(WeightInputs { n1, n2, act }),
     };
     Ok((y, saved))
 }
@@ -167,15 +177,10 @@ fn backward(
     let (dg, du) = swiglu::backward(&s.gate, &s.up, &d_act)?;
     let d_n2 = (dg.matmul(&w.gate_proj)? + du.matmul(&w.up_proj)?)?; // (B*T, D)
     let d_n2 = d_n2.reshape((b, t, d))?;
-    if w.trained.is_some() {
-        let n2 = rows(&norm::forward(&s.h, &w.post_attention_layernorm, w.eps)?)?;
-        wg(
-            "mlp.down_proj.weight",
-            &dy_rows,
-            &swiglu::forward(&s.gate, &s.up)?,
-        )?;
-        wg("mlp.gate_proj.weight", &dg, &n2)?;
-        wg("mlp.up_proj.weight", &du, &n2)?;
+    if let Some(wi) = &s.weight_inputs {
+        wg("mlp.down_proj.weight", &dy_rows, &wi.act)?;
+        wg("mlp.gate_proj.weight", &dg, &wi.n2)?;
+        wg("mlp.up_proj.weight", &du, &wi.n2)?;
         wg_norm(
             "post_attention_layernorm.weight",
             &s.h,
@@ -205,11 +210,10 @@ fn backward(
     let dv = heads::merge(&dv, slots, None)?;
     let d_n1 = ((dq.matmul(&w.q_proj)? + dk.matmul(&w.k_proj)?)? + dv.matmul(&w.v_proj)?)?;
     let d_n1 = d_n1.reshape((b, t, d))?;
-    if w.trained.is_some() {
-        let n1 = rows(&norm::forward(x, &w.input_layernorm, w.eps)?)?;
-        wg("self_attn.q_proj.weight", &dq, &n1)?;
-        wg("self_attn.k_proj.weight", &dk, &n1)?;
-        wg("self_attn.v_proj.weight", &dv, &n1)?;
+    if let Some(wi) = &s.weight_inputs {
+        wg("self_attn.q_proj.weight", &dq, &wi.n1)?;
+        wg("self_attn.k_proj.weight", &dk, &wi.n1)?;
+        wg("self_attn.v_proj.weight", &dv, &wi.n1)?;
         wg_norm("input_layernorm.weight", x, &w.input_layernorm, &d_n1)?;
     }
     let dx = (dh + norm::backward_dx(x, &w.input_layernorm, &d_n1, w.eps)?)?;

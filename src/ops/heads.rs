@@ -50,7 +50,7 @@ pub fn split(x: &Tensor, b: usize, n: usize, rope: Rope, slot: Option<&Tensor>) 
     }
     let y = x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?; // (B, n, T, hd)
     let y = match rope {
-        Some((c, s)) => candle_nn::rotary_emb::rope(&y, c, s)?,
+        Some((c, s)) => super::rope::rope(&y, c, s)?,
         None => y,
     };
     match slot {
@@ -85,7 +85,7 @@ pub fn merge(g: &Tensor, slots: usize, rope: Rope) -> CResult<Tensor> {
     }
     let y = g.narrow(2, slots, t)?.contiguous()?; // (B, n, T, hd)
     let y = match rope {
-        Some((c, s)) => candle_nn::rotary_emb::rope(&y, c, &s.neg()?)?,
+        Some((c, s)) => super::rope::backward(&y, c, s)?,
         None => y,
     };
     y.transpose(1, 2)?.contiguous()?.reshape((b * t, n * hd)) // (B*T, n*hd)

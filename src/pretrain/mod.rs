@@ -16,7 +16,7 @@ pub use recipe::PretrainRecipe;
 use crate::corpus::{Corpus, Split, TokenWindows};
 use crate::fsio::{replace_dir, write_atomic};
 use crate::killpoint::point;
-use crate::memory::CudaKnobs;
+use crate::memory::CudaMemory;
 use crate::metrics::{LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::block::WeightGrads;
@@ -24,7 +24,7 @@ use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
-use crate::train::{latest_checkpoint, log_layers};
+use crate::train::{latest_checkpoint, log_layers, read_state};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -328,9 +328,7 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
     if let Some(dir) = resume {
         let ck = latest_checkpoint(dir)?;
         s.params.load(&ck.join("model.safetensors"))?;
-        let st_path = ck.join("state.json");
-        let text = std::fs::read_to_string(&st_path).map_err(|e| Error::file(&st_path, e))?;
-        state = serde_json::from_str(&text).map_err(|e| Error::file(&st_path, e))?;
+        state = read_state(&ck)?;
         opt.load(&ck, state.step)?;
         eprintln!("resuming from {} at step {}", ck.display(), state.step);
     }
@@ -350,7 +348,7 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
         eprintln!("{}", one_line(&e));
         state.last = Some(e);
     }
-    let mem = CudaKnobs::of(&s.params.device);
+    let mem = CudaMemory::of(&s.params.device);
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
