@@ -315,6 +315,53 @@ fn a_killed_run_resumes_bit_for_bit() {
 }
 
 #[test]
+fn a_time_limited_run_stops_checkpointed_and_resumes_exactly() {
+    let f = Fixture::new();
+    let extra = ["train.steps=6", "train.checkpoint_every=4", "eval.every=3"];
+    let reference = f.path("reference");
+    ok(&f.pretrain_cmd(&reference, &extra).output().unwrap());
+    let out = f.path("limited");
+    // Any first step outlasts a microsecond: the run stops after step 1.
+    let o = f
+        .pretrain_cmd(&out, &extra)
+        .args(["--max-seconds", "1e-6"])
+        .output()
+        .unwrap();
+    let stdout = ok(&o);
+    assert!(
+        stdout.contains("stopped at the time limit after step 1 of 6"),
+        "{stdout}"
+    );
+    assert!(out.join("checkpoints/step-000001/model.safetensors").exists());
+    assert!(!out.join("final").exists());
+    assert_eq!(json(&out.join("summary.json"))["steps"], 1);
+    ok(&f
+        .pretrain_cmd(&out, &extra)
+        .arg("--resume")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    for f in [
+        "final/model.safetensors",
+        "checkpoints/step-000006/optim-decay.safetensors",
+    ] {
+        assert!(
+            bytes(&reference.join(f)) == bytes(&out.join(f)),
+            "{f} differs"
+        );
+    }
+    assert_eq!(scalars(&reference), scalars(&out), "logged curves differ");
+    let o = f
+        .pretrain_cmd(&out, &extra)
+        .args(["--max-seconds", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--max-seconds"));
+}
+
+#[test]
 fn the_slot_variant_trains_its_slots() {
     let f = Fixture::new();
     let out = f.path("eab");

@@ -41,6 +41,10 @@ pub struct PretrainArgs {
     /// Continue a run from its newest checkpoint (a run folder or one checkpoint folder)
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Stop after the first step that ends past this many seconds of training, with a
+    /// checkpoint to `--resume` from (no final/ folder): for runs longer than one sitting
+    #[arg(long, value_name = "S")]
+    pub max_seconds: Option<f64>,
 }
 
 pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
@@ -54,7 +58,23 @@ pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
         }
     };
     let r: PretrainRecipe = crate::recipe::load_typed(&recipe_path, &args.overrides)?;
-    let (dir, s) = pretrain(&r, args.resume.as_deref())?;
+    if let Some(limit) = args.max_seconds {
+        if !(limit > 0.0 && limit.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--max-seconds must be a positive number of seconds, not {limit}"
+            )));
+        }
+    }
+    let limit = args.max_seconds.map(std::time::Duration::from_secs_f64);
+    let (dir, s) = pretrain(&r, args.resume.as_deref(), limit)?;
+    if s.steps < r.train.steps {
+        println!(
+            "stopped at the time limit after step {} of {}: continue with --resume {}",
+            s.steps,
+            r.train.steps,
+            dir.display()
+        );
+    }
     println!(
         "{} parameters, {} steps, {} tokens; final loss {:.4}",
         s.parameters,
@@ -66,11 +86,13 @@ pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
         println!("last eval {}", one_line(e));
     }
     println!("{:.0} tokens/s, {:.1} s", s.tokens_per_s, s.wall_s);
-    println!(
-        "run folder {} (final/ is a Hugging Face folder: eabfit scan --model {})",
-        dir.display(),
-        dir.join("final").display()
-    );
+    if s.steps == r.train.steps {
+        println!(
+            "run folder {} (final/ is a Hugging Face folder: eabfit scan --model {})",
+            dir.display(),
+            dir.join("final").display()
+        );
+    }
     Ok(())
 }
 
@@ -301,17 +323,26 @@ fn save_checkpoint(
     })
 }
 
-/// Runs (or resumes) a pretraining run; returns its folder and summary. Out of device memory
-/// is reported with the batch and sequence length that caused it.
-pub fn pretrain(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
-    run(r, resume).map_err(|e| {
+/// Runs (or resumes) a pretraining run; returns its folder and summary. With a `limit` it stops
+/// after the first step that ends past it, checkpointed, and writes no final/ folder. Out of
+/// device memory is reported with the batch and sequence length that caused it.
+pub fn pretrain(
+    r: &PretrainRecipe,
+    resume: Option<&Path>,
+    limit: Option<std::time::Duration>,
+) -> Result<(PathBuf, Summary)> {
+    run(r, resume, limit).map_err(|e| {
         let lower =
             "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len";
         crate::error::explain_oom(e, "pretrain", r.data.batch_size, r.data.seq_len, lower)
     })
 }
 
-fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+fn run(
+    r: &PretrainRecipe,
+    resume: Option<&Path>,
+    limit: Option<std::time::Duration>,
+) -> Result<(PathBuf, Summary)> {
     let out_dir = r.train.out_dir.clone();
     let recipe_yaml = r.to_yaml();
     let s = setup(r)?;
@@ -416,25 +447,34 @@ fn run(r: &PretrainRecipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> 
             log.scalar("train/tokens", tokens as f64, state.step)?;
             log.scalar("train/tokens_per_s", tps, state.step)?;
         }
-        if state.step.is_multiple_of(r.eval.every) || state.step == total {
+        // The clock is read once per step, before the evaluation, so that a run stopped on time
+        // ends with an evaluation of its last step.
+        let out_of_time = limit.is_some_and(|l| start.elapsed() >= l) && state.step < total;
+        if state.step.is_multiple_of(r.eval.every) || state.step == total || out_of_time {
             let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, state.step, tokens)?;
             log_eval(&mut log, &e, &report)?;
             eprintln!("{}  loss {loss_sum:.4}  {tps:.0} tokens/s", one_line(&e));
             point("logged");
             state.last = Some(e);
         }
-        if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total {
+        if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total || out_of_time
+        {
             let ck = out_dir
                 .join("checkpoints")
                 .join(format!("step-{:06}", state.step));
             state.log = Some(log.mark()?);
             save_checkpoint(&ck, &s, &opt, &state, &recipe_yaml)?;
         }
+        if out_of_time {
+            break;
+        }
     }
     log.close()?;
-    replace_dir(&out_dir.join("final"), |tmp| {
-        s.params.write_hf(tmp, &s.corpus.dir)
-    })?;
+    if state.step == total {
+        replace_dir(&out_dir.join("final"), |tmp| {
+            s.params.write_hf(tmp, &s.corpus.dir)
+        })?;
+    }
     let wall_s = start.elapsed().as_secs_f64();
     let summary = Summary {
         parameters: s.params.count()?,
