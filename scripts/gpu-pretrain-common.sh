@@ -1,7 +1,7 @@
 # Sourced by the issue-14 GPU scripts (gpu-pretrain-sweep.sh, gpu-pretrain-pair.sh): the eabfit
 # binary, the CUDA libraries and the token corpus, each set up once per warm machine.
 # Expects: cwd = repo root with .device-bin carried (scripts/cuda-build.sh;
-# scripts/gpu-pretrain.sh --pack). Sets: bin, py, work, corpus, src, tok_dir; defines log.
+# scripts/gpu-pretrain.sh --pack), or $EABFIT_BIN naming a binary. Sets: bin, py, work, corpus, src, tok_dir; defines log.
 work=${WORK:-/tmp/eabfit-pretrain}
 src=${SRC:-/opt/torch/.venv/lib/python3.12/site-packages}
 tok_dir=.device-bin/smollm2-tokenizer
@@ -12,7 +12,7 @@ mkdir -p "$work/logs"
 log() { echo "[$(date +%T)] $*" | tee -a "$work/logs/summary.txt"; }
 
 bin=$work/eabfit
-if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else
+if [ -n "${EABFIT_BIN:-}" ]; then cp "$EABFIT_BIN" "$bin"; elif [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else
   "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     .device-bin/eabfit.xz "$bin"; fi
 chmod +x "$bin"

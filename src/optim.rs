@@ -3,7 +3,7 @@
 //! keeps them private and pins an older candle, hence this small one.
 
 use crate::{Error, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -97,14 +97,22 @@ impl AdamW {
 /// Scales all gradients so their global L2 norm is at most `max` (0 = off); returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.values() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+    // The squared sums stay on the device until one read: a read per tensor is a device
+    // synchronisation per tensor, which costs most when processes share a GPU.
+    let sums = grads
+        .values()
+        .map(|g| {
+            let wide = match g.dtype() {
+                DType::F64 => DType::F64,
+                _ => DType::F32,
+            };
+            g.to_dtype(wide)?.sqr()?.sum_all()?.to_dtype(DType::F64)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
+    let sq = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
     let norm = sq.sqrt();
     if max > 0.0 && norm > max {
         let scale = max / (norm + 1e-12);

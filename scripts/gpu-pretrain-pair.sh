@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Issue 14's pair on the H200, over one or more calls while the machine stays warm: the default
+# model and its EAB twins, trained at once on the same tokens in the same order, then (FINISH=1)
+# brought to one common step, scanned, plotted, and the default model retrofitted.
+#
+# The setting is the sweep's fastest-forming one (scripts/gpu-pretrain-sweep.sh,
+# docs/pretrain.md): recipes/pretrain-default.yaml with batch 8, lr 2e-3 held constant after
+# 200 warmup steps, no weight decay ($SETTING overrides it). Runs ($RUNS, names from this list):
+#   default     default attention
+#   eab         a slot per layer as the issue sets it: v' zeros, k' normal 0.02, no decay
+#   eab-lr10    the same slots at 10x the learning rate (does a slot that moves faster take
+#               the sink's job before an outlier forms?)
+# Each call:  scripts/gpu-pretrain-pair.sh          # trains $PAIR_S seconds (pretrain
+#             --max-seconds), resuming each run from its newest checkpoint
+# Last call:  FINISH=1 PAIR_S=300 scripts/gpu-pretrain-pair.sh
+#             trains every run to the same step (the one all can reach in $PAIR_S seconds at
+#             their last measured rates), then scans each on 16 held-out windows of 1023 tokens
+#             (plots with matplotlib's DejaVu font), overlays them, writes the curves, and runs
+#             the retrofit: `eabfit train` of recipes/smollm2-135m-eab.yaml's adapters (slots in
+#             every layer, LoRA on layer 1's MLP, KL to the frozen model) on the default model
+#             for $RETROFIT_STEPS steps, then `eabfit verify` before/after.
+# $OUT (at most 8 files): pair.tgz (logs, scalars, scans, summaries), summary.txt, and with
+# FINISH=1 curves.png, scan-overlay.png, scan-default.png, scan-eab.png, scan-eab-lr10.png.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-./gpu-pretrain-pair-out}
+mkdir -p "$out"
+. scripts/gpu-pretrain-common.sh
+pair_s=${PAIR_S:-420}
+setting=${SETTING:-data.batch_size=8 optim.lr=2e-3 optim.weight_decay=0 optim.warmup_steps=200 optim.min_lr_ratio=1.0}
+read -r -a runs <<< "${RUNS:-default eab eab-lr10}"
+t0=$(date +%s)
+pair=$work/pair
+mkdir -p "$pair"
+tokenize_corpus
+[ -f "$corpus/corpus.json" ] || { log "no corpus"; exit 1; }
+# The H200 has no system TrueType font; matplotlib carries DejaVu Sans.
+font=$("$py" -c 'import matplotlib, os; print(os.path.join(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf"))' 2>/dev/null)
+[ -z "${EABFIT_FONT:-}" ] && [ -f "$font" ] && export EABFIT_FONT=$font
+
+overrides_of() {
+  case "$1" in
+    default) echo "" ;;
+    eab) echo "eab.enabled=true" ;;
+    eab-lr10) echo "eab.enabled=true eab.lr_scale=10" ;;
+    *) echo "unknown run $1" >&2; return 1 ;;
+  esac
+}
+step_of() { # newest checkpoint's step, 0 if none
+  local ck
+  ck=$(ls -d "$pair/$1"/checkpoints/step-* 2>/dev/null | tail -n 1)
+  [ -n "$ck" ] && echo $((10#${ck##*step-})) || echo 0
+}
+
+# FINISH: one target step for all, from the steps each made per second last time.
+steps=1000000
+limit=(--max-seconds "$pair_s")
+if [ "${FINISH:-0}" = 1 ]; then
+  target=$("$py" - "$pair" "$pair_s" "${runs[@]}" <<'PY'
+import json, os, sys
+pair, secs, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+reach = []
+for n in names:
+    cks = sorted(os.listdir(os.path.join(pair, n, "checkpoints")))
+    step = int(cks[-1].split("-")[1])
+    s = json.load(open(os.path.join(pair, n, "summary.json")))
+    per_step = s["tokens"] / s["steps"]
+    # 0.9: the start (corpus, model, first evaluation) is not in the measured rate
+    reach.append(step + int(0.9 * s["tokens_per_s"] / per_step * secs))
+print(min(reach))
+PY
+)
+  [ -n "$target" ] || { log "FINISH needs a previous call's checkpoints and summaries"; exit 1; }
+  steps=$target
+  limit=()
+  log "finish: every run to step $steps"
+fi
+
+pids=()
+for name in "${runs[@]}"; do
+  resume=()
+  [ "$(step_of "$name")" -gt 0 ] && resume=(--resume "$pair/$name")
+  log "pretrain $name from step $(step_of "$name") (${setting}; $(overrides_of "$name"))"
+  # shellcheck disable=SC2046,SC2086
+  timeout $(( pair_s + 150 )) "$bin" pretrain "${RECIPE:-recipes/pretrain-default.yaml}" \
+    "data.corpus=$corpus" "train.out_dir=$pair/$name" "log.dir=$pair/tb" "log.name=$name" \
+    $setting $(overrides_of "$name") "train.steps=$steps" train.checkpoint_every=${EVAL_EVERY:-250} \
+    eval.every=${EVAL_EVERY:-250} "${limit[@]}" "${resume[@]}" >> "$pair/$name.txt" 2>&1 &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"
+  log "${runs[$i]}: exit $? at $(( $(date +%s) - t0 )) s: $(grep -E '^last eval' "$pair/${runs[$i]}.txt" | tail -n 1)"
+  grep -E "tokens/s" "$pair/${runs[$i]}.txt" | tail -n 1 | tee -a "$work/logs/summary.txt"
+done
+
+if [ "${FINISH:-0}" = 1 ]; then
+  xargs -d '\n' cat < "$corpus/val-files.txt" 2>/dev/null | head -c 1000000 > "$work/heldout.txt"
+  scans=()
+  for name in "${runs[@]}"; do
+    model=$pair/$name/final
+    [ -f "$model/config.json" ] || model=$(ls -d "$pair/$name"/checkpoints/step-* | tail -n 1)
+    log "scan $name ($model)"
+    "$bin" scan --model "$model" --device "${DEVICE:-cuda}" --text "$work/heldout.txt" --seq-len "${SCAN_LEN:-1023}" \
+      --num-seqs 16 --json "$pair/scan-$name.json" --plot "$out/scan-$name.png" \
+      > "$pair/scan-$name.txt" 2>&1
+    log "scan $name exit $?"
+    tee -a "$work/logs/summary.txt" < "$pair/scan-$name.txt"
+    scans+=("$pair/scan-$name.json")
+  done
+  # The overlay takes two scans: the default model and the first twin.
+  "$bin" plot "${scans[@]:0:2}" --out "$out/scan-overlay.png"
+  "$py" scripts/pretrain_curves.py "$pair/tb" "$pair/curves.png" "${runs[@]}" 2>&1 | tee -a "$work/logs/summary.txt"
+  cp "$pair/curves.png" "$out/" 2>/dev/null
+
+  model=$pair/default/final
+  if [ "${RETROFIT_STEPS:-60}" -gt 0 ] && [ -f "$model/config.json" ]; then
+    # Training text: held-in files (never the held-out ones the scans and verify read), ~2 MB.
+    find "$src" -name '*.py' -size +2k | sort | grep -vxFf "$corpus/val-files.txt" | head -n 2000 \
+      | xargs -d '\n' cat 2>/dev/null | head -c 2000000 > "$work/train.txt"
+    over=(model.path="$model" model.device="${DEVICE:-cuda}" model.dtype="${DTYPE:-bf16}" data.train="$work/train.txt"
+          data.eval="$work/heldout.txt" data.seq_len="${RETROFIT_LEN:-512}" data.batch_size=8 "adapters.lora.layers=[1]"
+          train.steps="${RETROFIT_STEPS:-60}" train.out_dir="$pair/retrofit" train.checkpoint_every=1000
+          eval.every=20 log.dir="$pair/tb" log.name=retrofit verify.text="$work/heldout.txt"
+          verify.seq_len="${SCAN_LEN:-1023}" verify.windows=16)
+    log "retrofit: ${RETROFIT_STEPS:-60} steps on $model"
+    timeout "${RETROFIT_S:-120}" "$bin" train recipes/smollm2-135m-eab.yaml "${over[@]}" \
+      > "$pair/retrofit-train.txt" 2>&1
+    log "retrofit train exit $? at $(( $(date +%s) - t0 )) s"
+    grep -E "^trained|tokens/s" "$pair/retrofit-train.txt" | tail -n 2 | tee -a "$work/logs/summary.txt"
+    timeout "${VERIFY_S:-60}" "$bin" verify recipes/smollm2-135m-eab.yaml "${over[@]}" --out "$pair/retrofit-verify" \
+      > "$pair/retrofit-verify.txt" 2>&1
+    log "retrofit verify exit $?"
+    tail -n 14 "$pair/retrofit-verify.txt" | tee -a "$work/logs/summary.txt"
+  fi
+fi
+
+log "done at $(( $(date +%s) - t0 )) s"
+cp "$work/logs/summary.txt" "$out/summary.txt"
+tar -czf "$out/pair.tgz" -C "$pair" --exclude=checkpoints --exclude=final --exclude='retrofit/*.safetensors' . \
+  -C "$work/logs" tokenize.txt
+ls -la "$out"

@@ -1,0 +1,70 @@
+"""Curves of issue 14's pretraining runs from eabfit's scalars (TB_DIR/NAME/scalars.jsonl).
+
+    python scripts/pretrain_curves.py TB_DIR OUT.png NAME [NAME ...]
+
+Writes every scalar of the named runs to curves.csv beside OUT.png and, where matplotlib
+imports, plots the ones the issue asks for against the tokens seen: validation perplexity,
+max top-1/median |h|, massive count, attention on position 0 and on the slot (means over
+layers), and the training loss.
+"""
+import csv
+import json
+import os
+import sys
+
+
+def main():
+    tb, png, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+    rows = []
+    for n in names:
+        p = os.path.join(tb, n, "scalars.jsonl")
+        if os.path.exists(p):
+            rows += [(n, d["tag"], d["step"], d["value"]) for d in map(json.loads, open(p))]
+    csv_path = os.path.join(os.path.dirname(os.path.abspath(png)), "curves.csv")
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([("run", "tag", "step", "value")] + rows)
+    print(f"{csv_path}: {len(rows)} points")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: curves.csv only")
+        return
+    # tokens per step of each run, from its train/tokens scalar
+    per_step = {}
+    for n, t, s, v in rows:
+        if t == "train/tokens" and s > 0:
+            per_step[n] = v / s
+    panels = [
+        ("eval/ppl", "validation perplexity", True),
+        ("eval/max_top1_over_median", "max top-1 / median |h|", False),
+        ("eval/massive_count", "massive count", False),
+        ("layers/first_token_attn/", "attention on position 0 (mean over layers)", False),
+        ("layers/eab_slot_attn/", "attention on the slot (mean over layers)", False),
+        ("train/loss", "training loss", False),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (tag, title, log) in zip(axes.flat, panels):
+        for n in names:
+            pts = {}
+            for run, t, s, v in rows:
+                if run == n and v is not None and (t == tag or (tag.endswith("/") and t.startswith(tag))):
+                    pts.setdefault(s, []).append(v)
+            if pts:
+                xs = sorted(pts)
+                scale = per_step.get(n, 1.0) / 1e6
+                ax.plot([x * scale for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], label=n)
+        ax.set_title(title)
+        ax.set_xlabel("tokens (M)")
+        if log:
+            ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    print(f"{png} written")
+
+
+if __name__ == "__main__":
+    main()
