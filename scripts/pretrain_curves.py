@@ -47,7 +47,7 @@ def main():
     ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (tag, title, log) in zip(axes.flat, panels):
-        for n in names:
+        for i, n in enumerate(names):
             pts = {}
             for run, t, s, v in rows:
                 if run == n and v is not None and (t == tag or (tag.endswith("/") and t.startswith(tag))):
@@ -55,7 +55,7 @@ def main():
             if pts:
                 xs = sorted(pts)
                 scale = per_step.get(n, 1.0) / 1e6
-                ax.plot([x * scale for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], label=n)
+                ax.plot([x * scale for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], label=n, color=f"C{i}")
         ax.set_title(title)
         ax.set_xlabel("tokens (M)")
         if log:
