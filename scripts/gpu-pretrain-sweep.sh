@@ -16,8 +16,8 @@
 # tests run (scripts/gpu-test.sh cuda). Run from the repo root with .device-bin carried:
 #   scripts/gpu-pretrain-sweep.sh
 # $OUT: sweep.txt (the table), sweep.png, sweep.tgz (logs, scalars, summaries), gpu-test.txt.
-# The runs stay in $WORK/sweep while the machine is warm; best.txt there names the run with the
-# highest top-1/median at the end among the default-attention ones, for gpu-pretrain-pair.sh.
+# The table's pick is the default-attention run with the highest top-1/median among those whose
+# top-1 sits in one dim on the first token (the paper's shape) in most windows, if any.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu-pretrain-sweep-out}
@@ -76,10 +76,6 @@ for name in sorted(os.listdir(os.path.join(sweep, "tb"))):
     for d in map(json.loads, open(p)):
         sc.setdefault(d["tag"], {})[d["step"]] = d["value"]
     runs[name] = sc
-def at(curve, x):
-    # the value at the last logged point at or before x
-    ks = [k for k in sorted(curve) if k <= x]
-    return curve[ks[-1]] if ks else float("nan")
 rows = []
 for name, sc in runs.items():
     ratio, ppl, tok = sc.get("eval/max_top1_over_median", {}), sc.get("eval/ppl", {}), sc.get("train/tokens", {})
@@ -87,31 +83,38 @@ for name, sc in runs.items():
         continue
     last = max(ratio)
     tokens_per_step = tok[max(tok)] / max(tok)
-    summ = json.load(open(os.path.join(sweep, name, "summary.json"))) if os.path.exists(os.path.join(sweep, name, "summary.json")) else {}
-    slot = sc.get("layers/eab_slot_attn/00")
-    slot_mean = None
-    if slot:
-        vals = [at(sc[t], last) for t in sc if t.startswith("layers/eab_slot_attn/")]
-        slot_mean = sum(vals) / len(vals)
-    attn0 = [at(sc[t], last) for t in sc if t.startswith("layers/first_token_attn/")]
+    summ_p = os.path.join(sweep, name, "summary.json")
+    summ = json.load(open(summ_p)) if os.path.exists(summ_p) else {}
+    layer = lambda tag, i: sc.get(f"layers/{tag}/{i:02d}", {}).get(last)
+    n_layers = sum(1 for t in sc if t.startswith("layers/top1_over_median/"))
+    worst = max(range(n_layers), key=lambda i: layer("top1_over_median", i) or 0)
+    slot = [layer("eab_slot_attn", i) for i in range(n_layers)]
+    attn0 = [layer("first_token_attn", i) or 0 for i in range(n_layers)]
     rows.append(dict(name=name, steps=last, tokens=last * tokens_per_step,
-                     tps=summ.get("tokens_per_s", float("nan")),
-                     r1000=at(ratio, 1000), r8m=at(ratio, 8_000_000 / tokens_per_step),
-                     ratio=ratio[last], massive=sc.get("eval/massive_count", {}).get(last),
-                     ppl=ppl.get(last), ppl8m=at(ppl, 8_000_000 / tokens_per_step),
-                     attn0=sum(attn0) / max(len(attn0), 1), slot=slot_mean))
-print("| run | steps | tokens (M) | tok/s (shared GPU) | top1/median @1000 steps | @8M tokens | at end | massive | val ppl @8M tokens | at end | attn@0 | attn@slot |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     tps=summ.get("tokens_per_s", float("nan")), ratio=ratio[last], worst=worst,
+                     first=layer("top1_first", worst), share=layer("top1_dim_share", worst),
+                     top1_0=layer("top1", 0), top1_l=layer("top1", n_layers - 1),
+                     massive=sc.get("eval/massive_count", {}).get(last), ppl=ppl.get(last),
+                     attn0=sum(attn0) / max(n_layers, 1),
+                     slot=None if slot[0] is None else sum(slot) / n_layers))
+pct = lambda v: "-" if v is None else "%.0f%%" % (100 * v)
+print("| run | steps | tokens (M) | tok/s (shared GPU) | top-1/median (max, layer) | its top-1: in one dim / on token 0 | top-1 layer 0 / last | massive | val ppl | attn@0 | attn@slot |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     slot = "-" if r["slot"] is None else "%.4f" % r["slot"]
-    print("| %s | %d | %.1f | %.0f | %.1f | %.1f | %.1f | %s | %.1f | %.1f | %.3f | %s |" % (
-        r["name"], r["steps"], r["tokens"] / 1e6, r["tps"], r["r1000"], r["r8m"], r["ratio"],
-        r["massive"], r["ppl8m"], r["ppl"], r["attn0"], slot))
-plain = [r for r in rows if not r["name"].startswith("eab")]
-if plain:
-    best = max(plain, key=lambda r: r["ratio"])
-    open(os.path.join(sweep, "best.txt"), "w").write(best["name"] + "\n")
-    print(f"best (highest top-1/median at the end, default attention): {best['name']}")
+    print("| %s | %d | %.1f | %.0f | %.1f (%d) | %s / %s | %.0f / %.0f | %s | %.1f | %.3f | %s |" % (
+        r["name"], r["steps"], r["tokens"] / 1e6, r["tps"], r["ratio"], r["worst"],
+        pct(r["share"]), pct(r["first"]), r["top1_0"] or 0, r["top1_l"] or 0, r["massive"],
+        r["ppl"], r["attn0"], slot))
+# The paper's pattern: one dim, on the first token. A ratio without it is a stream that grows
+# everywhere, which is no massive activation however high it climbs.
+shaped = [r for r in rows if not r["name"].startswith("eab") and (r["first"] or 0) >= 0.5
+          and (r["share"] or 0) >= 0.5]
+if shaped:
+    best = max(shaped, key=lambda r: r["ratio"])
+    print(f"fastest-forming outlier of the paper's shape (default attention): {best['name']}")
+else:
+    print("no default-attention run has its top-1 in one dim on the first token yet")
 try:
     import matplotlib
     matplotlib.use("Agg")

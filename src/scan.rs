@@ -63,6 +63,21 @@ pub struct LayerScan {
     /// Mean attention probability on the EAB slot, when the model has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_attn: Option<f64>,
+    /// Where each window's largest |h| sits (none in scans written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top1_at: Option<Top1At>,
+}
+
+/// Where a layer's largest |h| sits, window by window. The paper's outlier is one dim on the
+/// first token in every window; a stream that grows everywhere puts its top-1 anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Top1At {
+    /// The dim that holds the top-1 in the most windows (the lowest such dim on a tie).
+    pub dim: usize,
+    /// The fraction of windows whose top-1 is in `dim`.
+    pub dim_share: f64,
+    /// The fraction of windows whose top-1 is at position 0.
+    pub first: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +113,7 @@ impl ScanReport {
 
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  massive (dim@pos token: mean)\n",
+            "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  {:<18}  massive (dim@pos token: mean)\n",
             "layer",
             "top-1",
             "top-2",
@@ -111,7 +126,8 @@ impl ScanReport {
                 format!(" {:>8}", "attn@eab")
             } else {
                 String::new()
-            }
+            },
+            "top-1 at (dim, pos 0)"
         );
         for l in &self.layers {
             let groups: Vec<String> = l
@@ -125,8 +141,16 @@ impl ScanReport {
             } else {
                 String::new()
             };
+            let at = l.top1_at.map_or(String::new(), |a| {
+                format!(
+                    "d{} {:.0}%, {:.0}%",
+                    a.dim,
+                    100.0 * a.dim_share,
+                    100.0 * a.first
+                )
+            });
             s += &format!(
-                "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {}{}\n",
+                "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {:<18}  {}{}\n",
                 l.layer,
                 l.top[0],
                 l.top[1],
@@ -136,6 +160,7 @@ impl ScanReport {
                 l.massive_count,
                 l.first_token_attn,
                 l.slot_attn.map_or(String::new(), |a| format!(" {a:>8.3}")),
+                at,
                 groups.join(", "),
                 more
             );
@@ -152,6 +177,8 @@ impl ScanReport {
 /// Statistics of one layer output (1, T, D) of one window.
 pub(crate) struct WindowLayer {
     pub top: [f64; 3],
+    /// (position, dim) of the largest |h| (the first in row-major order on a tie).
+    pub top1_at: (usize, usize),
     pub median: f64,
     pub flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
 }
@@ -186,8 +213,16 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
         .filter(|&i| rule.flags(vals[i] as f64, median))
         .map(|i| (i / d, i % d, vals[i] as f64))
         .collect();
+    let arg = (0..t * d).fold(0, |best, i| {
+        if vals[i].abs() > vals[best].abs() {
+            i
+        } else {
+            best
+        }
+    });
     Ok(WindowLayer {
         top,
+        top1_at: (arg / d, arg % d),
         median,
         flagged,
     })
@@ -196,6 +231,8 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
 #[derive(Default)]
 struct Acc {
     top: [f64; 3],
+    top1_dims: BTreeMap<usize, usize>, // dim -> windows whose top-1 is there
+    top1_first: usize,
     median: f64,
     count: usize,
     first_attn: f64,
@@ -243,6 +280,8 @@ impl Scanner {
             for k in 0..3 {
                 l.top[k] += s.top[k];
             }
+            *l.top1_dims.entry(s.top1_at.1).or_default() += 1;
+            l.top1_first += usize::from(s.top1_at.0 == 0);
             l.median += s.median;
             l.count += s.flagged.len();
             l.first_attn += f64_of(&a.first_token)?;
@@ -289,6 +328,17 @@ impl Scanner {
                     })
                     .collect();
                 massive.sort_by(|x, y| y.mean.abs().total_cmp(&x.mean.abs()));
+                // max_by_key keeps the last maximum: reversed, the lowest dim wins a tie.
+                let top1_at = a
+                    .top1_dims
+                    .iter()
+                    .rev()
+                    .max_by_key(|(_, &k)| k)
+                    .map(|(&dim, &k)| Top1At {
+                        dim,
+                        dim_share: k as f64 / n,
+                        first: a.top1_first as f64 / n,
+                    });
                 LayerScan {
                     layer,
                     top: a.top.map(|t| t / n),
@@ -297,6 +347,7 @@ impl Scanner {
                     massive,
                     first_token_attn: a.first_attn / n,
                     slot_attn: a.slot_attn.map(|s| s / n),
+                    top1_at,
                 }
             })
             .collect();
@@ -366,6 +417,7 @@ mod tests {
         assert_eq!(s.top, [sorted[61], sorted[60], sorted[59]]);
         assert_eq!(s.median, sorted[31]);
         assert_eq!(s.flagged, vec![(1, 29, 900.0), (1, 30, -1200.0)]);
+        assert_eq!(s.top1_at, (1, 30));
     }
 
     #[test]

@@ -352,6 +352,11 @@ pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Resu
         if let Some(a) = l.slot_attn {
             log.scalar(&format!("layers/eab_slot_attn/{i:02}"), a, step)?;
         }
+        if let Some(a) = l.top1_at {
+            log.scalar(&format!("layers/top1_dim/{i:02}"), a.dim as f64, step)?;
+            log.scalar(&format!("layers/top1_dim_share/{i:02}"), a.dim_share, step)?;
+            log.scalar(&format!("layers/top1_first/{i:02}"), a.first, step)?;
+        }
     }
     Ok(())
 }

@@ -48,6 +48,11 @@ fn scan_finds_exactly_the_planted_activation() {
     assert_eq!(v["num_seqs"], 5);
     assert_eq!(v["first_massive_layer"], 1);
     assert_eq!(v["massive_dims"], serde_json::json!([PLANT_DIM]));
+    // In every window the planted entry is layer 1's largest |h|: its dim, on the first token.
+    assert_eq!(
+        v["layers"][1]["top1_at"],
+        serde_json::json!({"dim": PLANT_DIM, "dim_share": 1.0, "first": 1.0})
+    );
     // The value the model computes at (layer 1, position 0 = BOS, planted dim).
     let ckpt = Checkpoint::open(&t.spec()).unwrap();
     let model = ckpt
@@ -250,6 +255,17 @@ fn smollm2_massive_activations_regression() {
     );
     assert!(top["mean"].as_f64().unwrap() > 10_000.0);
     assert_eq!(v["layers"][10]["massive_count"], 0);
+    // Dim 507 is already every window's top-1 at layer 2 (~766 against a median ~0.94), nine
+    // layers before it passes the rule; there it sits on the first token in 2 of the 3
+    // windows (these windows start mid-text, without BOS), at layer 11 in all of them.
+    let at = |layer: usize| v["layers"][layer]["top1_at"].clone();
+    assert_eq!(at(2)["dim"], 507);
+    assert_eq!(at(2)["dim_share"], 1.0);
+    assert!((at(2)["first"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(
+        at(11),
+        serde_json::json!({"dim": 507, "dim_share": 1.0, "first": 1.0})
+    );
 }
 
 #[test]

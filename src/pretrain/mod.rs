@@ -108,6 +108,9 @@ pub struct Eval {
     pub first_token_attn: Vec<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_attn: Option<Vec<f64>>,
+    /// Per layer, the fraction of windows whose largest |h| is on the first token.
+    #[serde(default)]
+    pub top1_first: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,10 +138,19 @@ struct State {
 }
 
 pub fn one_line(e: &Eval) -> String {
-    let worst = e.top1_over_median.iter().cloned().fold(0f64, f64::max);
+    let (at, worst) = e
+        .top1_over_median
+        .iter()
+        .cloned()
+        .enumerate()
+        .fold((0, 0f64), |a, b| if b.1 > a.1 { b } else { a });
     let attn0 = e.first_token_attn.iter().sum::<f64>() / e.first_token_attn.len().max(1) as f64;
+    let first = e
+        .top1_first
+        .get(at)
+        .map_or(String::new(), |f| format!(" (layer {at}, on token 0 in {:.0}%)", 100.0 * f));
     format!(
-        "step {}  val ppl {:.3}  massive {}  max top-1/median {:.1}  attn@0 {:.3}{}",
+        "step {}  val ppl {:.3}  massive {}  max top-1/median {:.1}{first}  attn@0 {:.3}{}",
         e.step,
         e.val_ppl,
         e.massive_count,
@@ -288,6 +300,7 @@ fn evaluate(s: &Setup, model: &Model, step: usize, tokens: usize) -> Result<(Eva
             .collect(),
         first_token_attn: l.iter().map(|l| l.first_token_attn).collect(),
         slot_attn: l.iter().map(|l| l.slot_attn).collect(),
+        top1_first: l.iter().map(|l| l.top1_at.map_or(0.0, |a| a.first)).collect(),
     };
     Ok((eval, report))
 }
