@@ -95,44 +95,17 @@ for i in "${!pids[@]}"; do
 done
 
 if [ "${FINISH:-0}" = 1 ]; then
-  xargs -d '\n' cat < "$corpus/val-files.txt" 2>/dev/null | head -c 1000000 > "$work/heldout.txt"
+  heldout_text
   scans=()
   for name in "${runs[@]}"; do
-    model=$pair/$name/final
-    [ -f "$model/config.json" ] || model=$(ls -d "$pair/$name"/checkpoints/step-* | tail -n 1)
-    log "scan $name ($model)"
-    "$bin" scan --model "$model" --device "${DEVICE:-cuda}" --text "$work/heldout.txt" --seq-len "${SCAN_LEN:-1023}" \
-      --num-seqs 16 --json "$pair/scan-$name.json" --plot "$out/scan-$name.png" \
-      > "$pair/scan-$name.txt" 2>&1
-    log "scan $name exit $?"
-    tee -a "$work/logs/summary.txt" < "$pair/scan-$name.txt"
-    scans+=("$pair/scan-$name.json")
+    scan_run "$name" "$pair/$name" "$pair" "$out/scan-$name.png" && scans+=("$pair/scan-$name.json")
   done
   # The overlay takes two scans: the default model and the first twin.
-  "$bin" plot "${scans[@]:0:2}" --out "$out/scan-overlay.png"
+  [ ${#scans[@]} -ge 2 ] && "$bin" plot "${scans[@]:0:2}" --out "$out/scan-overlay.png"
   "$py" scripts/pretrain_curves.py "$pair/tb" "$pair/curves.png" "${runs[@]}" 2>&1 | tee -a "$work/logs/summary.txt"
   cp "$pair/curves.png" "$out/" 2>/dev/null
-
   model=$pair/default/final
-  if [ "${RETROFIT_STEPS:-60}" -gt 0 ] && [ -f "$model/config.json" ]; then
-    # Training text: held-in files (never the held-out ones the scans and verify read), ~2 MB.
-    find "$src" -name '*.py' -size +2k | sort | grep -vxFf "$corpus/val-files.txt" | head -n 2000 \
-      | xargs -d '\n' cat 2>/dev/null | head -c 2000000 > "$work/train.txt"
-    over=(model.path="$model" model.device="${DEVICE:-cuda}" model.dtype="${DTYPE:-bf16}" data.train="$work/train.txt"
-          data.eval="$work/heldout.txt" data.seq_len="${RETROFIT_LEN:-512}" data.batch_size=8 "adapters.lora.layers=[1]"
-          train.steps="${RETROFIT_STEPS:-60}" train.out_dir="$pair/retrofit" train.checkpoint_every=1000
-          eval.every=20 log.dir="$pair/tb" log.name=retrofit verify.text="$work/heldout.txt"
-          verify.seq_len="${SCAN_LEN:-1023}" verify.windows=16)
-    log "retrofit: ${RETROFIT_STEPS:-60} steps on $model"
-    timeout "${RETROFIT_S:-120}" "$bin" train recipes/smollm2-135m-eab.yaml "${over[@]}" \
-      > "$pair/retrofit-train.txt" 2>&1
-    log "retrofit train exit $? at $(( $(date +%s) - t0 )) s"
-    grep -E "^trained|tokens/s" "$pair/retrofit-train.txt" | tail -n 2 | tee -a "$work/logs/summary.txt"
-    timeout "${VERIFY_S:-60}" "$bin" verify recipes/smollm2-135m-eab.yaml "${over[@]}" --out "$pair/retrofit-verify" \
-      > "$pair/retrofit-verify.txt" 2>&1
-    log "retrofit verify exit $?"
-    tail -n 14 "$pair/retrofit-verify.txt" | tee -a "$work/logs/summary.txt"
-  fi
+  [ "${RETROFIT_STEPS:-60}" -gt 0 ] && [ -f "$model/config.json" ] && retrofit "$model" "$pair"
 fi
 
 log "done at $(( $(date +%s) - t0 )) s"
