@@ -230,14 +230,32 @@ fn draw_scans(scans: &[(&ScanReport, &str)], out: &std::path::Path) -> Result<()
             median: r.layers.iter().map(|l| l.median).collect(),
         })
         .collect();
-    let name = std::path::Path::new(&scans[0].0.model)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = plot_title(std::path::Path::new(&scans[0].0.model));
     for w in crate::plot::draw(&series, &name, out)? {
         eprintln!("warning: {w}");
     }
     Ok(())
+}
+
+/// A model's name for a plot title: its folder's name, with the run folder's in front when the
+/// folder is one a run writes (`final`, `best`, `step-N`), which alone names no model.
+fn plot_title(model: &std::path::Path) -> String {
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let last = name(model);
+    let generic = last == "final" || last == "best" || last.starts_with("step-");
+    match model.parent().map(name).filter(|p| generic && !p.is_empty()) {
+        // checkpoints/step-N: the run is one folder further up.
+        Some(p) if p == "checkpoints" => {
+            let run = model.parent().and_then(|c| c.parent()).map(name);
+            format!("{}/{last}", run.unwrap_or_default())
+        }
+        Some(p) => format!("{p}/{last}"),
+        None => last,
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -505,4 +523,22 @@ pub fn ablate_cmd(args: &AblateArgs) -> Result<()> {
         recipe.log.dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plot_title;
+    use std::path::Path;
+
+    #[test]
+    fn plot_titles_name_the_run_for_run_folders() {
+        assert_eq!(plot_title(Path::new("/x/pair/default/final")), "default/final");
+        assert_eq!(
+            plot_title(Path::new("/x/eab/checkpoints/step-002212")),
+            "eab/step-002212"
+        );
+        assert_eq!(plot_title(Path::new("runs/smollm2/best")), "smollm2/best");
+        assert_eq!(plot_title(Path::new("/m/SmolLM2.gguf")), "SmolLM2.gguf");
+        assert_eq!(plot_title(Path::new("final")), "final");
+    }
 }
