@@ -12,6 +12,7 @@
 #   b8-lr2e-3   b8 at twice the learning rate
 #   b8-wd0      b8 without weight decay
 #   eab-b8      b8 with a slot per layer (v' zeros, k' normal 0.02, no decay): b8's twin
+# $SWEEP_RUNS replaces the list (a line a run: its name, then its overrides).
 # First, while the corpus is tokenized on the CPU ($SRC, every *.py: ~115M tokens), the CUDA
 # tests run (scripts/gpu-test.sh cuda). Run from the repo root with .device-bin carried:
 #   scripts/gpu-pretrain-sweep.sh
@@ -37,6 +38,7 @@ grep -E "^test |test result|exit" "$out/gpu-test.txt" | tee -a "$work/logs/summa
 wait "$tok_pid"
 [ -f "$corpus/corpus.json" ] || { log "no corpus"; exit 1; }
 
+# $SWEEP_RUNS replaces the list: one run a line, its name then its overrides.
 runs=(
   "b32 data.batch_size=32 eval.every=32"
   "b8 data.batch_size=8 eval.every=128"
@@ -45,6 +47,7 @@ runs=(
   "b8-wd0 data.batch_size=8 eval.every=128 optim.weight_decay=0"
   "eab-b8 data.batch_size=8 eval.every=128 eab.enabled=true"
 )
+[ -n "${SWEEP_RUNS:-}" ] && mapfile -t runs < <(grep -v '^[[:space:]]*$' <<< "$SWEEP_RUNS")
 sweep=$work/sweep
 mkdir -p "$sweep"
 log "sweep: ${#runs[@]} runs at once, $sweep_s s each"
