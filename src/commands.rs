@@ -247,7 +247,11 @@ fn plot_title(model: &std::path::Path) -> String {
     };
     let last = name(model);
     let generic = last == "final" || last == "best" || last.starts_with("step-");
-    match model.parent().map(name).filter(|p| generic && !p.is_empty()) {
+    match model
+        .parent()
+        .map(name)
+        .filter(|p| generic && !p.is_empty())
+    {
         // checkpoints/step-N: the run is one folder further up.
         Some(p) if p == "checkpoints" => {
             let run = model.parent().and_then(|c| c.parent()).map(name);
@@ -532,7 +536,10 @@ mod tests {
 
     #[test]
     fn plot_titles_name_the_run_for_run_folders() {
-        assert_eq!(plot_title(Path::new("/x/pair/default/final")), "default/final");
+        assert_eq!(
+            plot_title(Path::new("/x/pair/default/final")),
+            "default/final"
+        );
         assert_eq!(
             plot_title(Path::new("/x/eab/checkpoints/step-002212")),
             "eab/step-002212"

@@ -332,7 +332,9 @@ fn a_time_limited_run_stops_checkpointed_and_resumes_exactly() {
         stdout.contains("stopped at the time limit after step 1 of 6"),
         "{stdout}"
     );
-    assert!(out.join("checkpoints/step-000001/model.safetensors").exists());
+    assert!(out
+        .join("checkpoints/step-000001/model.safetensors")
+        .exists());
     assert!(!out.join("final").exists());
     assert_eq!(json(&out.join("summary.json"))["steps"], 1);
     ok(&f

@@ -145,10 +145,9 @@ pub fn one_line(e: &Eval) -> String {
         .enumerate()
         .fold((0, 0f64), |a, b| if b.1 > a.1 { b } else { a });
     let attn0 = e.first_token_attn.iter().sum::<f64>() / e.first_token_attn.len().max(1) as f64;
-    let first = e
-        .top1_first
-        .get(at)
-        .map_or(String::new(), |f| format!(" (layer {at}, on token 0 in {:.0}%)", 100.0 * f));
+    let first = e.top1_first.get(at).map_or(String::new(), |f| {
+        format!(" (layer {at}, on token 0 in {:.0}%)", 100.0 * f)
+    });
     format!(
         "step {}  val ppl {:.3}  massive {}  max top-1/median {:.1}{first}  attn@0 {:.3}{}",
         e.step,
@@ -300,7 +299,10 @@ fn evaluate(s: &Setup, model: &Model, step: usize, tokens: usize) -> Result<(Eva
             .collect(),
         first_token_attn: l.iter().map(|l| l.first_token_attn).collect(),
         slot_attn: l.iter().map(|l| l.slot_attn).collect(),
-        top1_first: l.iter().map(|l| l.top1_at.map_or(0.0, |a| a.first)).collect(),
+        top1_first: l
+            .iter()
+            .map(|l| l.top1_at.map_or(0.0, |a| a.first))
+            .collect(),
     };
     Ok((eval, report))
 }

@@ -1,0 +1,568 @@
+//! The typed training recipe: one YAML file whose sections follow the pipeline, every
+//! field defaulted except the model and data paths.
+//!
+//! Loading goes text -> `serde_yaml::Value` -> `a.b.c=value` overrides -> `Recipe` ->
+//! [`Recipe::validate`]. A recipe is written by hand and a typo in it should cost seconds,
+//! not a failed run, so every problem becomes an [`Error::Usage`] (exit 2) that starts
+//! with the file path, then `line:column` when the file has the key, then the dotted
+//! field path, and suggests the nearest valid name for unknown keys and words.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub adapters: AdaptersSection,
+    #[serde(default)]
+    pub loss: LossSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub verify: VerifySection,
+    #[serde(default)]
+    pub export: ExportSection,
+    #[serde(default)]
+    pub ablate: AblateSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face folder, hub id or `.gguf` file.
+    pub path: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `None` leaves the choice to the device (f32 on CPU, bf16 on CUDA).
+    #[serde(default)]
+    pub dtype: Option<Dtype>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    /// The spelling `runtime::parse_dtype` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Text file or folder of `*.txt`.
+    pub train: PathBuf,
+    pub eval: PathBuf,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Windows per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub max_train_windows: Option<usize>,
+    #[serde(default = "default_eval_windows")]
+    pub eval_windows: usize,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_seq_len() -> usize {
+    128
+}
+fn default_batch_size() -> usize {
+    4
+}
+fn default_eval_windows() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersSection {
+    pub eab: EabSection,
+    pub lora: LoraSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EabSection {
+    pub enabled: bool,
+    pub init: EabInit,
+    pub init_std: f64,
+    /// Hide position 0 from every query; only sound when a slot stands in for it.
+    pub mask_first_token: bool,
+    /// Windows averaged for the `first_token` init.
+    pub calib_windows: usize,
+}
+
+impl Default for EabSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            init: EabInit::FirstToken,
+            init_std: 0.02,
+            mask_first_token: true,
+            calib_windows: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EabInit {
+    Zeros,
+    Normal,
+    FirstToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    /// 0 = no LoRA.
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<LoraTarget>,
+    pub layers: LoraLayers,
+    pub init_std: f64,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: 16.0,
+            targets: vec![LoraTarget::Down],
+            layers: LoraLayers::Birth,
+            init_std: 0.01,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTarget {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LoraTarget {
+    /// The short name `adapters::TARGETS` is keyed by.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::Q => "q",
+            LoraTarget::K => "k",
+            LoraTarget::V => "v",
+            LoraTarget::O => "o",
+            LoraTarget::Gate => "gate",
+            LoraTarget::Up => "up",
+            LoraTarget::Down => "down",
+        }
+    }
+}
+
+/// Layers that get LoRA: where massive activations are born, all of them, or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "LayerSpec", into = "LayerSpec")]
+pub enum LoraLayers {
+    Birth,
+    All,
+    List(Vec<usize>),
+}
+
+/// Layers the massive-activation loss watches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "LayerSpec", into = "LayerSpec")]
+pub enum MaLayers {
+    All,
+    List(Vec<usize>),
+}
+
+/// The YAML shape both layer selectors share (a word or a list); each typed enum decides
+/// which words it accepts, in serde's own "unknown variant" wording so that the
+/// did-you-mean rewrite applies to it too.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected a layer keyword or a list of layer indices"
+)]
+enum LayerSpec {
+    Word(String),
+    List(Vec<usize>),
+}
+
+impl TryFrom<LayerSpec> for LoraLayers {
+    type Error = String;
+    fn try_from(spec: LayerSpec) -> Result<Self, String> {
+        match spec {
+            LayerSpec::Word(w) if w == "birth" => Ok(Self::Birth),
+            LayerSpec::Word(w) if w == "all" => Ok(Self::All),
+            LayerSpec::Word(w) => Err(format!(
+                "unknown variant `{w}`, expected `birth`, `all` or a list of layer indices"
+            )),
+            LayerSpec::List(layers) => Ok(Self::List(layers)),
+        }
+    }
+}
+
+impl From<LoraLayers> for LayerSpec {
+    fn from(layers: LoraLayers) -> Self {
+        match layers {
+            LoraLayers::Birth => LayerSpec::Word("birth".into()),
+            LoraLayers::All => LayerSpec::Word("all".into()),
+            LoraLayers::List(layers) => LayerSpec::List(layers),
+        }
+    }
+}
+
+impl TryFrom<LayerSpec> for MaLayers {
+    type Error = String;
+    fn try_from(spec: LayerSpec) -> Result<Self, String> {
+        match spec {
+            LayerSpec::Word(w) if w == "all" => Ok(Self::All),
+            LayerSpec::Word(w) => Err(format!(
+                "unknown variant `{w}`, expected `all` or a list of layer indices"
+            )),
+            LayerSpec::List(layers) => Ok(Self::List(layers)),
+        }
+    }
+}
+
+impl From<MaLayers> for LayerSpec {
+    fn from(layers: MaLayers) -> Self {
+        match layers {
+            MaLayers::All => LayerSpec::Word("all".into()),
+            MaLayers::List(layers) => LayerSpec::List(layers),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossSection {
+    pub hold: HoldLoss,
+    pub ma: MaLoss,
+}
+
+/// Keeps the adapted model's predictions close to the frozen base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HoldLoss {
+    pub kind: HoldKind,
+    pub weight: f64,
+    pub temperature: f64,
+}
+
+impl Default for HoldLoss {
+    fn default() -> Self {
+        Self {
+            kind: HoldKind::Kl,
+            weight: 1.0,
+            temperature: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldKind {
+    /// KL divergence to the base model's next-token distribution.
+    Kl,
+    /// Plain language-modelling loss on the text.
+    Lm,
+}
+
+/// Penalises massive activations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaLoss {
+    pub weight: f64,
+    /// Penalise |h| above this.
+    pub threshold: f64,
+    /// When set, also require |h| >= ratio * median.
+    pub ratio: Option<f64>,
+    pub target: MaTarget,
+    pub layers: MaLayers,
+}
+
+impl Default for MaLoss {
+    fn default() -> Self {
+        Self {
+            weight: 1e-4,
+            threshold: 100.0,
+            ratio: None,
+            target: MaTarget::Flagged,
+            layers: MaLayers::All,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaTarget {
+    Flagged,
+    Ratio,
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub warmup_steps: usize,
+    /// Floor of the learning-rate decay, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip; 0 = off.
+    pub grad_clip: f64,
+    pub grad_accum: usize,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: usize,
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    pub checkpoint_every: usize,
+    /// Recompute each decoder block in the backward pass instead of keeping its activations
+    /// (about a third more compute, a fraction of the memory).
+    pub recompute: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            seed: 0,
+            out_dir: "runs/default".into(),
+            checkpoint_every: 25,
+            recompute: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    pub every: usize,
+    /// The scan's flagging rule: |h| >= abs and |h| >= ratio * median (abs = 0: ratio only).
+    pub abs: f64,
+    pub ratio: f64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every: 25,
+            abs: 100.0,
+            ratio: 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// TensorBoard root.
+    pub dir: PathBuf,
+    pub name: Option<String>,
+    pub every: usize,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            dir: "runs/tb".into(),
+            name: None,
+            every: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifySection {
+    pub max_massive: usize,
+    /// Allowed relative perplexity increase over the base model.
+    pub max_ppl_increase: f64,
+    /// Text to verify on [default: data.eval]; text the run never saw is the honest test.
+    pub text: Option<PathBuf>,
+    /// Long by default: massive activations on mid-window tokens (LLaMA-2's "." and "\n"
+    /// kind) only show in windows long enough to hold such tokens.
+    pub seq_len: usize,
+    pub windows: usize,
+    pub quant: QuantCheck,
+}
+
+impl Default for VerifySection {
+    fn default() -> Self {
+        Self {
+            max_massive: 0,
+            max_ppl_increase: 0.01,
+            text: None,
+            seq_len: 512,
+            windows: 10,
+            quant: QuantCheck::default(),
+        }
+    }
+}
+
+/// Optional check that the adapted model quantizes well: its perplexity under the setting
+/// (w, a, kv, act_scale; see `eabfit quant`) at most `max_gap` above its float perplexity
+/// (0.1 = +10%). No check while `max_gap` is unset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantCheck {
+    pub max_gap: Option<f64>,
+    pub w: u32,
+    pub a: u32,
+    pub kv: u32,
+    pub act_scale: crate::quant::ActScale,
+}
+
+impl Default for QuantCheck {
+    fn default() -> Self {
+        Self {
+            max_gap: None,
+            w: 8,
+            a: 8,
+            kv: 16,
+            act_scale: crate::quant::ActScale::Tensor,
+        }
+    }
+}
+
+impl QuantCheck {
+    pub fn setting(&self) -> crate::quant::Setting {
+        crate::quant::Setting {
+            w: self.w,
+            a: self.a,
+            kv: self.kv,
+            act_scale: self.act_scale,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportSection {
+    pub out: Option<PathBuf>,
+    pub format: ExportFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    #[default]
+    Hf,
+    Peft,
+    Both,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AblateSection {
+    /// Dotted field path -> values; runs the cross product.
+    pub grid: BTreeMap<String, Vec<Value>>,
+    /// Extra runs, each a set of dotted field path -> value.
+    pub points: Vec<BTreeMap<String, Value>>,
+}
+
+impl Recipe {
+    /// Every default, around the three paths a recipe must name.
+    pub fn new(
+        model: impl Into<String>,
+        train: impl Into<PathBuf>,
+        eval: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            model: ModelSection {
+                path: model.into(),
+                device: default_device(),
+                dtype: None,
+            },
+            data: DataSection {
+                train: train.into(),
+                eval: eval.into(),
+                seq_len: default_seq_len(),
+                batch_size: default_batch_size(),
+                max_train_windows: None,
+                eval_windows: default_eval_windows(),
+            },
+            adapters: AdaptersSection::default(),
+            loss: LossSection::default(),
+            optim: OptimSection::default(),
+            train: TrainSection::default(),
+            eval: EvalSection::default(),
+            log: LogSection::default(),
+            verify: VerifySection::default(),
+            export: ExportSection::default(),
+            ablate: AblateSection::default(),
+        }
+    }
+
+    /// The resolved recipe, saved with every run so that it can be replayed as is.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a recipe holds only string-keyed YAML data")
+    }
+}
+
+mod check;
+mod load;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use check::{at_least_one, check, check_device, non_negative, positive};
+pub use load::{
+    apply_overrides, field_paths, leaf_paths, load, load_typed, parse_str, parse_typed, Typed,
+};
