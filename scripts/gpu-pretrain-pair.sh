@@ -13,8 +13,9 @@
 #   eab         a slot per layer as the issue sets it: v' zeros, k' normal 0.02, no decay
 #   eab-lr10    the same slots at 10x the learning rate (does a slot that moves faster take
 #               the sink's job before an outlier forms?)
-# Each call:  scripts/gpu-pretrain-pair.sh          # trains $PAIR_S seconds (pretrain
-#             --max-seconds), resuming each run from its newest checkpoint
+# Each call:  scripts/gpu-pretrain-pair.sh          # trains $PAIR_S seconds in all (pretrain
+#             --max-seconds; each run its share, one after another unless PARALLEL=1),
+#             resuming each run from its newest checkpoint
 # Last call:  FINISH=1 PAIR_S=300 scripts/gpu-pretrain-pair.sh
 #             trains every run to the same step (the one all can reach in $PAIR_S seconds at
 #             their last measured rates), then scans each on 16 held-out windows of 1023 tokens
@@ -55,11 +56,16 @@ step_of() { # newest checkpoint's step, 0 if none
   [ -n "$ck" ] && echo $((10#${ck##*step-})) || echo 0
 }
 
+# The runs share the call one after another ($PARALLEL=0, the default: one process alone
+# trained faster than the sum of processes sharing the GPU, docs/pretrain.md) or at once.
+parallel=${PARALLEL:-0}
+run_s=$pair_s
+[ "$parallel" = 1 ] || run_s=$(( pair_s / ${#runs[@]} ))
 # FINISH: one target step for all, from the steps each made per second last time.
 steps=1000000
-limit=(--max-seconds "$pair_s")
+limit=(--max-seconds "$run_s")
 if [ "${FINISH:-0}" = 1 ]; then
-  target=$("$py" - "$pair" "$pair_s" "${runs[@]}" <<'PY'
+  target=$("$py" - "$pair" "$run_s" "${runs[@]}" <<'PY'
 import json, os, sys
 pair, secs, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 reach = []
@@ -80,20 +86,22 @@ PY
 fi
 
 pids=()
+rcs=()
 for name in "${runs[@]}"; do
   resume=()
   [ "$(step_of "$name")" -gt 0 ] && resume=(--resume "$pair/$name")
   log "pretrain $name from step $(step_of "$name") (${setting}; $(overrides_of "$name"))"
   # shellcheck disable=SC2046,SC2086
-  timeout $(( pair_s + 150 )) "$bin" pretrain "${RECIPE:-recipes/pretrain-default.yaml}" \
+  timeout $(( run_s + 150 )) "$bin" pretrain "${RECIPE:-recipes/pretrain-default.yaml}" \
     "data.corpus=$corpus" "train.out_dir=$pair/$name" "log.dir=$pair/tb" "log.name=$name" \
     $setting $(overrides_of "$name") "train.steps=$steps" train.checkpoint_every=${EVAL_EVERY:-250} \
     eval.every=${EVAL_EVERY:-250} "${limit[@]}" "${resume[@]}" >> "$pair/$name.txt" 2>&1 &
   pids+=($!)
+  if [ "$parallel" != 1 ]; then wait "$!"; rcs+=($?); fi
 done
 for i in "${!pids[@]}"; do
-  wait "${pids[$i]}"
-  log "${runs[$i]}: exit $? at $(( $(date +%s) - t0 )) s: $(grep -E '^last eval' "$pair/${runs[$i]}.txt" | tail -n 1)"
+  [ "$parallel" = 1 ] && { wait "${pids[$i]}"; rcs+=($?); }
+  log "${runs[$i]}: exit ${rcs[$i]} at $(( $(date +%s) - t0 )) s: $(grep -E '^last eval' "$pair/${runs[$i]}.txt" | tail -n 1)"
   grep -E "tokens/s" "$pair/${runs[$i]}.txt" | tail -n 1 | tee -a "$work/logs/summary.txt"
 done
 
