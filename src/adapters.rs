@@ -45,6 +45,38 @@ impl Adapters {
     pub fn none() -> Self {
         Self::default()
     }
+
+    /// The same adapters cut from their Vars: a forward through them builds no autograd graph
+    /// (inference), while the values stay shared.
+    pub fn detached(&self) -> Adapters {
+        Adapters {
+            slots: self
+                .slots
+                .iter()
+                .map(|s| {
+                    s.as_ref().map(|s| EabSlot {
+                        k: s.k.detach(),
+                        v: s.v.detach(),
+                    })
+                })
+                .collect(),
+            lora: self
+                .lora
+                .iter()
+                .map(|(k, l)| {
+                    (
+                        k.clone(),
+                        Lora {
+                            a: l.a.detach(),
+                            b: l.b.detach(),
+                            scale: l.scale,
+                        },
+                    )
+                })
+                .collect(),
+            mask_first_token: self.mask_first_token,
+        }
+    }
 }
 
 /// Projections LoRA can target, by their short recipe names.

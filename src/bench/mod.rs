@@ -20,17 +20,21 @@
 //! MFU = flops_per_step / (step seconds * 989e12), the H200's dense bf16 tensor-core peak
 //! (also used, as a reference point only, for f32 runs).
 
-use crate::adapters::{AdapterMeta, AdapterSet, Adapters, EabSlot, Lora, SlotInit, TARGETS};
+use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit, TARGETS};
 use crate::memory::CudaMemory;
 use crate::model::{Config, Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::{Error, Result};
+
+mod random;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+pub use random::{param_counts, random_weights};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -237,88 +241,6 @@ pub struct BenchReport {
     pub setup_s: f64,
 }
 
-/// Parameters of `cfg` (tied head once) and the FLOP model's N (head always).
-pub fn param_counts(cfg: &Config) -> (usize, usize) {
-    let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.n_kv_heads());
-    let per_layer_matmul = attn + 3 * d * f;
-    let head = cfg.vocab_size * d;
-    let matmul = cfg.num_hidden_layers * per_layer_matmul + head;
-    let norms = (2 * cfg.num_hidden_layers + 1) * d;
-    let embed = cfg.vocab_size * d;
-    let total = cfg.num_hidden_layers * per_layer_matmul
-        + norms
-        + embed
-        + if cfg.tie_word_embeddings { 0 } else { head };
-    (total, matmul)
-}
-
-/// Random base weights in the Hugging Face layout, built on `device`: N(0, 0.02) projections
-/// and embedding (generated in f32, then cast), unit norms.
-pub fn random_weights(
-    cfg: &Config,
-    dtype: DType,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
-    let randn = |shape: (usize, usize)| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 0.02f32, shape, device)?.to_dtype(dtype)?)
-    };
-    let ones = || -> Result<Tensor> { Ok(Tensor::ones(d, dtype, device)?) };
-    let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), randn((v, d))?);
-    w.insert("model.norm.weight".to_string(), ones()?);
-    if !cfg.tie_word_embeddings {
-        w.insert("lm_head.weight".to_string(), randn((v, d))?);
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        w.insert(format!("{p}.input_layernorm.weight"), ones()?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), ones()?);
-        w.insert(format!("{p}.self_attn.q_proj.weight"), randn((h * hd, d))?);
-        w.insert(format!("{p}.self_attn.k_proj.weight"), randn((kv * hd, d))?);
-        w.insert(format!("{p}.self_attn.v_proj.weight"), randn((kv * hd, d))?);
-        w.insert(format!("{p}.self_attn.o_proj.weight"), randn((d, h * hd))?);
-        w.insert(format!("{p}.mlp.gate_proj.weight"), randn((f, d))?);
-        w.insert(format!("{p}.mlp.up_proj.weight"), randn((f, d))?);
-        w.insert(format!("{p}.mlp.down_proj.weight"), randn((d, f))?);
-    }
-    Ok(w)
-}
-
-/// The same adapters cut from their Vars: a forward through them builds no autograd graph
-/// (inference), while the values stay shared.
-pub fn detached(a: &Adapters) -> Adapters {
-    Adapters {
-        slots: a
-            .slots
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|s| EabSlot {
-                    k: s.k.detach(),
-                    v: s.v.detach(),
-                })
-            })
-            .collect(),
-        lora: a
-            .lora
-            .iter()
-            .map(|(k, l)| {
-                (
-                    k.clone(),
-                    Lora {
-                        a: l.a.detach(),
-                        b: l.b.detach(),
-                        scale: l.scale,
-                    },
-                )
-            })
-            .collect(),
-        mask_first_token: a.mask_first_token,
-    }
-}
-
 fn parse_layers(spec: &str, n_layers: usize) -> Result<Vec<usize>> {
     if spec.trim() == "all" {
         return Ok((0..n_layers).collect());
@@ -516,7 +438,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     };
     let (teacher, student) = match args.mode {
         Mode::Train => (Some(load(&Adapters::none())?), load(&set.adapters())?),
-        Mode::Forward => (None, load(&detached(&set.adapters()))?),
+        Mode::Forward => (None, load(&set.adapters().detached())?),
     };
     drop(weights);
     let opt = AdamW::new(
