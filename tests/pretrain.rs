@@ -472,4 +472,16 @@ fn a_bad_recipe_key_names_the_field() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.recompute must be false"));
+    // The optimizer's ranges are the training recipe's rules.
+    let o = run(&[
+        "pretrain".into(),
+        TINY.into(),
+        "optim.betas=[0.9, 1.0]".into(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("optim.betas[1]") && err.contains("in [0, 1)"),
+        "{err}"
+    );
 }

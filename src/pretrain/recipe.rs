@@ -192,6 +192,23 @@ impl Default for OptimSection {
     }
 }
 
+/// The training recipe's optimizer section has the same fields (with fine-tuning's defaults);
+/// its rules check both.
+impl From<&OptimSection> for crate::recipe::OptimSection {
+    fn from(o: &OptimSection) -> Self {
+        Self {
+            lr: o.lr,
+            weight_decay: o.weight_decay,
+            betas: o.betas,
+            eps: o.eps,
+            warmup_steps: o.warmup_steps,
+            min_lr_ratio: o.min_lr_ratio,
+            grad_clip: o.grad_clip,
+            grad_accum: o.grad_accum,
+        }
+    }
+}
+
 impl PretrainRecipe {
     /// Every default around the one path a recipe must name.
     pub fn new(corpus: impl Into<PathBuf>) -> Self {
@@ -289,26 +306,7 @@ impl Typed for PretrainRecipe {
         non_negative("eab.init_std", s.init_std)?;
         non_negative("eab.lr_scale", s.lr_scale)?;
         non_negative("eab.weight_decay", s.weight_decay)?;
-        let o = &self.optim;
-        positive("optim.lr", o.lr)?;
-        non_negative("optim.weight_decay", o.weight_decay)?;
-        for (i, beta) in o.betas.into_iter().enumerate() {
-            check(
-                (0.0..1.0).contains(&beta),
-                &format!("optim.betas[{i}]"),
-                "in [0, 1)",
-                beta,
-            )?;
-        }
-        positive("optim.eps", o.eps)?;
-        check(
-            (0.0..=1.0).contains(&o.min_lr_ratio),
-            "optim.min_lr_ratio",
-            "in [0, 1]",
-            o.min_lr_ratio,
-        )?;
-        non_negative("optim.grad_clip", o.grad_clip)?;
-        at_least_one("optim.grad_accum", o.grad_accum)?;
+        crate::recipe::OptimSection::from(&self.optim).check()?;
         at_least_one("train.steps", self.train.steps)?;
         at_least_one("train.checkpoint_every", self.train.checkpoint_every)?;
         // A recomputed block hands its weights to the backward as constants: right for a

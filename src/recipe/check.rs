@@ -56,27 +56,7 @@ impl Recipe {
             None => {}
         }
 
-        let optim = &self.optim;
-        positive("optim.lr", optim.lr)?;
-        non_negative("optim.weight_decay", optim.weight_decay)?;
-        for (i, beta) in optim.betas.into_iter().enumerate() {
-            check(
-                (0.0..1.0).contains(&beta),
-                &format!("optim.betas[{i}]"),
-                "in [0, 1)",
-                beta,
-            )?;
-        }
-        positive("optim.eps", optim.eps)?;
-        let ratio = optim.min_lr_ratio;
-        check(
-            (0.0..=1.0).contains(&ratio),
-            "optim.min_lr_ratio",
-            "in [0, 1]",
-            ratio,
-        )?;
-        non_negative("optim.grad_clip", optim.grad_clip)?;
-        at_least_one("optim.grad_accum", optim.grad_accum)?;
+        self.optim.check()?;
 
         at_least_one("train.steps", self.train.steps)?;
         at_least_one("train.checkpoint_every", self.train.checkpoint_every)?;
@@ -121,6 +101,32 @@ impl Recipe {
             }
         }
         Ok(())
+    }
+}
+
+impl OptimSection {
+    /// The optimizer's ranges; pretraining's section (other defaults, same fields) converts to
+    /// this one to be checked by the same rules.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        positive("optim.lr", self.lr)?;
+        non_negative("optim.weight_decay", self.weight_decay)?;
+        for (i, beta) in self.betas.into_iter().enumerate() {
+            check(
+                (0.0..1.0).contains(&beta),
+                &format!("optim.betas[{i}]"),
+                "in [0, 1)",
+                beta,
+            )?;
+        }
+        positive("optim.eps", self.eps)?;
+        check(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "optim.min_lr_ratio",
+            "in [0, 1]",
+            self.min_lr_ratio,
+        )?;
+        non_negative("optim.grad_clip", self.grad_clip)?;
+        at_least_one("optim.grad_accum", self.grad_accum)
     }
 }
 
