@@ -12,43 +12,10 @@
 //! A tracked loss is always differentiated (it is the training loss), so the forward forms dh
 //! and dW from each chunk's softmax while it has it; the backward only scales them.
 
-use super::{acc, head_chunk_rows, Given};
-use candle_core::{CustomOp2, DType, Tensor, D};
+use super::{acc, formed_loss, head_chunk_rows};
+use candle_core::{Tensor, D};
 
 type CResult<T> = candle_core::Result<T>;
-
-struct CeOp {
-    out: Given,
-    /// d loss / d h (N, D) and, when the head trains, d loss / d W (V, D), for an upstream
-    /// gradient of 1.
-    dh: Tensor,
-    dw: Option<Tensor>,
-}
-
-impl CustomOp2 for CeOp {
-    fn name(&self) -> &'static str {
-        "cross-entropy-through-head"
-    }
-
-    super::given_forward!(a: la, b: lb);
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _loss: &Tensor,
-        g: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let k = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let dh = (&self.dh * k)?.to_dtype(h.dtype())?;
-        let dw = self
-            .dw
-            .as_ref()
-            .map(|d| (d * k)?.to_dtype(w.dtype()))
-            .transpose()?;
-        Ok((Some(dh), dw))
-    }
-}
 
 /// Mean next-token cross-entropy of the logits `x W^T`: x (B, T, D) the final normed hidden
 /// states, w (V, D) the LM head, ids (B, T). A scalar in the accumulation dtype, differentiable
@@ -107,12 +74,5 @@ pub fn ce_chunked(x: &Tensor, w: &Tensor, ids: &Tensor, rows_per_chunk: usize) -
     if !tracked {
         return Ok(loss);
     }
-    h.apply_op2(
-        w,
-        CeOp {
-            out: Given::new(loss),
-            dh: Tensor::cat(&dh, 0)?,
-            dw,
-        },
-    )
+    formed_loss(&h, w, loss, Some(Tensor::cat(&dh, 0)?), dw)
 }

@@ -28,8 +28,6 @@ struct KlOp {
     teacher: Tensor,
     tau: f64,
     rows_per_chunk: usize,
-    /// d loss / d h_s for an upstream gradient of 1, when the forward formed it.
-    grad: Option<Tensor>,
 }
 
 impl CustomOp2 for KlOp {
@@ -47,10 +45,6 @@ impl CustomOp2 for KlOp {
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (h, w) = (h.detach(), w.detach());
-        if let Some(dh) = &self.grad {
-            let k = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            return Ok((Some((dh * k)?.to_dtype(h.dtype())?), None));
-        }
         let d = h.dim(D::Minus1)?;
         let hs = h.reshape(((), d))?; // (B*T, D)
         let ht = self.teacher.reshape(((), d))?;
@@ -111,16 +105,8 @@ pub fn kl_chunked(
         if !track {
             return Ok(loss);
         }
-        return h_student.apply_op2(
-            w,
-            KlOp {
-                out: Given::new(loss),
-                teacher,
-                tau,
-                rows_per_chunk: rows_per_chunk.max(1),
-                grad: dh.map(|g| g.reshape(h_student.shape())).transpose()?,
-            },
-        );
+        let dh = dh.map(|g| g.reshape(h_student.shape())).transpose()?;
+        return super::formed_loss(h_student, w, loss, dh, None);
     }
     let step = rows_per_chunk.max(1);
     let mut total = Tensor::zeros((), acc(hs.dtype()), hs.device())?;
@@ -141,7 +127,6 @@ pub fn kl_chunked(
             teacher,
             tau,
             rows_per_chunk: step,
-            grad: None,
         },
     )
 }

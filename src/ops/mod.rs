@@ -130,6 +130,56 @@ impl Given {
     }
 }
 
+/// A scalar loss whose forward already formed its input gradients (for an upstream gradient
+/// of 1): the backward only scales them by the upstream gradient. The chunked losses through
+/// the LM head ([`kl`] on its kernel, [`ce`]) form them while each chunk's softmax exists.
+struct FormedLoss {
+    out: Given,
+    grads: (Option<Tensor>, Option<Tensor>),
+}
+
+impl candle_core::CustomOp2 for FormedLoss {
+    fn name(&self) -> &'static str {
+        "loss-with-formed-gradients"
+    }
+
+    given_forward!(a: la, b: lb);
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let k = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scaled = |d: &Option<Tensor>, like: &Tensor| {
+            d.as_ref()
+                .map(|d| (d * k)?.to_dtype(like.dtype()))
+                .transpose()
+        };
+        Ok((scaled(&self.grads.0, a)?, scaled(&self.grads.1, b)?))
+    }
+}
+
+/// `loss` as a function of `a` and `b` whose gradients `da`, `db` (shaped like them; `None`
+/// for an input that gets none) were formed in the forward.
+fn formed_loss(
+    a: &Tensor,
+    b: &Tensor,
+    loss: Tensor,
+    da: Option<Tensor>,
+    db: Option<Tensor>,
+) -> CResult<Tensor> {
+    a.apply_op2(
+        b,
+        FormedLoss {
+            out: Given::new(loss),
+            grads: (da, db),
+        },
+    )
+}
+
 /// The elements a contiguous layout addresses, as an owned CPU storage.
 fn exact_cpu(c: &CpuStorage, l: &Layout) -> CResult<CpuStorage> {
     use candle_core::backend::BackendStorage;
