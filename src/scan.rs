@@ -191,7 +191,7 @@ pub(crate) fn upper_median(mags: &mut [f32]) -> f64 {
 }
 
 pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
-    let (_, t, d) = h.dims3()?;
+    let d = h.dim(2)?; // (1, T, D)
     let vals: Vec<f32> = h
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
@@ -209,17 +209,16 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
             top[2] = m;
         }
     }
-    let flagged = (0..t * d)
-        .filter(|&i| rule.flags(vals[i] as f64, median))
-        .map(|i| (i / d, i % d, vals[i] as f64))
-        .collect();
-    let arg = (0..t * d).fold(0, |best, i| {
-        if vals[i].abs() > vals[best].abs() {
-            i
-        } else {
-            best
+    // One pass in position order for both: the flagged entries and the top-1's place.
+    let (mut flagged, mut arg) = (vec![], 0);
+    for (i, &v) in vals.iter().enumerate() {
+        if rule.flags(v as f64, median) {
+            flagged.push((i / d, i % d, v as f64));
         }
-    });
+        if v.abs() > vals[arg].abs() {
+            arg = i;
+        }
+    }
     Ok(WindowLayer {
         top,
         top1_at: (arg / d, arg % d),
