@@ -4,7 +4,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["attention", "heads", "kl", "norm", "swiglu"];
+const KERNELS: &[&str] = &[
+    "adamw",
+    "attention",
+    "ce",
+    "embedding",
+    "heads",
+    "kl",
+    "norm",
+    "swiglu",
+];
 
 fn main() {
     for k in KERNELS {

@@ -811,9 +811,11 @@ impl Model {
 
     fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        self.embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size)) // (B, T, D)
+        crate::ops::embedding::embed(&self.embed_tokens, input_ids)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        )) // (B, T, D)
     }
 
     /// input_ids: (B, T) u32 -> the final normed hidden state (B, T, D) in the model dtype, plus

@@ -47,14 +47,18 @@ impl AdamW {
         let (b1, b2) = self.cfg.betas;
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
+        let s = crate::ops::adamw::Step {
+            lr,
+            betas: (b1, b2),
+            corrections: (c1, c2),
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+        };
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
-            let m = ((&self.m[name] * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.cfg.eps)?)?;
-            let w = var.as_tensor();
-            let decayed = (w * (1.0 - lr * self.cfg.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
+            let (p, m, v) =
+                crate::ops::adamw::update(var.as_tensor(), g, &self.m[name], &self.v[name], &s)?;
+            var.set(&p)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }

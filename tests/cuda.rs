@@ -429,7 +429,7 @@ fn fused_attention_matches_cpu() {
 #[test]
 fn ops_on_cuda_match_cpu() {
     use eabfit::ops::attention::{attention, mask, Spec};
-    use eabfit::ops::{kl, linear, norm, rope};
+    use eabfit::ops::{ce, embedding, kl, linear, norm, rope};
     // attention: slot as key 0, GQA 8/2, window, first token hidden, 37 queries in blocks of 16
     let (b, h, kv, t, hd) = (2, 8, 2, 37, 64);
     for (slots, window, hide_first) in [(1, None, true), (1, Some(9), false), (0, Some(5), false)] {
@@ -504,6 +504,29 @@ fn ops_on_cuda_match_cpu() {
             .unwrap()
             .unsqueeze(0)
             .unwrap()
+    });
+    // Token ids drawn so that some repeat many times (the embedding's atomics) and the
+    // cross-entropy's targets cover the vocabulary.
+    let tok = |n: usize, vocab: u32, dev: &Device| {
+        let v: Vec<u32> = (0..n as u32)
+            .map(|i| (i * i * 7 + 3) % vocab % 97)
+            .collect();
+        Tensor::from_vec(v, n, dev).unwrap()
+    };
+    compare_op(
+        "cross-entropy through the head",
+        &[rnd(&[2, 40, 32], 13), (rnd(&[300, 32], 14) * 3.0).unwrap()],
+        &move |x| {
+            let ids = tok(80, 300, x[0].device()).reshape((2, 40)).unwrap();
+            ce::ce_chunked(&x[0], &x[1], &ids, 7)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        },
+    );
+    compare_op("embedding", &[rnd(&[300, 32], 15)], &move |x| {
+        let ids = tok(400, 300, x[0].device()).reshape((4, 100)).unwrap();
+        embedding::embed(&x[0], &ids).unwrap()
     });
 }
 

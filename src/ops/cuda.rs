@@ -45,6 +45,22 @@ pub fn bf16_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, bf1
     Ok(s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..))
 }
 
+/// The f32 elements a contiguous layout addresses.
+pub fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, f32>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("kernel input is not contiguous");
+    }
+    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
+}
+
+/// The u32 elements a contiguous layout addresses (token ids).
+pub fn u32_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, u32>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("kernel input is not contiguous");
+    }
+    Ok(s.as_cuda_slice::<u32>()?.slice(l.start_offset()..))
+}
+
 /// One thread per two elements of an n-element tensor, grid-stride past 65535 x 256.
 pub fn elementwise_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {

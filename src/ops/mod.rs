@@ -17,6 +17,9 @@
 //! - [`kl`]: KL(teacher || student) through the LM head, chunked over positions.
 //! - [`ce`]: next-token cross-entropy through a trained LM head, chunked over positions
 //!   (pretraining).
+//! - [`embedding`]: the token embedding, whose backward sums in f32 (an atomic scatter-add on
+//!   CUDA) instead of candle's one-thread-per-column `index_add`.
+//! - [`adamw`]: one AdamW update of a tensor, one kernel on CUDA (optimizer state, no backward).
 //! - [`swiglu`]: the MLP's silu(gate) * up, one kernel each way on CUDA.
 //! - [`recompute`]: activation recomputation of a decoder block.
 //! - [`block`]: a whole decoder block as one op with a hand-written backward, so that
@@ -24,7 +27,7 @@
 //!   add of a full activation in the backward pass).
 //!
 //! Kernel sources sit beside the op that launches them (`attention.cu`, `norm.cu`,
-//! `swiglu.cu`, `heads.cu`, `kl.cu`); `build.rs` compiles them to PTX with the `cuda` feature.
+//! `swiglu.cu`, `heads.cu`, `kl.cu`, `ce.cu`, `embedding.cu`, `adamw.cu`); `build.rs` compiles them to PTX with the `cuda` feature.
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
@@ -71,11 +74,13 @@ macro_rules! given_forward {
 }
 pub(crate) use given_forward;
 
+pub mod adamw;
 pub mod attention;
 pub mod block;
 pub mod ce;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod embedding;
 pub mod heads;
 pub mod kl;
 pub mod linear;
