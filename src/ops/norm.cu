@@ -46,3 +46,38 @@ extern "C" __global__ void eab_rmsnorm_bwd_bf16(const bf16 *__restrict__ x,
         out[i] = __floats2bfloat162_rn(r * dv.x * wv.x - xv.x * c, r * dv.y * wv.y - xv.y * c);
     }
 }
+
+// dw of RMSNorm, sum over rows of dy * x * rinv(row), for bf16 x and dy into an f32 dw that
+// starts at zero: a block takes DW_ROWS rows, finds their rinv (one warp a row), then each
+// thread sums its columns over those rows and adds the partial sum to dw atomically.
+#define DW_ROWS 32
+extern "C" __global__ void eab_rmsnorm_dw_bf16(const bf16 *__restrict__ x,
+                                               const bf16 *__restrict__ dy,
+                                               float *__restrict__ dw, long long rows, int d,
+                                               float eps) {
+    __shared__ float rinv[DW_ROWS];
+    const long long r0 = (long long)blockIdx.x * DW_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int i = warp; i < DW_ROWS; i += nw) {
+        float ss = 0.f;
+        if (r0 + i < rows) {
+            const bf16 *xr = x + (r0 + i) * d;
+            for (int c = lane; c < d; c += 32) {
+                float v = __bfloat162float(xr[c]);
+                ss += v * v;
+            }
+        }
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, off);
+        if (lane == 0) rinv[i] = rsqrtf(ss / d + eps);
+    }
+    __syncthreads();
+    const int n = (int)min((long long)DW_ROWS, rows - r0);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.f;
+        for (int i = 0; i < n; i++) {
+            const long long at = (r0 + i) * d + c;
+            acc += __bfloat162float(dy[at]) * __bfloat162float(x[at]) * rinv[i];
+        }
+        atomicAdd(dw + c, acc);
+    }
+}

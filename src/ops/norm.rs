@@ -79,7 +79,13 @@ pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Ten
 }
 
 /// dw of RMSNorm (pretraining trains the norms): the sum over rows of dy * x / rms(x).
+/// One kernel on CUDA (bf16): composed, its f32 copies and column sum took 45 of a 143 ms
+/// pretraining step (ncu).
 pub fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        return kernel::backward_dw(x, w, dy, eps);
+    }
     let [r, xf, dyf, wf] = recompute(x, w, dy, eps)?;
     let d = wf.dim(0)?;
     let dw = (dyf * xf.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
@@ -91,7 +97,7 @@ mod kernel {
     use crate::ops::cuda;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CustomOp3, DType, Layout, Shape, Tensor, D};
+    use candle_core::{CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
     type CResult<T> = candle_core::Result<T>;
 
@@ -144,6 +150,67 @@ mod kernel {
             unsafe { l.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(dx, dev), lx.shape().clone()))
         }
+    }
+
+    struct Dw {
+        eps: f32,
+    }
+
+    impl CustomOp2 for Dw {
+        fn name(&self) -> &'static str {
+            "rms-norm-dw-kernel"
+        }
+
+        cuda::cuda_only!(a: la, b: lb);
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            lx: &Layout,
+            dy: &CudaStorage,
+            ld: &Layout,
+        ) -> CResult<(CudaStorage, Shape)> {
+            let dev = cuda::device_of(x);
+            let d = lx.dims()[lx.dims().len() - 1];
+            let rows = lx.shape().elem_count() / d;
+            let (xv, dv) = (cuda::bf16_view(x, lx)?, cuda::bf16_view(dy, ld)?);
+            let dw = dev.alloc_zeros::<f32>(d)?;
+            let f = cuda::func(&dev, "eabfit_norm", PTX, "eab_rmsnorm_dw_bf16")?;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            let (rows64, d32) = (rows as i64, d as i32);
+            l.arg(&xv)
+                .arg(&dv)
+                .arg(&dw)
+                .arg(&rows64)
+                .arg(&d32)
+                .arg(&self.eps);
+            // 32 rows a block, as DW_ROWS in norm.cu.
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(32) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dw, dev), Shape::from(d)))
+        }
+    }
+
+    pub fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
+        if x.dim(D::Minus1)? != w.elem_count() || dy.dims() != x.dims() {
+            candle_core::bail!(
+                "rms-norm: x {:?}, weight {:?}, dy {:?} do not fit",
+                x.dims(),
+                w.dims(),
+                dy.dims()
+            );
+        }
+        x.contiguous()?
+            .apply_op2_no_bwd(
+                &dy.to_dtype(DType::BF16)?.contiguous()?,
+                &Dw { eps: eps as f32 },
+            )?
+            .to_dtype(w.dtype())
     }
 
     pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
