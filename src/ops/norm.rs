@@ -79,8 +79,9 @@ pub fn backward_dx(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Ten
 }
 
 /// dw of RMSNorm (pretraining trains the norms): the sum over rows of dy * x / rms(x).
-/// One kernel on CUDA (bf16): composed, its f32 copies and column sum took 45 of a 143 ms
-/// pretraining step (ncu).
+/// One kernel on CUDA (bf16). Composed, its f32 copies, product and column sum over (B T)
+/// rows were most of the `cast`, `bmul` and `fast_sum` kernels in an ncu profile of a 143 ms
+/// pretraining step (about 40 ms); with the kernel the step's wall time fell by 38 ms.
 pub fn backward_dw(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
