@@ -85,7 +85,11 @@ pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
     if let Some(e) = &s.last {
         println!("last eval {}", one_line(e));
     }
-    println!("{:.0} tokens/s, {:.1} s", s.tokens_per_s, s.wall_s);
+    let peak = s
+        .peak_gib
+        .map(|g| format!(", peak device memory {g:.1} GiB"))
+        .unwrap_or_default();
+    println!("{:.0} tokens/s, {:.1} s{peak}", s.tokens_per_s, s.wall_s);
     if s.steps == r.train.steps {
         println!(
             "run folder {} (final/ is a Hugging Face folder: eabfit scan --model {})",
