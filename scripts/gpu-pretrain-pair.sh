@@ -18,7 +18,8 @@
 #             resuming each run from its newest checkpoint
 # Last call:  FINISH=1 PAIR_S=300 scripts/gpu-pretrain-pair.sh
 #             trains every run to the same step (the one all can reach in $PAIR_S seconds at
-#             their last measured rates), then scans each on 16 held-out windows of 1023 tokens
+#             their last measured rates, or the step of the run furthest ahead when that is
+#             later: give PAIR_S room for the runs behind to catch up), then scans each on 16 held-out windows of 1023 tokens
 #             (plots with matplotlib's DejaVu font), overlays them, writes the curves, and runs
 #             the retrofit: `eabfit train` of recipes/smollm2-135m-eab.yaml's adapters (slots in
 #             every layer, LoRA on layer 1's MLP, KL to the frozen model) on the default model
@@ -68,7 +69,7 @@ if [ "${FINISH:-0}" = 1 ]; then
   target=$("$py" - "$pair" "$run_s" "${runs[@]}" <<'PY'
 import json, os, sys
 pair, secs, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-reach = []
+reach, at = [], []
 for n in names:
     cks = sorted(os.listdir(os.path.join(pair, n, "checkpoints")))
     step = int(cks[-1].split("-")[1])
@@ -76,7 +77,9 @@ for n in names:
     per_step = s["tokens"] / s["steps"]
     # 0.9: the start (corpus, model, first evaluation) is not in the measured rate
     reach.append(step + int(0.9 * s["tokens_per_s"] / per_step * secs))
-print(min(reach))
+    at.append(step)
+# Never below a run's own step: a run already past the target could not come back to it.
+print(max(min(reach), max(at)))
 PY
 )
   [ -n "$target" ] || { log "FINISH needs a previous call's checkpoints and summaries"; exit 1; }
