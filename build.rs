@@ -19,6 +19,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=src/ops/{k}.cu");
     }
+    println!("cargo:rerun-if-changed=src/ops/lse.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

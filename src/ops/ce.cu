@@ -7,13 +7,7 @@
 
 typedef __nv_bfloat16 bf16;
 
-// Merge (m, l) running log-sum-exp pairs: l is the sum of exp(x - m).
-__device__ __forceinline__ void lse_merge(float &m, float &l, float m2, float l2) {
-    float mx = fmaxf(m, m2);
-    if (mx == -INFINITY) return;
-    l = l * __expf(m - mx) + l2 * __expf(m2 - mx);
-    m = mx;
-}
+#include "lse.cuh"
 
 extern "C" __global__ void eab_ce_rows_bf16(const bf16 *__restrict__ x,
                                             const unsigned int *__restrict__ targets,
