@@ -4,8 +4,9 @@
 
 Writes every scalar of the named runs to curves.csv beside OUT.png and, where matplotlib
 imports, plots the ones the issue asks for against the tokens seen: validation perplexity,
-max top-1/median |h|, massive count, attention on position 0 and on the slot (means over
-layers), and the training loss.
+max top-1/median |h|, top-1/top-2 |h| at the layer of that max (a single outlier stands far
+above the next entry; a stream that grows everywhere does not), massive count, attention on
+position 0 and on the slot (means over layers), and the training loss.
 """
 import csv
 import json
@@ -45,7 +46,9 @@ def main():
         ("layers/eab_slot_attn/", "attention on the slot (mean over layers)", False),
         ("train/loss", "training loss", False),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    separation(rows, names, per_step, axes.flat[6])
+    axes.flat[7].axis("off")
     for ax, (tag, title, log) in zip(axes.flat, panels):
         for i, n in enumerate(names):
             pts = {}
@@ -64,6 +67,31 @@ def main():
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     print(f"{png} written")
+
+
+def separation(rows, names, per_step, ax):
+    """Top-1/top-2 |h| at each evaluation's layer of largest top-1/median."""
+    for i, n in enumerate(names):
+        ratio, sep = {}, {}
+        for run, t, s, v in rows:
+            if run != n or v is None:
+                continue
+            if t.startswith("layers/top1_over_median/"):
+                ratio.setdefault(s, {})[t.rsplit("/", 1)[1]] = v
+            elif t.startswith("layers/top1_over_top2/"):
+                sep.setdefault(s, {})[t.rsplit("/", 1)[1]] = v
+        xs = [s for s in sorted(ratio) if s in sep]
+        ys = []
+        for s in xs:
+            layer = max(ratio[s], key=ratio[s].get)
+            ys.append(sep[s].get(layer))
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            scale = per_step.get(n, 1.0) / 1e6
+            ax.plot([x * scale for x, _ in pts], [y for _, y in pts], label=n, color=f"C{i}")
+    ax.set_title("top-1 / top-2 |h| at the layer of max top-1/median")
+    ax.set_xlabel("tokens (M)")
+    ax.legend()
 
 
 if __name__ == "__main__":

@@ -259,6 +259,23 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
         (scanned - last).abs() < 1e-4 * last,
         "scan {scanned} vs run {last}"
     );
+    // The outlier's separation the run logged is the scan's top-1 over its top-2, layer by layer.
+    for (i, l) in rep["layers"].as_array().unwrap().iter().enumerate() {
+        let top: Vec<f64> = l["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let logged = curve(&sc, &format!("layers/top1_over_top2/{i:02}"));
+        let (step, sep) = *logged.last().unwrap();
+        assert_eq!(step, 80);
+        let want = top[0] / top[1];
+        assert!(
+            want >= 1.0 && (sep - want).abs() < 1e-4 * want,
+            "layer {i}: {sep} vs {want}"
+        );
+    }
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["tokens"], 80 * 8 * 16);
     // Every weight trained: 61 x 32 tied embedding, 2 layers, final norm.
