@@ -13,6 +13,8 @@
 #   eab         a slot per layer as the issue sets it: v' zeros, k' normal 0.02, no decay
 #   eab-lr10    the same slots at 10x the learning rate (does a slot that moves faster take
 #               the sink's job before an outlier forms?)
+#   eab-nobos   the same slots with position 0 (the BOS) hidden from every query
+#               (eab.mask_first_token): the slot is then the only key all queries share
 # Each call:  scripts/gpu-pretrain-pair.sh          # trains $PAIR_S seconds in all (pretrain
 #             --max-seconds; each run its share, one after another unless PARALLEL=1),
 #             resuming each run from its newest checkpoint
@@ -48,6 +50,7 @@ overrides_of() {
     default) echo "" ;;
     eab) echo "eab.enabled=true" ;;
     eab-lr10) echo "eab.enabled=true eab.lr_scale=10" ;;
+    eab-nobos) echo "eab.enabled=true eab.mask_first_token=true" ;;
     *) echo "unknown run $1" >&2; return 1 ;;
   esac
 }

@@ -459,6 +459,63 @@ fn bf16_compute_keeps_f32_masters() {
     assert!(w.values().all(|t| t.dtype() == candle_core::DType::F32));
 }
 
+/// `eab.mask_first_token`: position 0 (the BOS) hidden from every query, the slot the only key
+/// all share. The run's evaluations see no attention on position 0, and the written folder
+/// carries the flag: its scan on the run's own eval windows gives the run's perplexity (with
+/// position 0 visible it would not) and no attention on position 0 either.
+#[test]
+fn hiding_the_bos_leaves_the_slot_as_the_only_shared_key() {
+    let f = Fixture::new();
+    let out = f.path("eab-nobos");
+    ok(&f
+        .pretrain_cmd(
+            &out,
+            &[
+                "eab.enabled=true",
+                "eab.mask_first_token=true",
+                "train.steps=40",
+            ],
+        )
+        .output()
+        .unwrap());
+    let sc = scalars(&out);
+    for l in 0..2 {
+        let first = curve(&sc, &format!("layers/first_token_attn/{l:02}"));
+        assert_eq!(first.len(), 3);
+        assert!(first.iter().all(|(_, a)| *a == 0.0), "layer {l}: {first:?}");
+        let slot = curve(&sc, &format!("layers/eab_slot_attn/{l:02}"));
+        assert!(slot.iter().all(|(_, a)| *a > 0.0 && *a < 1.0), "{slot:?}");
+    }
+    let ppl = curve(&sc, "eval/ppl");
+    assert!(ppl[2].1 < ppl[0].1 / 4.0, "{ppl:?}");
+    let cfg = json(&out.join("final/config.json"));
+    assert_eq!(cfg["eab"]["mask_first_token"], true);
+    let scan_json = f.path("scan.json");
+    ok(&run(&[
+        "scan".into(),
+        "--model".into(),
+        s(&out.join("final")),
+        "--text".into(),
+        s(&f.path("docs/sub/e.txt")),
+        "--seq-len".into(),
+        "15".into(),
+        "--num-seqs".into(),
+        "2".into(),
+        "--json".into(),
+        s(&scan_json),
+    ]));
+    let rep = json(&scan_json);
+    let scanned = rep["ppl"].as_f64().unwrap();
+    assert!(
+        (scanned - ppl[2].1).abs() < 1e-4 * ppl[2].1,
+        "scan {scanned} vs run {}",
+        ppl[2].1
+    );
+    for l in rep["layers"].as_array().unwrap() {
+        assert_eq!(l["first_token_attn"].as_f64(), Some(0.0), "{l}");
+    }
+}
+
 #[test]
 fn a_bad_recipe_key_names_the_field() {
     let f = tempfile::tempdir().unwrap();
@@ -489,6 +546,17 @@ fn a_bad_recipe_key_names_the_field() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("train.recompute must be false"));
+    let o = run(&[
+        "pretrain".into(),
+        TINY.into(),
+        "eab.mask_first_token=true".into(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("eab.mask_first_token must be false"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The optimizer's ranges are the training recipe's rules.
     let o = run(&[
         "pretrain".into(),

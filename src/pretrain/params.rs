@@ -30,6 +30,8 @@ pub struct Params {
     pub varmap: VarMap,
     pub config: Config,
     pub slot_layers: Vec<usize>,
+    /// Position 0 hidden from every query (`eab.mask_first_token`).
+    pub mask_first_token: bool,
     pub device: Device,
 }
 
@@ -105,6 +107,7 @@ impl Params {
             varmap,
             config: cfg.clone(),
             slot_layers,
+            mask_first_token: r.eab.mask_first_token,
             device: device.clone(),
         })
     }
@@ -150,7 +153,7 @@ impl Params {
         let adapters = Adapters {
             slots,
             lora: HashMap::new(),
-            mask_first_token: false,
+            mask_first_token: self.mask_first_token,
         };
         let vb = match dtype {
             DType::F32 => VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device),
@@ -226,7 +229,7 @@ impl Params {
             let eab = EabExport {
                 slot_tensors: EabExport::SLOT_TENSORS.into(),
                 layers: self.slot_layers.clone(),
-                mask_first_token: false,
+                mask_first_token: self.mask_first_token,
                 n_kv_heads: self.config.n_kv_heads(),
                 head_dim: self.config.head_dim(),
                 format_version: EabExport::FORMAT_VERSION,

@@ -139,6 +139,9 @@ pub struct SlotSection {
     pub lr_scale: f64,
     /// Decoupled weight decay of the slots (matrices use optim.weight_decay).
     pub weight_decay: f64,
+    /// Hide position 0 (the BOS every window starts with) from every query, so that the slot is
+    /// the only key all queries share: a constant first token is where a sink forms otherwise.
+    pub mask_first_token: bool,
 }
 
 impl Default for SlotSection {
@@ -150,6 +153,7 @@ impl Default for SlotSection {
             init_std: 0.02,
             lr_scale: 1.0,
             weight_decay: 0.0,
+            mask_first_token: false,
         }
     }
 }
@@ -306,6 +310,13 @@ impl Typed for PretrainRecipe {
         non_negative("eab.init_std", s.init_std)?;
         non_negative("eab.lr_scale", s.lr_scale)?;
         non_negative("eab.weight_decay", s.weight_decay)?;
+        check(
+            s.enabled || !s.mask_first_token,
+            "eab.mask_first_token",
+            "false when eab.enabled is false (position 0 hidden, a query would have no slot to \
+             attend to)",
+            true,
+        )?;
         crate::recipe::OptimSection::from(&self.optim).check()?;
         at_least_one("train.steps", self.train.steps)?;
         at_least_one("train.checkpoint_every", self.train.checkpoint_every)?;
