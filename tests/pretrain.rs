@@ -101,6 +101,26 @@ impl Fixture {
             .args(extra);
         c
     }
+
+    /// `scan --json` of the model folder `model` on the held-out document's first 2 windows of
+    /// 15 tokens after BOS, exactly a run's eval windows: (the report, scan's stdout).
+    fn scan(&self, model: &Path) -> (Value, String) {
+        let scan_json = self.path("scan.json");
+        let stdout = ok(&run(&[
+            "scan".into(),
+            "--model".into(),
+            s(model),
+            "--text".into(),
+            s(&self.path("docs/sub/e.txt")),
+            "--seq-len".into(),
+            "15".into(),
+            "--num-seqs".into(),
+            "2".into(),
+            "--json".into(),
+            s(&scan_json),
+        ]));
+        (json(&scan_json), stdout)
+    }
 }
 
 fn read_u32s(p: &Path) -> Vec<u32> {
@@ -237,21 +257,7 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
     assert_eq!(cfg["vocab_size"], VOCAB);
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
     assert!(cfg.get("eab").is_none());
-    let scan_json = f.path("scan.json");
-    let stdout = ok(&run(&[
-        "scan".into(),
-        "--model".into(),
-        s(&final_dir),
-        "--text".into(),
-        s(&f.path("docs/sub/e.txt")),
-        "--seq-len".into(),
-        "15".into(),
-        "--num-seqs".into(),
-        "2".into(),
-        "--json".into(),
-        s(&scan_json),
-    ]));
-    let rep = json(&scan_json);
+    let (rep, stdout) = f.scan(&final_dir);
     assert_eq!(rep["layers"].as_array().unwrap().len(), 2);
     assert_eq!(rep["bos"], true, "{stdout}");
     let scanned = rep["ppl"].as_f64().unwrap();
@@ -418,21 +424,7 @@ fn the_slot_variant_trains_its_slots() {
     let ppl = curve(&sc, "eval/ppl");
     assert!(ppl[2].1 < ppl[0].1 / 4.0, "{ppl:?}");
     // The folder loads as --model with its slots: scan reports attention on them.
-    let scan_json = f.path("scan.json");
-    ok(&run(&[
-        "scan".into(),
-        "--model".into(),
-        s(&out.join("final")),
-        "--text".into(),
-        s(&f.path("docs/sub/e.txt")),
-        "--seq-len".into(),
-        "15".into(),
-        "--num-seqs".into(),
-        "2".into(),
-        "--json".into(),
-        s(&scan_json),
-    ]));
-    let rep = json(&scan_json);
+    let (rep, _) = f.scan(&out.join("final"));
     let a = rep["layers"][0]["slot_attn"].as_f64().unwrap();
     assert!(
         (a - slot[2].1).abs() < 1e-5,
@@ -490,21 +482,7 @@ fn hiding_the_bos_leaves_the_slot_as_the_only_shared_key() {
     assert!(ppl[2].1 < ppl[0].1 / 4.0, "{ppl:?}");
     let cfg = json(&out.join("final/config.json"));
     assert_eq!(cfg["eab"]["mask_first_token"], true);
-    let scan_json = f.path("scan.json");
-    ok(&run(&[
-        "scan".into(),
-        "--model".into(),
-        s(&out.join("final")),
-        "--text".into(),
-        s(&f.path("docs/sub/e.txt")),
-        "--seq-len".into(),
-        "15".into(),
-        "--num-seqs".into(),
-        "2".into(),
-        "--json".into(),
-        s(&scan_json),
-    ]));
-    let rep = json(&scan_json);
+    let (rep, _) = f.scan(&out.join("final"));
     let scanned = rep["ppl"].as_f64().unwrap();
     assert!(
         (scanned - ppl[2].1).abs() < 1e-4 * ppl[2].1,
