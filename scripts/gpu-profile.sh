@@ -8,7 +8,8 @@
 # `ncu --csv --metrics gpu__time_duration.sum`: one step, plus the
 # random-weight setup (curand kernels). Kernels run serialised under ncu: the sum is GPU time,
 # launch gaps are not in it. Writes $OUT/profile-SHAPE[-forward].txt.xz (one row per launch) and prints
-# the 30 kernels that took longest, summed by name.
+# the 30 kernels that took longest, summed by name (scripts/profile_summary.py, which reads the
+# .xz file again later).
 # The shape `pretrain` is `eabfit pretrain recipes/pretrain-default.yaml` (122.7M parameters,
 # batch $PROFILE_BATCH, default 32, T 1024) for 2 steps on torch.nn's sources, one held-out window
 # evaluated before and after: its kernel time per step, set against the wall time per step that
@@ -47,27 +48,8 @@ for shape in "${shapes[@]}"; do
   timeout "${PROFILE_TIMEOUT_S:-240}" "$ncu" --clock-control none --csv --print-units base \
     --metrics gpu__time_duration.sum "$bin" "${cmd[@]}" > "$f" 2>&1
   echo "== $shape $mode (rc $?)"
-  python3 - "$f" <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1], errors="replace")))
-hi = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-head = rows[hi]
-ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
-tot, n_all, ms_all = {}, 0, 0.0
-for r in rows[hi + 1:]:
-    if len(r) != len(head):
-        continue
-    try:
-        v = float(r[vi].replace(",", ""))
-    except ValueError:
-        continue
-    ms = v * {"ns": 1e-6, "us": 1e-3, "ms": 1.0}.get(r[ui], 1e-6)
-    name = r[ki].split("(")[0][:80]
-    t = tot.setdefault(name, [0.0, 0])
-    t[0] += ms; t[1] += 1; n_all += 1; ms_all += ms
-print(f"{n_all} launches, {ms_all:.1f} ms of kernel time")
-for name, (ms, n) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:30]:
-    print(f"{ms:9.1f} ms {100 * ms / ms_all:5.1f}% {n:6d}x  {name}")
-PY
+  python3 scripts/profile_summary.py "$f"
+  # The pretraining profile holds two steps and two evaluations: step 2 alone as well.
+  [ "$shape" = pretrain ] && python3 scripts/profile_summary.py "$f" --step 2 --top 40
   xz -f "$f"
 done
