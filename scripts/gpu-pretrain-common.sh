@@ -1,4 +1,4 @@
-# Sourced by the issue-14 GPU scripts (gpu-pretrain-sweep.sh, gpu-pretrain-pair.sh): the eabfit
+# Sourced by the issue-14 GPU scripts (gpu-pretrain.sh, -sweep, -pair, -speed): the eabfit
 # binary, the CUDA libraries and the token corpus, each set up once per warm machine.
 # Expects: cwd = repo root with .device-bin carried (scripts/cuda-build.sh;
 # scripts/gpu-pretrain.sh --pack), or $EABFIT_BIN naming a binary. Sets: bin, py, work, corpus, src, tok_dir; defines log.
@@ -9,6 +9,10 @@ py=/opt/torch/.venv/bin/python
 [ -x "$py" ] || py=python3
 export LD_LIBRARY_PATH=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 mkdir -p "$work/logs"
+# eabfit's plots (scan_run's) need a TrueType font; the H200 has no system one, and matplotlib
+# carries DejaVu Sans.
+font=$("$py" -c 'import matplotlib, os; print(os.path.join(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf"))' 2>/dev/null)
+[ -z "${EABFIT_FONT:-}" ] && [ -f "$font" ] && export EABFIT_FONT=$font
 log() { echo "[$(date +%T)] $*" | tee -a "$work/logs/summary.txt"; }
 
 bin=$work/eabfit

@@ -41,9 +41,6 @@ pair=$work/pair
 mkdir -p "$pair"
 tokenize_corpus
 [ -f "$corpus/corpus.json" ] || { log "no corpus"; exit 1; }
-# The H200 has no system TrueType font; matplotlib carries DejaVu Sans.
-font=$("$py" -c 'import matplotlib, os; print(os.path.join(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf"))' 2>/dev/null)
-[ -z "${EABFIT_FONT:-}" ] && [ -f "$font" ] && export EABFIT_FONT=$font
 
 overrides_of() {
   case "$1" in
