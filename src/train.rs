@@ -346,7 +346,7 @@ pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Resu
         )?;
         // How far the largest |h| stands above the next: a single outlier (the paper's) against
         // a stream that grows everywhere, which top-1/median alone cannot tell apart.
-        if l.top.len() > 1 && l.top[1] > 0.0 {
+        if l.top[1] > 0.0 {
             log.scalar(
                 &format!("layers/top1_over_top2/{i:02}"),
                 l.top[0] / l.top[1],
