@@ -165,53 +165,9 @@ pub enum SlotInit {
     Normal,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OptimSection {
-    pub lr: f64,
-    /// Decoupled weight decay of the matrices (embeddings included); norms never decay.
-    pub weight_decay: f64,
-    pub betas: [f64; 2],
-    pub eps: f64,
-    pub warmup_steps: usize,
-    /// Floor of the cosine decay, as a fraction of `lr`.
-    pub min_lr_ratio: f64,
-    /// Global gradient-norm clip; 0 = off.
-    pub grad_clip: f64,
-    pub grad_accum: usize,
-}
-
-impl Default for OptimSection {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            weight_decay: 0.1,
-            betas: [0.9, 0.95],
-            eps: 1e-8,
-            warmup_steps: 300,
-            min_lr_ratio: 0.1,
-            grad_clip: 1.0,
-            grad_accum: 1,
-        }
-    }
-}
-
-/// The training recipe's optimizer section has the same fields (with fine-tuning's defaults);
-/// its rules check both.
-impl From<&OptimSection> for crate::recipe::OptimSection {
-    fn from(o: &OptimSection) -> Self {
-        Self {
-            lr: o.lr,
-            weight_decay: o.weight_decay,
-            betas: o.betas,
-            eps: o.eps,
-            warmup_steps: o.warmup_steps,
-            min_lr_ratio: o.min_lr_ratio,
-            grad_clip: o.grad_clip,
-            grad_accum: o.grad_accum,
-        }
-    }
-}
+/// Pretraining's optimizer section: the fine-tuning recipe's fields and rules, its own
+/// defaults.
+pub type OptimSection = crate::recipe::Optim<crate::recipe::Pretrain>;
 
 impl PretrainRecipe {
     /// Every default around the one path a recipe must name.
@@ -317,7 +273,7 @@ impl Typed for PretrainRecipe {
              attend to)",
             true,
         )?;
-        crate::recipe::OptimSection::from(&self.optim).check()?;
+        self.optim.check()?;
         at_least_one("train.steps", self.train.steps)?;
         at_least_one("train.checkpoint_every", self.train.checkpoint_every)?;
         // A recomputed block hands its weights to the backward as constants: right for a

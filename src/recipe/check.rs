@@ -104,9 +104,8 @@ impl Recipe {
     }
 }
 
-impl OptimSection {
-    /// The optimizer's ranges; pretraining's section (other defaults, same fields) converts to
-    /// this one to be checked by the same rules.
+impl<D> Optim<D> {
+    /// The optimizer's ranges, the same for fine-tuning and pretraining.
     pub(crate) fn check(&self) -> Result<(), String> {
         positive("optim.lr", self.lr)?;
         non_negative("optim.weight_decay", self.weight_decay)?;

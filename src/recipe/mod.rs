@@ -337,10 +337,14 @@ pub enum MaTarget {
     All,
 }
 
+/// The optimizer section of a fine-tuning recipe (`D` = [`FineTune`]) and of a pretraining one
+/// ([`Pretrain`]): one set of fields and rules ([`Optim::check`]); the marker picks the
+/// defaults, which differ (fine-tuning a few adapters vs training every weight from scratch).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct OptimSection {
+pub struct Optim<D> {
     pub lr: f64,
+    /// Decoupled weight decay (in pretraining, of the matrices; norms never decay).
     pub weight_decay: f64,
     pub betas: [f64; 2],
     pub eps: f64,
@@ -350,20 +354,44 @@ pub struct OptimSection {
     /// Global gradient-norm clip; 0 = off.
     pub grad_clip: f64,
     pub grad_accum: usize,
+    #[serde(skip)]
+    defaults: std::marker::PhantomData<D>,
 }
 
-impl Default for OptimSection {
-    fn default() -> Self {
+/// Fine-tuning's optimizer defaults: lr 1e-3, no weight decay, betas (0.9, 0.999), warmup 10.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FineTune;
+/// Pretraining's: lr 1e-3, weight decay 0.1, betas (0.9, 0.95), warmup 300.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pretrain;
+
+pub type OptimSection = Optim<FineTune>;
+
+impl<D> Optim<D> {
+    fn with(weight_decay: f64, beta2: f64, warmup_steps: usize) -> Self {
         Self {
             lr: 1e-3,
-            weight_decay: 0.0,
-            betas: [0.9, 0.999],
+            weight_decay,
+            betas: [0.9, beta2],
             eps: 1e-8,
-            warmup_steps: 10,
+            warmup_steps,
             min_lr_ratio: 0.1,
             grad_clip: 1.0,
             grad_accum: 1,
+            defaults: std::marker::PhantomData,
         }
+    }
+}
+
+impl Default for Optim<FineTune> {
+    fn default() -> Self {
+        Self::with(0.0, 0.999, 10)
+    }
+}
+
+impl Default for Optim<Pretrain> {
+    fn default() -> Self {
+        Self::with(0.1, 0.95, 300)
     }
 }
 
