@@ -97,7 +97,7 @@ for name in "${runs[@]}"; do
   # shellcheck disable=SC2046,SC2086
   timeout $(( run_s + 150 )) "$bin" pretrain "${RECIPE:-recipes/pretrain-default.yaml}" \
     "data.corpus=$corpus" "train.out_dir=$pair/$name" "log.dir=$pair/tb" "log.name=$name" \
-    $setting $(overrides_of "$name") "train.steps=$steps" train.checkpoint_every=${EVAL_EVERY:-250} \
+    $setting $(overrides_of "$name") "train.steps=$steps" train.checkpoint_every=${EVAL_EVERY:-250} train.keep_checkpoints=2 \
     eval.every=${EVAL_EVERY:-250} "${limit[@]}" "${resume[@]}" >> "$pair/$name.txt" 2>&1 &
   pids+=($!)
   if [ "$parallel" != 1 ]; then wait "$!"; rcs+=($?); fi

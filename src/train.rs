@@ -400,6 +400,14 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
         return Ok(dir.to_path_buf());
     }
     let ck = dir.join("checkpoints");
+    complete_checkpoints(dir)?
+        .pop()
+        .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
+}
+
+/// A run folder's complete checkpoints (those with a `state.json`), oldest first.
+fn complete_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
+    let ck = dir.join("checkpoints");
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
         .map_err(|e| Error::file(&ck, format!("no checkpoints to resume from: {e}")))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -409,10 +417,23 @@ pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
                 && p.join("state.json").is_file()
         })
         .collect();
+    // Zero-padded step numbers: the names sort in step order.
     steps.sort();
-    steps
-        .pop()
-        .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
+    Ok(steps)
+}
+
+/// Deletes all but the newest `keep` complete checkpoints of a run folder (`keep` 0: none).
+/// Called right after a checkpoint is written, so the newest is always one just saved.
+pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let steps = complete_checkpoints(dir)?;
+    let old = steps.len().saturating_sub(keep);
+    for p in &steps[..old] {
+        std::fs::remove_dir_all(p).map_err(|e| Error::file(p, format!("cannot delete: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The run state a checkpoint folder's `state.json` holds (train's or pretrain's).
@@ -605,6 +626,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
             state.last = Some(last.clone());
             state.log = Some(log.mark()?);
             save_checkpoint(&ck, &set, &opt, &state, &recipe_yaml)?;
+            prune_checkpoints(&out_dir, r.train.keep_checkpoints)?;
         }
     }
     bar.finish_and_clear();

@@ -548,3 +548,41 @@ fn a_bad_recipe_key_names_the_field() {
         "{err}"
     );
 }
+
+#[test]
+fn keep_checkpoints_deletes_the_older_ones_and_the_run_still_resumes() {
+    let f = Fixture::new();
+    let out = f.path("kept");
+    let extra = [
+        "train.steps=5",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
+        "eval.every=5",
+    ];
+    ok(&f.pretrain_cmd(&out, &extra).output().unwrap());
+    let names = |p: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(p.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&out), ["step-000004", "step-000005"]);
+    let longer = [
+        "train.steps=7",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
+        "eval.every=5",
+    ];
+    let o = f
+        .pretrain_cmd(&out, &longer)
+        .arg("--resume")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("step-000005 at step 5"), "{stderr}");
+    assert_eq!(names(&out), ["step-000006", "step-000007"]);
+}

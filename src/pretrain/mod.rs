@@ -24,7 +24,7 @@ use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
-use crate::train::{latest_checkpoint, log_layers, read_state};
+use crate::train::{latest_checkpoint, log_layers, prune_checkpoints, read_state};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -483,6 +483,7 @@ fn run(
                 .join(format!("step-{:06}", state.step));
             state.log = Some(log.mark()?);
             save_checkpoint(&ck, &s, &opt, &state, &recipe_yaml)?;
+            prune_checkpoints(&out_dir, r.train.keep_checkpoints)?;
         }
         if out_of_time {
             break;

@@ -402,6 +402,9 @@ pub struct TrainSection {
     pub seed: u64,
     pub out_dir: PathBuf,
     pub checkpoint_every: usize,
+    /// How many of the newest checkpoints to keep (0: all). Each holds the trained weights and
+    /// the optimizer's state, so a long pretraining run's would otherwise fill the disk.
+    pub keep_checkpoints: usize,
     /// Recompute each decoder block in the backward pass instead of keeping its activations
     /// (about a third more compute, a fraction of the memory).
     pub recompute: bool,
@@ -414,6 +417,7 @@ impl Default for TrainSection {
             seed: 0,
             out_dir: "runs/default".into(),
             checkpoint_every: 25,
+            keep_checkpoints: 0,
             recompute: false,
         }
     }
