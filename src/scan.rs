@@ -66,6 +66,11 @@ pub struct LayerScan {
     /// Where each window's largest |h| sits (none in scans written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top1_at: Option<Top1At>,
+    /// Mean over windows of the largest |h| after position 0: a second sink (the paper's first
+    /// "." or "\n") shows here under a first-token outlier, and where position 0 is hidden from
+    /// every query it is the largest entry attention can see (none in older scans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top1_after_first: Option<f64>,
 }
 
 /// Where a layer's largest |h| sits, window by window. The paper's outlier is one dim on the
@@ -113,11 +118,12 @@ impl ScanReport {
 
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  {:<18}  massive (dim@pos token: mean)\n",
+            "{:>5} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}{}  {:<18}  massive (dim@pos token: mean)\n",
             "layer",
             "top-1",
             "top-2",
             "top-3",
+            "top-1 t>0",
             "median",
             "top1/med",
             "count",
@@ -150,11 +156,12 @@ impl ScanReport {
                 )
             });
             s += &format!(
-                "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {:<18}  {}{}\n",
+                "{:>5} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>9.4} {:>9.0} {:>7} {:>8.3}{}  {:<18}  {}{}\n",
                 l.layer,
                 l.top[0],
                 l.top[1],
                 l.top[2],
+                l.top1_after_first.map_or("-".into(), |t| format!("{t:.2}")),
                 l.median,
                 l.top[0] / l.median.max(f64::MIN_POSITIVE),
                 l.massive_count,
@@ -179,6 +186,8 @@ pub(crate) struct WindowLayer {
     pub top: [f64; 3],
     /// (position, dim) of the largest |h| (the first in row-major order on a tie).
     pub top1_at: (usize, usize),
+    /// The largest |h| at positions 1.. (0 for a one-token window).
+    pub top_after_first: f64,
     pub median: f64,
     pub flagged: Vec<(usize, usize, f64)>, // (position, dim, value)
 }
@@ -219,12 +228,19 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
             arg = i;
         }
     }
+    let top_after_first = mags_after_first(&vals, d);
     Ok(WindowLayer {
         top,
         top1_at: (arg / d, arg % d),
+        top_after_first,
         median,
         flagged,
     })
+}
+
+/// The largest |v| past the first `d` values (position 0 of a row-major (T, D) window).
+fn mags_after_first(vals: &[f32], d: usize) -> f64 {
+    vals.iter().skip(d).fold(0f64, |m, v| m.max(v.abs() as f64))
 }
 
 #[derive(Default)]
@@ -232,6 +248,7 @@ struct Acc {
     top: [f64; 3],
     top1_dims: BTreeMap<usize, usize>, // dim -> windows whose top-1 is there
     top1_first: usize,
+    top_after_first: f64,
     median: f64,
     count: usize,
     first_attn: f64,
@@ -281,6 +298,7 @@ impl Scanner {
             }
             *l.top1_dims.entry(s.top1_at.1).or_default() += 1;
             l.top1_first += usize::from(s.top1_at.0 == 0);
+            l.top_after_first += s.top_after_first;
             l.median += s.median;
             l.count += s.flagged.len();
             l.first_attn += f64_of(&a.first_token)?;
@@ -347,6 +365,7 @@ impl Scanner {
                     first_token_attn: a.first_attn / n,
                     slot_attn: a.slot_attn.map(|s| s / n),
                     top1_at,
+                    top1_after_first: Some(a.top_after_first / n),
                 }
             })
             .collect();
@@ -417,6 +436,22 @@ mod tests {
         assert_eq!(s.median, sorted[31]);
         assert_eq!(s.flagged, vec![(1, 29, 900.0), (1, 30, -1200.0)]);
         assert_eq!(s.top1_at, (1, 30));
+        // Position 0 holds the first 31 values: the largest of the rest is the 1200.
+        assert_eq!(s.top_after_first, 1200.0);
+        let first_row_max = vals[..31].iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        let h0 = Tensor::from_vec(
+            vals[..31]
+                .iter()
+                .chain(&[0.5f32; 31])
+                .copied()
+                .collect::<Vec<f32>>(),
+            (1, 2, 31),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let s0 = window_layer(&h0, &Rule::default()).unwrap();
+        assert_eq!(s0.top[0], first_row_max);
+        assert_eq!(s0.top_after_first, 0.5);
     }
 
     #[test]

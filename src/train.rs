@@ -353,6 +353,9 @@ pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Resu
                 step,
             )?;
         }
+        if let Some(t) = l.top1_after_first {
+            log.scalar(&format!("layers/top1_after_first/{i:02}"), t, step)?;
+        }
         log.scalar(
             &format!("layers/first_token_attn/{i:02}"),
             l.first_token_attn,

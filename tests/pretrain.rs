@@ -281,6 +281,15 @@ fn loss_falls_and_the_final_folder_scans_at_the_measured_perplexity() {
             want >= 1.0 && (sep - want).abs() < 1e-4 * want,
             "layer {i}: {sep} vs {want}"
         );
+        // So is the largest entry after position 0, no larger than the top-1.
+        let (_, rest) = *curve(&sc, &format!("layers/top1_after_first/{i:02}"))
+            .last()
+            .unwrap();
+        let scanned = l["top1_after_first"].as_f64().unwrap();
+        assert!(
+            rest > 0.0 && rest <= top[0] && (rest - scanned).abs() < 1e-4 * scanned,
+            "layer {i}: {rest} vs {scanned}"
+        );
     }
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["tokens"], 80 * 8 * 16);
