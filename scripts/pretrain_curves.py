@@ -5,8 +5,9 @@
 Writes every scalar of the named runs to curves.csv beside OUT.png and, where matplotlib
 imports, plots the ones the issue asks for against the tokens seen: validation perplexity,
 max top-1/median |h|, top-1/top-2 |h| at the layer of that max (a single outlier stands far
-above the next entry; a stream that grows everywhere does not), massive count, attention on
-position 0 and on the slot (means over layers), and the training loss.
+above the next entry; a stream that grows everywhere does not), the largest |h| after position 0
+over the median (max over layers), massive count, attention on position 0 and on the slot
+(means over layers), and the training loss.
 """
 import csv
 import json
@@ -48,7 +49,7 @@ def main():
     ]
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     separation(rows, names, per_step, axes.flat[6])
-    axes.flat[7].axis("off")
+    after_first(rows, names, per_step, axes.flat[7])
     for ax, (tag, title, log) in zip(axes.flat, panels):
         for i, n in enumerate(names):
             pts = {}
@@ -69,29 +70,55 @@ def main():
     print(f"{png} written")
 
 
+def per_layer(rows, run, prefix):
+    """{step: {layer: value}} of one run's layers/PREFIX/NN scalars."""
+    out = {}
+    for r, t, s, v in rows:
+        if r == run and v is not None and t.startswith(prefix):
+            out.setdefault(s, {})[t.rsplit("/", 1)[1]] = v
+    return out
+
+
+def draw(ax, n, i, per_step, pts, title):
+    if pts:
+        scale = per_step.get(n, 1.0) / 1e6
+        ax.plot([x * scale for x, _ in pts], [y for _, y in pts], label=n, color=f"C{i}")
+    ax.set_title(title)
+    ax.set_xlabel("tokens (M)")
+    ax.legend()
+
+
 def separation(rows, names, per_step, ax):
     """Top-1/top-2 |h| at each evaluation's layer of largest top-1/median."""
     for i, n in enumerate(names):
-        ratio, sep = {}, {}
-        for run, t, s, v in rows:
-            if run != n or v is None:
-                continue
-            if t.startswith("layers/top1_over_median/"):
-                ratio.setdefault(s, {})[t.rsplit("/", 1)[1]] = v
-            elif t.startswith("layers/top1_over_top2/"):
-                sep.setdefault(s, {})[t.rsplit("/", 1)[1]] = v
-        xs = [s for s in sorted(ratio) if s in sep]
-        ys = []
-        for s in xs:
+        ratio = per_layer(rows, n, "layers/top1_over_median/")
+        sep = per_layer(rows, n, "layers/top1_over_top2/")
+        pts = []
+        for s in sorted(ratio):
             layer = max(ratio[s], key=ratio[s].get)
-            ys.append(sep[s].get(layer))
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-        if pts:
-            scale = per_step.get(n, 1.0) / 1e6
-            ax.plot([x * scale for x, _ in pts], [y for _, y in pts], label=n, color=f"C{i}")
-    ax.set_title("top-1 / top-2 |h| at the layer of max top-1/median")
-    ax.set_xlabel("tokens (M)")
-    ax.legend()
+            if sep.get(s, {}).get(layer) is not None:
+                pts.append((s, sep[s][layer]))
+        draw(ax, n, i, per_step, pts, "top-1 / top-2 |h| at the layer of max top-1/median")
+
+
+def after_first(rows, names, per_step, ax):
+    """Max over layers of the largest |h| after position 0 over the layer's median: the outlier
+    attention can see when position 0 is hidden, or a second sink under a first-token one."""
+    for i, n in enumerate(names):
+        ratio = per_layer(rows, n, "layers/top1_over_median/")
+        top1 = per_layer(rows, n, "layers/top1/")
+        rest = per_layer(rows, n, "layers/top1_after_first/")
+        pts = []
+        for s in sorted(rest):
+            # median = top-1 / (top-1/median), both logged per layer
+            vals = [
+                rest[s][l] * ratio[s][l] / top1[s][l]
+                for l in rest[s]
+                if top1.get(s, {}).get(l) and l in ratio.get(s, {})
+            ]
+            if vals:
+                pts.append((s, max(vals)))
+        draw(ax, n, i, per_step, pts, "max top-1 after position 0 / median |h|")
 
 
 if __name__ == "__main__":
