@@ -285,6 +285,15 @@ fn tokenize(tok: &Tok, files: &[PathBuf], args: &TokenizeArgs, out: &Path) -> Re
                 "every input file is empty or held out: nothing to train on".into(),
             ));
         }
+        // Pretraining evaluates on val.bin: an empty one would only fail there, after the work.
+        if args.val_fraction > 0.0 && meta.val.documents == 0 {
+            return Err(Error::Usage(format!(
+                "--val-fraction {} holds out none of the {} documents: raise it to at least {:.3}",
+                args.val_fraction,
+                meta.train.documents,
+                1.0 / meta.train.documents as f64
+            )));
+        }
         let body = serde_json::to_string_pretty(&meta).map_err(|e| Error::file(out, e))?;
         write_atomic(&tmp.join(META), body.as_bytes())?;
         write_atomic(&tmp.join(VAL_FILES), val_files.as_bytes())?;

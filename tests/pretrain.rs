@@ -219,6 +219,27 @@ fn tokenize_round_trips_against_the_tokenizer_itself() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(read_u32s(&f.corpus().join("val.bin")), val);
+
+    // A fraction too small to hold out any of the 4 documents is refused, and nothing written.
+    let o = run(&[
+        "tokenize".into(),
+        "--tokenizer".into(),
+        s(&f.path("tok")),
+        "--val-fraction".into(),
+        "0.1".into(),
+        "--out".into(),
+        s(&f.path("noval")),
+        s(&f.path("docs")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "--val-fraction 0.1 holds out none of the 4 documents: raise it to at least 0.250"
+        ),
+        "{err}"
+    );
+    assert!(!f.path("noval").exists());
 }
 
 #[test]
