@@ -102,6 +102,18 @@ impl Fixture {
         c
     }
 
+    /// Resumes the run in `out` with the overrides `extra`; asserts success, returns stderr.
+    fn resume(&self, out: &Path, extra: &[&str]) -> String {
+        let o = self
+            .pretrain_cmd(out, extra)
+            .arg("--resume")
+            .arg(out)
+            .output()
+            .unwrap();
+        ok(&o);
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
     /// `scan --json` of the model folder `model` on the held-out document's first 2 windows of
     /// 15 tokens after BOS, exactly a run's eval windows: (the report, scan's stdout).
     fn scan(&self, model: &Path) -> (Value, String) {
@@ -339,14 +351,7 @@ fn a_killed_run_resumes_bit_for_bit() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!out.join("checkpoints/step-000008").exists());
-    let o = f
-        .pretrain_cmd(&out, &extra)
-        .arg("--resume")
-        .arg(&out)
-        .output()
-        .unwrap();
-    ok(&o);
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stderr = f.resume(&out, &extra);
     assert!(stderr.contains("step-000004 at step 4"), "{stderr}");
     let bytes = |p: &Path| std::fs::read(p).unwrap();
     for f in [
@@ -390,12 +395,7 @@ fn a_time_limited_run_stops_checkpointed_and_resumes_exactly() {
         .exists());
     assert!(!out.join("final").exists());
     assert_eq!(json(&out.join("summary.json"))["steps"], 1);
-    ok(&f
-        .pretrain_cmd(&out, &extra)
-        .arg("--resume")
-        .arg(&out)
-        .output()
-        .unwrap());
+    f.resume(&out, &extra);
     let bytes = |p: &Path| std::fs::read(p).unwrap();
     for f in [
         "final/model.safetensors",
@@ -605,14 +605,7 @@ fn keep_checkpoints_deletes_the_older_ones_and_the_run_still_resumes() {
         "train.keep_checkpoints=2",
         "eval.every=5",
     ];
-    let o = f
-        .pretrain_cmd(&out, &longer)
-        .arg("--resume")
-        .arg(&out)
-        .output()
-        .unwrap();
-    ok(&o);
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stderr = f.resume(&out, &longer);
     assert!(stderr.contains("step-000005 at step 5"), "{stderr}");
     assert_eq!(names(&out), ["step-000006", "step-000007"]);
 }
