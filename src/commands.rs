@@ -357,7 +357,7 @@ pub struct TrainArgs {
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     let recipe_path = match (&args.recipe, &args.resume) {
         (Some(p), _) => p.clone(),
-        (None, Some(dir)) => crate::train::latest_checkpoint(dir)?.join("recipe.yaml"),
+        (None, Some(dir)) => crate::resume::latest_checkpoint(dir)?.join("recipe.yaml"),
         (None, None) => {
             return Err(Error::Usage(
                 "train needs a RECIPE (or --resume DIR)".into(),

@@ -31,6 +31,7 @@ pub mod pretrain;
 pub mod quant;
 pub mod quant_eval;
 pub mod recipe;
+pub mod resume;
 pub mod runtime;
 pub mod scan;
 pub mod train;

@@ -13,11 +13,12 @@ use crate::fsio::replace_dir;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
 use crate::memory::CudaMemory;
-use crate::metrics::{LogMark, RunLogger};
+use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::recipe::{self, Recipe};
+use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
@@ -334,45 +335,6 @@ fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result
     log.flush()
 }
 
-/// Per-layer scan figures of an eval, one TensorBoard curve per layer and figure.
-pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Result<()> {
-    for l in &report.layers {
-        let i = l.layer;
-        log.scalar(&format!("layers/top1/{i:02}"), l.top[0], step)?;
-        log.scalar(
-            &format!("layers/top1_over_median/{i:02}"),
-            l.top[0] / l.median.max(f64::MIN_POSITIVE),
-            step,
-        )?;
-        // How far the largest |h| stands above the next: a single outlier (the paper's) against
-        // a stream that grows everywhere, which top-1/median alone cannot tell apart.
-        if l.top[1] > 0.0 {
-            log.scalar(
-                &format!("layers/top1_over_top2/{i:02}"),
-                l.top[0] / l.top[1],
-                step,
-            )?;
-        }
-        if let Some(t) = l.top1_after_first {
-            log.scalar(&format!("layers/top1_after_first/{i:02}"), t, step)?;
-        }
-        log.scalar(
-            &format!("layers/first_token_attn/{i:02}"),
-            l.first_token_attn,
-            step,
-        )?;
-        if let Some(a) = l.slot_attn {
-            log.scalar(&format!("layers/eab_slot_attn/{i:02}"), a, step)?;
-        }
-        if let Some(a) = l.top1_at {
-            log.scalar(&format!("layers/top1_dim/{i:02}"), a.dim as f64, step)?;
-            log.scalar(&format!("layers/top1_dim_share/{i:02}"), a.dim_share, step)?;
-            log.scalar(&format!("layers/top1_first/{i:02}"), a.first, step)?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes a checkpoint folder whole or not at all (an existing one stays until the new one
 /// is complete).
 fn save_checkpoint(
@@ -395,55 +357,6 @@ fn save_checkpoint(
 /// Adapters alone (`best/`, `final/`), replaced whole.
 fn save_adapters(dir: &Path, set: &AdapterSet) -> Result<()> {
     replace_dir(dir, |tmp| set.save(tmp))
-}
-
-/// The newest complete checkpoint under a run folder, or `dir` itself if it is one.
-pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
-    if dir.join("state.json").is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    let ck = dir.join("checkpoints");
-    complete_checkpoints(dir)?
-        .pop()
-        .ok_or_else(|| Error::file(&ck, "no complete checkpoint to resume from"))
-}
-
-/// A run folder's complete checkpoints (those with a `state.json`), oldest first.
-fn complete_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
-    let ck = dir.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
-        .map_err(|e| Error::file(&ck, format!("no checkpoints to resume from: {e}")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                && p.join("state.json").is_file()
-        })
-        .collect();
-    // Zero-padded step numbers: the names sort in step order.
-    steps.sort();
-    Ok(steps)
-}
-
-/// Deletes all but the newest `keep` complete checkpoints of a run folder (`keep` 0: none).
-/// Called right after a checkpoint is written, so the newest is always one just saved.
-pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
-    }
-    let steps = complete_checkpoints(dir)?;
-    let old = steps.len().saturating_sub(keep);
-    for p in &steps[..old] {
-        std::fs::remove_dir_all(p).map_err(|e| Error::file(p, format!("cannot delete: {e}")))?;
-    }
-    Ok(())
-}
-
-/// The run state a checkpoint folder's `state.json` holds (train's or pretrain's).
-pub fn read_state<S: serde::de::DeserializeOwned>(ck: &Path) -> Result<S> {
-    let path = ck.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
 /// Runs (or resumes) training; returns the run folder and its summary. Out of device memory

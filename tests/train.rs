@@ -150,7 +150,7 @@ fn a_killed_run_keeps_whole_checkpoints_and_resumes() {
             }
         }
     }
-    let latest = eabfit::train::latest_checkpoint(&out).unwrap();
+    let latest = eabfit::resume::latest_checkpoint(&out).unwrap();
     let mut args = r.args(&out, &["train.checkpoint_every=1", "eval.every=1000"]);
     let done: usize = json(&latest.join("state.json"))["step"].as_u64().unwrap() as usize;
     args.push(format!("train.steps={}", done + 2));

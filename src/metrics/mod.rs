@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::scan::ScanReport;
 use crate::{Error, Result};
 
 mod events;
@@ -261,6 +262,45 @@ fn put_bytes(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
     out.push(key);
     put_varint(out, bytes.len() as u64);
     out.extend(bytes);
+}
+
+/// Per-layer scan figures of an eval, one TensorBoard curve per layer and figure.
+pub fn log_layers(log: &mut RunLogger, report: &ScanReport, step: usize) -> Result<()> {
+    for l in &report.layers {
+        let i = l.layer;
+        log.scalar(&format!("layers/top1/{i:02}"), l.top[0], step)?;
+        log.scalar(
+            &format!("layers/top1_over_median/{i:02}"),
+            l.top[0] / l.median.max(f64::MIN_POSITIVE),
+            step,
+        )?;
+        // How far the largest |h| stands above the next: a single outlier (the paper's) against
+        // a stream that grows everywhere, which top-1/median alone cannot tell apart.
+        if l.top[1] > 0.0 {
+            log.scalar(
+                &format!("layers/top1_over_top2/{i:02}"),
+                l.top[0] / l.top[1],
+                step,
+            )?;
+        }
+        if let Some(t) = l.top1_after_first {
+            log.scalar(&format!("layers/top1_after_first/{i:02}"), t, step)?;
+        }
+        log.scalar(
+            &format!("layers/first_token_attn/{i:02}"),
+            l.first_token_attn,
+            step,
+        )?;
+        if let Some(a) = l.slot_attn {
+            log.scalar(&format!("layers/eab_slot_attn/{i:02}"), a, step)?;
+        }
+        if let Some(a) = l.top1_at {
+            log.scalar(&format!("layers/top1_dim/{i:02}"), a.dim as f64, step)?;
+            log.scalar(&format!("layers/top1_dim_share/{i:02}"), a.dim_share, step)?;
+            log.scalar(&format!("layers/top1_first/{i:02}"), a.first, step)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
