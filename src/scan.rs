@@ -228,7 +228,7 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
             arg = i;
         }
     }
-    let top_after_first = mags_after_first(&vals, d);
+    let top_after_first = max_after_first(&vals, d);
     Ok(WindowLayer {
         top,
         top1_at: (arg / d, arg % d),
@@ -239,7 +239,7 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
 }
 
 /// The largest |v| past the first `d` values (position 0 of a row-major (T, D) window).
-fn mags_after_first(vals: &[f32], d: usize) -> f64 {
+fn max_after_first(vals: &[f32], d: usize) -> f64 {
     vals.iter().skip(d).fold(0f64, |m, v| m.max(v.abs() as f64))
 }
 
