@@ -107,10 +107,10 @@ mod kernel {
             let n = lp.shape().elem_count();
             let (vs, lv) = self.v.storage_and_layout();
             let (p, g, m, v) = (
-                cuda::f32_view(p, lp)?,
-                cuda::f32_view(g, lg)?,
-                cuda::f32_view(m, lm)?,
-                cuda::f32_view(cuda::storage(&vs)?, lv)?,
+                cuda::view::<f32>(p, lp)?,
+                cuda::view::<f32>(g, lg)?,
+                cuda::view::<f32>(m, lm)?,
+                cuda::view::<f32>(cuda::storage(&vs)?, lv)?,
             );
             // Safety: the kernel writes all 3n elements.
             let out = unsafe { dev.alloc::<f32>(3 * n)? };

@@ -130,7 +130,7 @@ mod kernel {
             if lt.shape().elem_count() != n {
                 candle_core::bail!("ce kernel: {n} rows of logits, {:?} targets", lt.dims());
             }
-            let (xv, tv) = (cuda::bf16_view(x, lx)?, cuda::u32_view(t, lt)?);
+            let (xv, tv) = (cuda::view::<half::bf16>(x, lx)?, cuda::view::<u32>(t, lt)?);
             // Safety: the kernel writes one value per row.
             let nll = unsafe { dev.alloc::<f32>(n)? };
             let guard = self.dlogits.as_ref().map(|d| d.storage_and_layout());
@@ -140,7 +140,7 @@ mod kernel {
             l.arg(&xv).arg(&tv).arg(&nll);
             let null = 0u64;
             let dview = match &guard {
-                Some((st, lay)) => Some(cuda::bf16_view(cuda::storage(st)?, lay)?),
+                Some((st, lay)) => Some(cuda::view::<half::bf16>(cuda::storage(st)?, lay)?),
                 None => None,
             };
             match &dview {

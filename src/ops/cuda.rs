@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{Layout, Storage};
 use half::bf16;
 
@@ -37,28 +37,12 @@ pub fn storage(s: &Storage) -> CResult<&CudaStorage> {
     }
 }
 
-/// The bf16 elements a contiguous layout addresses.
-pub fn bf16_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, bf16>> {
+/// The elements of type T (bf16, f32, u32 ids...) a contiguous layout addresses.
+pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, T>> {
     if !l.is_contiguous() {
         candle_core::bail!("kernel input is not contiguous");
     }
-    Ok(s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..))
-}
-
-/// The f32 elements a contiguous layout addresses.
-pub fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, f32>> {
-    if !l.is_contiguous() {
-        candle_core::bail!("kernel input is not contiguous");
-    }
-    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
-}
-
-/// The u32 elements a contiguous layout addresses (token ids).
-pub fn u32_view<'a>(s: &'a CudaStorage, l: &Layout) -> CResult<CudaView<'a, u32>> {
-    if !l.is_contiguous() {
-        candle_core::bail!("kernel input is not contiguous");
-    }
-    Ok(s.as_cuda_slice::<u32>()?.slice(l.start_offset()..))
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
 /// One thread per two elements of an n-element tensor, grid-stride past 65535 x 256.

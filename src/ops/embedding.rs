@@ -101,7 +101,10 @@ mod kernel {
         ) -> CResult<(CudaStorage, Shape)> {
             let dev = cuda::device_of(g);
             let (n, d) = lg.shape().dims2()?;
-            let (gv, iv) = (cuda::bf16_view(g, lg)?, cuda::u32_view(ids, li)?);
+            let (gv, iv) = (
+                cuda::view::<half::bf16>(g, lg)?,
+                cuda::view::<u32>(ids, li)?,
+            );
             let table = dev.alloc_zeros::<f32>(self.rows * d)?;
             let f = cuda::func(&dev, "eabfit_embedding", PTX, "eab_embed_bwd_bf16")?;
             let stream = dev.cuda_stream();

@@ -138,7 +138,7 @@ mod kernels {
         out_shape: Shape,
     ) -> CResult<(CudaStorage, Shape)> {
         let dev = cuda::device_of(x);
-        let xv = cuda::bf16_view(x, lx)?;
+        let xv = cuda::view::<half::bf16>(x, lx)?;
         let guards: Vec<_> = rope
             .iter()
             .flat_map(|(c, s)| [c, s])
@@ -147,7 +147,7 @@ mod kernels {
             .collect();
         let mut views = vec![];
         for (s, l) in &guards {
-            views.push(cuda::bf16_view(cuda::storage(s)?, l)?);
+            views.push(cuda::view::<half::bf16>(cuda::storage(s)?, l)?);
         }
         let (cos, sin, slot_v) = match (rope.is_some(), slot.is_some()) {
             (true, true) => (&views[0], &views[1], &views[2]),

@@ -169,7 +169,10 @@ mod kernel {
         ) -> CResult<(CudaStorage, Shape)> {
             let dev = cuda::device_of(s);
             let (n, v) = ls.shape().dims2()?;
-            let (sv, tv) = (cuda::bf16_view(s, ls)?, cuda::bf16_view(t, lt)?);
+            let (sv, tv) = (
+                cuda::view::<half::bf16>(s, ls)?,
+                cuda::view::<half::bf16>(t, lt)?,
+            );
             // Safety: the kernel writes one value per row.
             let kl = unsafe { dev.alloc::<f32>(n)? };
             let guard = self.dlogits.as_ref().map(|d| d.storage_and_layout());
@@ -179,7 +182,7 @@ mod kernel {
             l.arg(&sv).arg(&tv).arg(&kl);
             let null = 0u64;
             let dview = match &guard {
-                Some((st, lay)) => Some(cuda::bf16_view(cuda::storage(st)?, lay)?),
+                Some((st, lay)) => Some(cuda::view::<half::bf16>(cuda::storage(st)?, lay)?),
                 None => None,
             };
             match &dview {

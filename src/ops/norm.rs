@@ -128,9 +128,9 @@ mod kernel {
             let n = lx.shape().elem_count();
             let d = lw.shape().elem_count();
             let (xv, wv, dv) = (
-                cuda::bf16_view(x, lx)?,
-                cuda::bf16_view(w, lw)?,
-                cuda::bf16_view(dy, ld)?,
+                cuda::view::<half::bf16>(x, lx)?,
+                cuda::view::<half::bf16>(w, lw)?,
+                cuda::view::<half::bf16>(dy, ld)?,
             );
             let dx = cuda::alloc_bf16(&dev, n)?;
             let f = cuda::func(&dev, "eabfit_norm", PTX, "eab_rmsnorm_bwd_bf16")?;
@@ -174,7 +174,10 @@ mod kernel {
             let dev = cuda::device_of(x);
             let d = lx.dims()[lx.dims().len() - 1];
             let rows = lx.shape().elem_count() / d;
-            let (xv, dv) = (cuda::bf16_view(x, lx)?, cuda::bf16_view(dy, ld)?);
+            let (xv, dv) = (
+                cuda::view::<half::bf16>(x, lx)?,
+                cuda::view::<half::bf16>(dy, ld)?,
+            );
             let dw = dev.alloc_zeros::<f32>(d)?;
             let f = cuda::func(&dev, "eabfit_norm", PTX, "eab_rmsnorm_dw_bf16")?;
             let stream = dev.cuda_stream();

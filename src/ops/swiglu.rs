@@ -112,7 +112,10 @@ mod kernels {
         ) -> CResult<(CudaStorage, Shape)> {
             let dev = cuda::device_of(g);
             let n = lg.shape().elem_count();
-            let (gv, uv) = (cuda::bf16_view(g, lg)?, cuda::bf16_view(u, lu)?);
+            let (gv, uv) = (
+                cuda::view::<half::bf16>(g, lg)?,
+                cuda::view::<half::bf16>(u, lu)?,
+            );
             let a = cuda::alloc_bf16(&dev, n)?;
             let f = cuda::func(&dev, "eabfit_swiglu", PTX, "eab_swiglu_fwd_bf16")?;
             let stream = dev.cuda_stream();
@@ -143,9 +146,9 @@ mod kernels {
             let dev = cuda::device_of(g);
             let n = lg.shape().elem_count();
             let (gv, uv, dv) = (
-                cuda::bf16_view(g, lg)?,
-                cuda::bf16_view(u, lu)?,
-                cuda::bf16_view(dy, ld)?,
+                cuda::view::<half::bf16>(g, lg)?,
+                cuda::view::<half::bf16>(u, lu)?,
+                cuda::view::<half::bf16>(dy, ld)?,
             );
             let out = cuda::alloc_bf16(&dev, 2 * n)?; // dg then du
             {
