@@ -218,8 +218,9 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
             top[2] = m;
         }
     }
-    // One pass in position order for both: the flagged entries and the top-1's place.
-    let (mut flagged, mut arg) = (vec![], 0);
+    // One pass in position order for all three: the flagged entries, the top-1's place and
+    // the largest |h| past position 0 (the first d values).
+    let (mut flagged, mut arg, mut top_after_first) = (vec![], 0, 0f64);
     for (i, &v) in vals.iter().enumerate() {
         if rule.flags(v as f64, median) {
             flagged.push((i / d, i % d, v as f64));
@@ -227,8 +228,10 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
         if v.abs() > vals[arg].abs() {
             arg = i;
         }
+        if i >= d {
+            top_after_first = top_after_first.max(v.abs() as f64);
+        }
     }
-    let top_after_first = max_after_first(&vals, d);
     Ok(WindowLayer {
         top,
         top1_at: (arg / d, arg % d),
@@ -236,11 +239,6 @@ pub(crate) fn window_layer(h: &Tensor, rule: &Rule) -> Result<WindowLayer> {
         median,
         flagged,
     })
-}
-
-/// The largest |v| past the first `d` values (position 0 of a row-major (T, D) window).
-fn max_after_first(vals: &[f32], d: usize) -> f64 {
-    vals.iter().skip(d).fold(0f64, |m, v| m.max(v.abs() as f64))
 }
 
 #[derive(Default)]
