@@ -3,7 +3,8 @@
     python scripts/pretrain_growth.py CURVES.csv [STEP_FROM STEP_TO ...]
 
 For each run and each step range (default: the whole run), the least-squares slope of the
-evaluations' max top-1/median |h| per million tokens, and where a straight line through them
+evaluations' max top-1/median |h| per million tokens, how far the evaluations stray from that
+line, and where a straight line through them
 would reach the paper's 1000x: a projection, not a measurement, since the growth slows. Then the
 validation perplexity and the ratio at every evaluation both runs share.
 """
@@ -41,11 +42,14 @@ def main():
                 print(f"{run} steps {lo}-{hi}: fewer than two evaluations")
                 continue
             xs = [s * per_step / 1e6 for s in steps]
-            slope, at0 = least_squares(xs, [ratio[s] for s in steps])
+            ys = [ratio[s] for s in steps]
+            slope, at0 = least_squares(xs, ys)
             reach = (RULE - at0) / slope if slope > 0 else float("inf")
+            off = max(abs(y / (slope * x + at0) - 1) for x, y in zip(xs, ys))
             print(
                 f"{run} steps {steps[0]}-{steps[-1]} ({xs[0]:.1f}M-{xs[-1]:.1f}M tokens, "
-                f"{len(steps)} evaluations): {slope:.2f} per million tokens; "
+                f"{len(steps)} evaluations): {slope:.2f} per million tokens, evaluations "
+                f"within {100 * off:.0f}% of the line; "
                 f"a straight line reaches {RULE:.0f}x at {reach:.0f}M tokens"
             )
     shared = sorted(set.intersection(*(set(series[(r, "eval/ppl")]) for r in runs)))
