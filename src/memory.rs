@@ -77,6 +77,18 @@ impl CudaMemory {
         }
         None
     }
+
+    /// [`Self::peak`] in GiB.
+    pub fn peak_gib(&self) -> Option<f64> {
+        self.peak().map(|b| b as f64 / (1u64 << 30) as f64)
+    }
+}
+
+/// The end of a run's closing line: ", peak device memory X GiB", or nothing off CUDA.
+pub fn peak_suffix(peak_gib: Option<f64>) -> String {
+    peak_gib.map_or(String::new(), |g| {
+        format!(", peak device memory {g:.1} GiB")
+    })
 }
 
 #[cfg(feature = "cuda")]

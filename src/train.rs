@@ -12,7 +12,7 @@ use crate::data::{read_text, Windows};
 use crate::fsio::replace_dir;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
-use crate::memory::CudaMemory;
+use crate::memory::{peak_suffix, CudaMemory};
 use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
@@ -547,14 +547,12 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     }
     bar.finish_and_clear();
     log.close()?;
-    let peak_gib = mem.peak().map(|b| b as f64 / (1u64 << 30) as f64);
+    let peak_gib = mem.peak_gib();
     let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
     println!(
         "trained {tokens_done} tokens in {:.1} s: {tps:.0} tokens/s{}",
         start.elapsed().as_secs_f64(),
-        peak_gib.map_or(String::new(), |g| format!(
-            ", peak device memory {g:.1} GiB"
-        ))
+        peak_suffix(peak_gib)
     );
     save_adapters(&out_dir.join("final"), &set)?;
     let step0 = state.step0.clone().unwrap_or(base_figures.clone());

@@ -16,7 +16,7 @@ pub use recipe::PretrainRecipe;
 use crate::corpus::{Corpus, Split, TokenWindows};
 use crate::fsio::{replace_dir, write_atomic};
 use crate::killpoint::point;
-use crate::memory::CudaMemory;
+use crate::memory::{peak_suffix, CudaMemory};
 use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::block::WeightGrads;
@@ -85,11 +85,12 @@ pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
     if let Some(e) = &s.last {
         println!("last eval {}", one_line(e));
     }
-    let peak = s
-        .peak_gib
-        .map(|g| format!(", peak device memory {g:.1} GiB"))
-        .unwrap_or_default();
-    println!("{:.0} tokens/s, {:.1} s{peak}", s.tokens_per_s, s.wall_s);
+    println!(
+        "{:.0} tokens/s, {:.1} s{}",
+        s.tokens_per_s,
+        s.wall_s,
+        peak_suffix(s.peak_gib)
+    );
     if s.steps == r.train.steps {
         println!(
             "run folder {} (final/ is a Hugging Face folder: eabfit scan --model {})",
@@ -504,7 +505,7 @@ fn run(
         last: state.last.clone(),
         rule: s.rule,
         tokens_per_s: tokens_done as f64 / wall_s.max(1e-9),
-        peak_gib: mem.peak().map(|b| b as f64 / (1u64 << 30) as f64),
+        peak_gib: mem.peak_gib(),
         wall_s,
     };
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
