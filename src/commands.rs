@@ -352,6 +352,10 @@ pub struct TrainArgs {
     /// Continue a run from its newest checkpoint (a run folder or one checkpoint folder)
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Data parallel over these devices (`cpu*2`, `cuda:0,cuda:1`, `cuda*4`): sets
+    /// train.devices; data.batch_size is per device
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
 }
 
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
@@ -364,7 +368,11 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
             ))
         }
     };
-    let recipe = crate::recipe::load(&recipe_path, &args.overrides)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(d) = &args.devices {
+        overrides.push(format!("train.devices={d}"));
+    }
+    let recipe = crate::recipe::load(&recipe_path, &overrides)?;
     let (dir, s) = crate::train::train(&recipe, args.resume.as_deref())?;
     use crate::train::one_line;
     println!("base     {}", one_line(&s.base));

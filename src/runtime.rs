@@ -93,8 +93,9 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
         None | Some("f32") => Ok(DType::F32),
         Some("bf16") => Ok(DType::BF16),
         Some("f16") => Ok(DType::F16),
+        Some("f64") if !device.is_cuda() => Ok(DType::F64),
         Some(other) => Err(Error::Usage(format!(
-            "--dtype `{other}`: expected f32, bf16 or f16"
+            "--dtype `{other}`: expected f32, bf16 or f16 (or f64 on the CPU)"
         ))),
     }
 }

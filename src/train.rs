@@ -19,7 +19,8 @@ use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::recipe::{self, Recipe};
 use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
-use crate::runtime::{parse_device, parse_dtype, write_atomic};
+use crate::parallel::{self, Rank};
+use crate::runtime::{parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -65,6 +66,9 @@ pub struct Summary {
 struct State {
     step: usize,
     seed: u64,
+    /// Devices of the run that wrote it (data parallel); older checkpoints: 1.
+    #[serde(default = "one")]
+    world: usize,
     best: Option<EvalFigures>,
     step0: Option<EvalFigures>,
     // What the summary needs from before a resume, and how far the logs had got: a resumed
@@ -75,6 +79,10 @@ struct State {
     final_losses: BTreeMap<String, f64>,
     #[serde(default)]
     log: Option<LogMark>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Everything a run needs, resolved from the recipe.
@@ -91,11 +99,10 @@ struct Setup {
     birth: Vec<usize>,
 }
 
-fn setup(r: &Recipe) -> Result<Setup> {
+fn setup(r: &Recipe, device: &candle_core::Device) -> Result<Setup> {
     let ckpt = Checkpoint::open(&r.model.path)?;
-    let device = parse_device(&r.model.device)?;
-    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), &device)?;
-    let base = ckpt.base(dtype, &device)?;
+    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), device)?;
+    let base = ckpt.base(dtype, device)?;
     let teacher = base.model(&Adapters::none())?;
     let train_text = read_text(&r.data.train)?;
     let train = Windows::new(
@@ -120,7 +127,7 @@ fn setup(r: &Recipe) -> Result<Setup> {
     let mut scanner = Scanner::new(ckpt.config.num_hidden_layers, rule);
     let mut teacher_eval_logits = vec![];
     for w in &eval.ids {
-        let ids = Tensor::new(w.as_slice(), &device)?.unsqueeze(0)?;
+        let ids = Tensor::new(w.as_slice(), device)?.unsqueeze(0)?;
         let out = teacher.forward(&ids, &scan_taps())?;
         scanner.add(&out, w)?;
         teacher_eval_logits.push(out.logits);
@@ -233,11 +240,19 @@ fn first_token_kv(s: &Setup, n: usize) -> Result<Vec<(Tensor, Tensor)>> {
         .collect()
 }
 
-/// The training windows of micro-batch `g` (global index over steps x accumulation).
-fn batch_ids(windows: &Windows, seed: u64, g: usize, batch: usize) -> Vec<&Vec<u32>> {
-    crate::data::batch_indices(windows.len(), seed, g, batch)
-        .into_iter()
-        .map(|i| &windows.ids[i])
+/// This rank's training windows of micro-batch `g` (global index over steps x accumulation):
+/// its share of the `world x batch` windows one device would take with the whole batch.
+fn batch_ids<'a>(
+    windows: &'a Windows,
+    seed: u64,
+    g: usize,
+    batch: usize,
+    rank: &Rank,
+) -> Vec<&'a Vec<u32>> {
+    let global = crate::data::batch_indices(windows.len(), seed, g, batch * rank.world);
+    rank.share(&global)
+        .iter()
+        .map(|&i| &windows.ids[i])
         .collect()
 }
 
@@ -343,10 +358,11 @@ fn save_checkpoint(
     opt: &AdamW,
     state: &State,
     recipe_yaml: &str,
+    rank: &Rank,
 ) -> Result<()> {
     replace_dir(dir, |tmp| {
         set.save(tmp)?;
-        point("checkpoint");
+        rank.point("checkpoint")?;
         opt.save(&tmp.join("optim.safetensors"))?;
         let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(dir, e))?;
         write_atomic(&tmp.join("state.json"), st.as_bytes())?;
@@ -362,7 +378,11 @@ fn save_adapters(dir: &Path, set: &AdapterSet) -> Result<()> {
 /// Runs (or resumes) training; returns the run folder and its summary. Out of device memory
 /// is reported with the batch and sequence length that caused it.
 pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
-    run(recipe, resume).map_err(|e| {
+    let devices = parallel::run_devices(&recipe.model.device, recipe.train.devices.as_deref())?;
+    let (r, resume) = (recipe.clone(), resume.map(Path::to_path_buf));
+    let out = parallel::launch(devices, move |rank| run(&r, resume.as_deref(), rank));
+    let out = out.and_then(|o| o.ok_or_else(|| Error::Msg("rank 0 wrote no summary".into())));
+    out.map_err(|e| {
         let lower = if recipe.train.recompute {
             "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len"
         } else {
@@ -378,13 +398,15 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
     })
 }
 
-fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
+/// One rank's run; rank 0 returns the folder and summary, the others `None`.
+fn run(recipe: &Recipe, resume: Option<&Path>, rank: &mut Rank) -> Result<Option<(PathBuf, Summary)>> {
     let r = recipe;
+    let main = rank.is_main();
     let out_dir = PathBuf::from(&r.train.out_dir);
     let recipe_yaml = r.to_yaml();
-    let s = setup(r)?;
+    let device = rank.device.clone();
+    let s = setup(r, &device)?;
     let meta = adapter_meta(r, &s)?;
-    let device = s.base.device.clone();
     let eab = &r.adapters.eab;
     let init = match eab.init {
         recipe::EabInit::Zeros => SlotInit::Zeros,
@@ -394,7 +416,13 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         },
         recipe::EabInit::FirstToken => SlotInit::Given(first_token_kv(&s, eab.calib_windows)?),
     };
-    let set = AdapterSet::new(meta, init, r.adapters.lora.init_std, r.train.seed, &device)?;
+    let mut set = AdapterSet::new(meta, init, r.adapters.lora.init_std, r.train.seed, &device)?;
+    if s.base.dtype == candle_core::DType::F64 {
+        // An f64 run keeps its adapters (and so its moments) in f64 too.
+        for var in set.vars.values_mut() {
+            *var = candle_core::Var::from_tensor(&var.as_tensor().to_dtype(s.base.dtype)?)?;
+        }
+    }
     let o = &r.optim;
     let mut opt = AdamW::new(
         AdamWConfig {
@@ -407,46 +435,68 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     let mut state = State {
         step: 0,
         seed: r.train.seed,
+        world: rank.world,
         best: None,
         step0: None,
         last: None,
         final_losses: BTreeMap::new(),
         log: None,
     };
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
-    let _lock = crate::lock::lock_dir(&out_dir)?;
+    // Rank 0 owns the run folder; the others only read the checkpoint they resume from.
+    let _lock = match main {
+        true => {
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+            Some(crate::lock::lock_dir(&out_dir)?)
+        }
+        false => None,
+    };
     if let Some(dir) = resume {
         let ck = latest_checkpoint(dir)?;
         let loaded = AdapterSet::load(&ck, &s.ckpt.config, &device)?;
         for (name, var) in &set.vars {
-            var.set(loaded.vars[name].as_tensor())?;
+            var.set(&loaded.vars[name].as_tensor().to_dtype(var.dtype())?)?;
         }
         state = read_state(&ck)?;
         opt.load(&ck.join("optim.safetensors"), state.step)?;
-        eprintln!("resuming from {} at step {}", ck.display(), state.step);
+        if main {
+            eprintln!("resuming from {} at step {}", ck.display(), state.step);
+            warn_world(state.world, rank.world);
+        }
+        state.world = rank.world;
     }
-    write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let mut log = RunLogger::for_run(
-        &r.log.dir,
-        r.log.name.as_deref(),
-        &out_dir,
-        state.log.as_ref(),
-    )?;
+    let mut log = match main {
+        true => {
+            write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+            Some(RunLogger::for_run(
+                &r.log.dir,
+                r.log.name.as_deref(),
+                &out_dir,
+                state.log.as_ref(),
+            )?)
+        }
+        false => None,
+    };
     let student = s.base.model(&set.adapters())?;
     // The base figures need the suppression term, whose target came from the base scan: one
     // more pass over the (few) eval windows.
-    let (base_figures, _) = evaluate(r, &s, &s.teacher, 0)?;
-    if state.step0.is_none() {
+    let base_figures = match main {
+        true => Some(evaluate(r, &s, &s.teacher, 0)?.0),
+        false => None,
+    };
+    if let (Some(log), Some(base), None) = (log.as_mut(), &base_figures, &state.step0) {
         let (f0, rep0) = evaluate(r, &s, &student, 0)?;
-        log_eval(&mut log, &f0, &rep0)?;
+        log_eval(log, &f0, &rep0)?;
         save_adapters(&out_dir.join("best"), &set)?;
-        println!("base:   {}", one_line(&base_figures));
+        println!("base:   {}", one_line(base));
         println!("step 0: {}", one_line(&f0));
         state.best = Some(f0.clone());
         state.step0 = Some(f0);
     }
     let total = r.train.steps;
-    let bar = indicatif::ProgressBar::new(total as u64);
+    let bar = match main {
+        true => indicatif::ProgressBar::new(total as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -458,11 +508,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
-    let mut last = state
-        .last
-        .clone()
-        .or(state.step0.clone())
-        .unwrap_or(base_figures.clone());
+    let mut last = state.last.clone().or(state.step0.clone()).or(base_figures.clone());
     while state.step < total {
         let step = state.step;
         let lr = lr_at(step, o.lr, o.warmup_steps, total, o.min_lr_ratio);
@@ -474,12 +520,13 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
                 state.seed,
                 step * o.grad_accum + micro,
                 r.data.batch_size,
+                rank,
             );
             let flat: Vec<u32> = rows.iter().flat_map(|w| w.iter().copied()).collect();
             let ids = Tensor::from_vec(flat, (rows.len(), s.train.width()), &device)?; // (B, T)
             let (total_loss, hold, ma) = losses(r, &s, &student, &ids)?;
             let gs = (total_loss.clone() / o.grad_accum as f64)?.backward()?;
-            point("step");
+            rank.point("step")?;
             for (name, var) in &set.vars {
                 if let Some(g) = gs.get(var.as_tensor()) {
                     let g = match grads.remove(name) {
@@ -492,8 +539,14 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
             l_tot += scalar(&total_loss)? / o.grad_accum as f64;
             l_hold += scalar(&hold)? / o.grad_accum as f64;
             l_ma += scalar(&ma)? / o.grad_accum as f64;
-            tokens_done += rows.len() * s.train.width();
+            // Every rank's share is as many windows of one width: tokens are world x these.
+            tokens_done += rows.len() * s.train.width() * rank.world;
         }
+        // The global batch's mean: every rank has the same number of tokens, so the mean of
+        // the ranks' means is the mean over all of them.
+        rank.mean_grads(&mut grads)?;
+        let [l_tot, l_hold, l_ma] = <[f64; 3]>::try_from(rank.mean(&[l_tot, l_hold, l_ma])?)
+            .map_err(|_| Error::Msg("loss reduction lost its terms".into()))?;
         if !l_tot.is_finite() {
             bar.abandon();
             let good = latest_checkpoint(&out_dir)
@@ -506,6 +559,12 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         let grad_norm = clip_grad_norm(&mut grads, o.grad_clip)?;
         opt.step(&set.vars, &grads, lr)?;
         state.step += 1;
+        state.final_losses = BTreeMap::from([
+            ("loss".to_string(), l_tot),
+            ("hold".to_string(), l_hold),
+            ("ma".to_string(), l_ma),
+        ]);
+        let Some(log) = log.as_mut() else { continue };
         let tps = tokens_done as f64 / start.elapsed().as_secs_f64();
         if state.step.is_multiple_of(r.log.every) || state.step == total {
             log.scalar("train/loss", l_tot, state.step)?;
@@ -515,36 +574,34 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
             log.scalar("train/grad_norm", grad_norm, state.step)?;
             log.scalar("train/tokens_per_s", tps, state.step)?;
         }
-        state.final_losses = BTreeMap::from([
-            ("loss".to_string(), l_tot),
-            ("hold".to_string(), l_hold),
-            ("ma".to_string(), l_ma),
-        ]);
         bar.set_message(format!(
             "loss {l_tot:.4} hold {l_hold:.4} ma {l_ma:.4} lr {lr:.2e} {tps:.0} tok/s"
         ));
         bar.set_position(state.step as u64);
         if state.step.is_multiple_of(r.eval.every) || state.step == total {
             let (f, report) = evaluate(r, &s, &student, state.step)?;
-            log_eval(&mut log, &f, &report)?;
+            log_eval(log, &f, &report)?;
             bar.suspend(|| eprintln!("step {}: {}", state.step, one_line(&f)));
             if state.best.as_ref().is_none_or(|b| f.score < b.score) {
                 save_adapters(&out_dir.join("best"), &set)?;
                 state.best = Some(f.clone());
             }
-            point("logged");
-            last = f;
+            rank.point("logged")?;
+            last = Some(f);
         }
         if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total {
             let ck = out_dir
                 .join("checkpoints")
                 .join(format!("step-{:06}", state.step));
-            state.last = Some(last.clone());
+            state.last = last.clone();
             state.log = Some(log.mark()?);
-            save_checkpoint(&ck, &set, &opt, &state, &recipe_yaml)?;
+            save_checkpoint(&ck, &set, &opt, &state, &recipe_yaml, rank)?;
             prune_checkpoints(&out_dir, r.train.keep_checkpoints)?;
         }
     }
+    let (Some(log), Some(base_figures), Some(last)) = (log, base_figures, last) else {
+        return Ok(None);
+    };
     bar.finish_and_clear();
     log.close()?;
     let peak_gib = mem.peak_gib();
@@ -571,7 +628,17 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     };
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
-    Ok((out_dir, summary))
+    Ok(Some((out_dir, summary)))
+}
+
+/// A resume at another world size changes the global batch, so it continues the run but not
+/// the one the checkpoint came from.
+pub(crate) fn warn_world(saved: usize, now: usize) {
+    if saved != now {
+        eprintln!(
+            "note: the checkpoint was written by {saved} device(s), this run has {now}: each step now sees {now} x data.batch_size windows, so this is not an exact resume"
+        );
+    }
 }
 
 pub fn one_line(f: &EvalFigures) -> String {

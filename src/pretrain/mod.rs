@@ -15,7 +15,6 @@ pub use recipe::PretrainRecipe;
 
 use crate::corpus::{Corpus, Split, TokenWindows};
 use crate::fsio::{replace_dir, write_atomic};
-use crate::killpoint::point;
 use crate::memory::{peak_suffix, CudaMemory};
 use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
@@ -23,7 +22,8 @@ use crate::ops::block::WeightGrads;
 use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
-use crate::runtime::{parse_device, parse_dtype};
+use crate::parallel::{self, Rank};
+use crate::runtime::parse_dtype;
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -45,6 +45,10 @@ pub struct PretrainArgs {
     /// checkpoint to `--resume` from (no final/ folder): for runs longer than one sitting
     #[arg(long, value_name = "S")]
     pub max_seconds: Option<f64>,
+    /// Data parallel over these devices (`cpu*2`, `cuda:0,cuda:1`, `cuda*4`): sets
+    /// train.devices; data.batch_size is per device
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
 }
 
 pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
@@ -57,7 +61,11 @@ pub fn pretrain_cmd(args: &PretrainArgs) -> Result<()> {
             ))
         }
     };
-    let r: PretrainRecipe = crate::recipe::load_typed(&recipe_path, &args.overrides)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(d) = &args.devices {
+        overrides.push(format!("train.devices={d}"));
+    }
+    let r: PretrainRecipe = crate::recipe::load_typed(&recipe_path, &overrides)?;
     if let Some(limit) = args.max_seconds {
         if !(limit > 0.0 && limit.is_finite()) {
             return Err(Error::Usage(format!(
@@ -137,6 +145,9 @@ pub struct Summary {
 struct State {
     step: usize,
     seed: u64,
+    /// Devices of the run that wrote it (data parallel); older checkpoints: 1.
+    #[serde(default = "one")]
+    world: usize,
     final_loss: Option<f64>,
     last: Option<Eval>,
     log: Option<LogMark>,
@@ -167,6 +178,10 @@ pub fn one_line(e: &Eval) -> String {
     )
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Everything a run reads before its first step.
 struct Setup {
     corpus: Corpus,
@@ -178,7 +193,7 @@ struct Setup {
     rule: Rule,
 }
 
-fn setup(r: &PretrainRecipe) -> Result<Setup> {
+fn setup(r: &PretrainRecipe, device: &candle_core::Device) -> Result<Setup> {
     let corpus = Corpus::open(&r.data.corpus)?;
     let tok = corpus.tokenizer()?;
     let m = &corpus.meta;
@@ -198,13 +213,12 @@ fn setup(r: &PretrainRecipe) -> Result<Setup> {
     let val = (0..val_all.len().min(r.data.eval_windows))
         .map(|i| val_all.window(i))
         .collect();
-    let device = parse_device(&r.model.device)?;
-    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), &device)?;
+    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), device)?;
     let config = r.config(m.vocab_size, m.bos_id, m.sep_id);
     config
         .validate()
         .map_err(|e| Error::Usage(format!("model.arch: {e}")))?;
-    let params = Params::init(&config, r, &device)?;
+    let params = Params::init(&config, r, device)?;
     Ok(Setup {
         corpus,
         tok,
@@ -332,10 +346,11 @@ fn save_checkpoint(
     opt: &Optimizers,
     state: &State,
     recipe_yaml: &str,
+    rank: &Rank,
 ) -> Result<()> {
     replace_dir(dir, |tmp| {
         s.params.write_hf(tmp, &s.corpus.dir)?;
-        point("checkpoint");
+        rank.point("checkpoint")?;
         opt.save(tmp)?;
         let st = serde_json::to_string_pretty(state).map_err(|e| Error::file(dir, e))?;
         write_atomic(&tmp.join("state.json"), st.as_bytes())?;
@@ -351,51 +366,75 @@ pub fn pretrain(
     resume: Option<&Path>,
     limit: Option<std::time::Duration>,
 ) -> Result<(PathBuf, Summary)> {
-    run(r, resume, limit).map_err(|e| {
+    let devices = parallel::run_devices(&r.model.device, r.train.devices.as_deref())?;
+    let (recipe, resume) = (r.clone(), resume.map(Path::to_path_buf));
+    let out = parallel::launch(devices, move |rank| run(&recipe, resume.as_deref(), limit, rank));
+    let out = out.and_then(|o| o.ok_or_else(|| Error::Msg("rank 0 wrote no summary".into())));
+    out.map_err(|e| {
         let lower =
             "data.batch_size (raise optim.grad_accum to keep the effective batch) or data.seq_len";
         crate::error::explain_oom(e, "pretrain", r.data.batch_size, r.data.seq_len, lower)
     })
 }
 
+/// One rank's run; rank 0 returns the folder and summary, the others `None`.
 fn run(
     r: &PretrainRecipe,
     resume: Option<&Path>,
     limit: Option<std::time::Duration>,
-) -> Result<(PathBuf, Summary)> {
+    rank: &mut Rank,
+) -> Result<Option<(PathBuf, Summary)>> {
+    let main = rank.is_main();
     let out_dir = r.train.out_dir.clone();
     let recipe_yaml = r.to_yaml();
-    let s = setup(r)?;
+    let s = setup(r, &rank.device)?;
     let mut opt = Optimizers::new(r, &s.params)?;
     let mut state = State {
         step: 0,
         seed: r.train.seed,
+        world: rank.world,
         final_loss: None,
         last: None,
         log: None,
     };
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
-    let _lock = crate::lock::lock_dir(&out_dir)?;
+    // Rank 0 owns the run folder; the others only read the checkpoint they resume from.
+    let _lock = match main {
+        true => {
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+            Some(crate::lock::lock_dir(&out_dir)?)
+        }
+        false => None,
+    };
     if let Some(dir) = resume {
         let ck = latest_checkpoint(dir)?;
         s.params.load(&ck.join("model.safetensors"))?;
         state = read_state(&ck)?;
         opt.load(&ck, state.step)?;
-        eprintln!("resuming from {} at step {}", ck.display(), state.step);
+        if main {
+            eprintln!("resuming from {} at step {}", ck.display(), state.step);
+            crate::train::warn_world(state.world, rank.world);
+        }
+        state.world = rank.world;
     }
-    write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let mut log = RunLogger::for_run(
-        &r.log.dir,
-        r.log.name.as_deref(),
-        &out_dir,
-        state.log.as_ref(),
-    )?;
+    let mut log = match main {
+        true => {
+            write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+            Some(RunLogger::for_run(
+                &r.log.dir,
+                r.log.name.as_deref(),
+                &out_dir,
+                state.log.as_ref(),
+            )?)
+        }
+        false => None,
+    };
     let (o, total) = (&r.optim, r.train.steps);
     let (batch, width) = (r.data.batch_size, s.train.width());
-    let tokens_per_step = o.grad_accum * batch * width;
-    if state.step == 0 {
+    // Tokens of one step over all ranks.
+    let tokens_per_step = o.grad_accum * batch * width * rank.world;
+    if let (0, Some(log)) = (state.step, log.as_mut()) {
         let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, 0, 0)?;
-        log_eval(&mut log, &e, &report)?;
+        log_eval(log, &e, &report)?;
         eprintln!("{}", one_line(&e));
         state.last = Some(e);
     }
@@ -413,10 +452,12 @@ fn run(
         let mut loss_sum = 0f64;
         for micro in 0..o.grad_accum {
             let g = step * o.grad_accum + micro;
-            let idx = crate::data::batch_indices(s.train.len(), state.seed, g, batch);
+            // This rank's share of the windows one device would take with the whole batch.
+            let global = crate::data::batch_indices(s.train.len(), state.seed, g, batch * rank.world);
+            let idx = rank.share(&global);
             let flat: Vec<u32> = idx.iter().flat_map(|&i| s.train.window(i)).collect();
             let ids = Tensor::from_vec(flat, (batch, width), &s.params.device)?; // (B, T)
-                                                                                 // Blocks on the block op (CUDA bf16) hand their weight gradients to `sink`.
+            // Blocks on the block op (CUDA bf16) hand their weight gradients to `sink`.
             let sink = Arc::new(WeightGrads::default());
             let taps = Taps {
                 weight_grads: Some(sink.clone()),
@@ -426,7 +467,7 @@ fn run(
             // Through the head in chunks: the full f32 logits never exist.
             let loss = ce_through_head(&x, model.lm_head(), &ids)?;
             let gs = (&loss / o.grad_accum as f64)?.backward()?;
-            point("step");
+            rank.point("step")?;
             let from_sink = sink.take()?;
             for (name, var) in &vars {
                 let sunk = from_sink.get(name).map(|g| g.to_dtype(var.dtype()));
@@ -445,6 +486,10 @@ fn run(
             }
             loss_sum += scalar(&loss)? / o.grad_accum as f64;
         }
+        // candle has no backward hooks: the reduction starts once the backward pass is over.
+        // Every rank has as many tokens, so the mean of their means is the global mean.
+        rank.mean_grads(&mut grads)?;
+        let loss_sum = rank.mean(&[loss_sum])?[0];
         if !loss_sum.is_finite() {
             let good = latest_checkpoint(&out_dir)
                 .map(|p| p.display().to_string())
@@ -460,36 +505,47 @@ fn run(
         tokens_done += tokens_per_step;
         let tokens = state.step * tokens_per_step;
         let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        if state.step.is_multiple_of(r.log.every) || state.step == total {
-            log.scalar("train/loss", loss_sum, state.step)?;
-            log.scalar("train/lr", lr, state.step)?;
-            log.scalar("train/grad_norm", grad_norm, state.step)?;
-            log.scalar("train/tokens", tokens as f64, state.step)?;
-            log.scalar("train/tokens_per_s", tps, state.step)?;
-        }
         // The clock is read once per step, before the evaluation, so that a run stopped on time
-        // ends with an evaluation of its last step.
+        // ends with an evaluation of its last step; all ranks stop together.
         let out_of_time = limit.is_some_and(|l| start.elapsed() >= l) && state.step < total;
-        if state.step.is_multiple_of(r.eval.every) || state.step == total || out_of_time {
-            let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, state.step, tokens)?;
-            log_eval(&mut log, &e, &report)?;
-            eprintln!("{}  loss {loss_sum:.4}  {tps:.0} tokens/s", one_line(&e));
-            point("logged");
-            state.last = Some(e);
-        }
-        if state.step.is_multiple_of(r.train.checkpoint_every) || state.step == total || out_of_time
-        {
-            let ck = out_dir
-                .join("checkpoints")
-                .join(format!("step-{:06}", state.step));
-            state.log = Some(log.mark()?);
-            save_checkpoint(&ck, &s, &opt, &state, &recipe_yaml)?;
-            prune_checkpoints(&out_dir, r.train.keep_checkpoints)?;
+        let out_of_time = match limit {
+            Some(_) => rank.any(out_of_time)?,
+            None => false,
+        };
+        if let Some(log) = log.as_mut() {
+            if state.step.is_multiple_of(r.log.every) || state.step == total {
+                log.scalar("train/loss", loss_sum, state.step)?;
+                log.scalar("train/lr", lr, state.step)?;
+                log.scalar("train/grad_norm", grad_norm, state.step)?;
+                log.scalar("train/tokens", tokens as f64, state.step)?;
+                log.scalar("train/tokens_per_s", tps, state.step)?;
+            }
+            if state.step.is_multiple_of(r.eval.every) || state.step == total || out_of_time {
+                let (e, report) = evaluate(&s, &s.params.model(s.dtype)?, state.step, tokens)?;
+                log_eval(log, &e, &report)?;
+                eprintln!("{}  loss {loss_sum:.4}  {tps:.0} tokens/s", one_line(&e));
+                rank.point("logged")?;
+                state.last = Some(e);
+            }
+            if state.step.is_multiple_of(r.train.checkpoint_every)
+                || state.step == total
+                || out_of_time
+            {
+                let ck = out_dir
+                    .join("checkpoints")
+                    .join(format!("step-{:06}", state.step));
+                state.log = Some(log.mark()?);
+                save_checkpoint(&ck, &s, &opt, &state, &recipe_yaml, rank)?;
+                prune_checkpoints(&out_dir, r.train.keep_checkpoints)?;
+            }
         }
         if out_of_time {
             break;
         }
     }
+    let Some(log) = log else {
+        return Ok(None);
+    };
     log.close()?;
     if state.step == total {
         replace_dir(&out_dir.join("final"), |tmp| {
@@ -510,5 +566,5 @@ fn run(
     };
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
-    Ok((out_dir, summary))
+    Ok(Some((out_dir, summary)))
 }

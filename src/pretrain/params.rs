@@ -99,8 +99,13 @@ impl Params {
                 .data()
                 .lock()
                 .map_err(|_| Error::Msg("parameter store poisoned".into()))?;
+            // An f64 run (CPU exactness tests) keeps f64 masters.
+            let master = match r.model.dtype {
+                Some(crate::recipe::Dtype::F64) => DType::F64,
+                _ => DType::F32,
+            };
             for (name, t) in map {
-                data.insert(name, Var::from_tensor(&t)?);
+                data.insert(name, Var::from_tensor(&t.to_dtype(master)?)?);
             }
         }
         Ok(Self {
@@ -155,8 +160,9 @@ impl Params {
             lora: HashMap::new(),
             mask_first_token: self.mask_first_token,
         };
+        let master = vars.values().next().map_or(DType::F32, |v| v.dtype());
         let vb = match dtype {
-            DType::F32 => VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device),
+            d if d == master => VarBuilder::from_varmap(&self.varmap, d, &self.device),
             _ => {
                 let cast = vars
                     .iter()
@@ -188,7 +194,7 @@ impl Params {
                     ),
                 ));
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t.to_dtype(var.dtype())?)?;
         }
         if let Some(extra) = ts.keys().next() {
             return Err(Error::file(

@@ -8,7 +8,7 @@
 
 use crate::model::Config;
 use crate::recipe::{
-    at_least_one, check, check_device, non_negative, positive, Dtype, EvalSection, LogSection,
+    at_least_one, check, check_device, check_run_devices, non_negative, positive, Dtype, EvalSection, LogSection,
     TrainSection, Typed,
 };
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,8 @@ pub struct PretrainRecipe {
 pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The compute dtype; `None`: f32 on CPU, bf16 on CUDA. Master weights are always f32.
+    /// The compute dtype; `None`: f32 on CPU, bf16 on CUDA. Master weights are f32
+    /// (f64 with `f64`, a CPU-only dtype for exactness tests).
     pub dtype: Option<Dtype>,
     pub arch: ArchSection,
     /// Std of the normal init of every matrix; the residual projections (o_proj, down_proj)
@@ -231,6 +232,11 @@ impl Typed for PretrainRecipe {
 
     fn check(&self) -> Result<(), String> {
         check_device("model.device", &self.model.device)?;
+        check_run_devices(
+            &self.model.device,
+            self.model.dtype,
+            self.train.devices.as_deref(),
+        )?;
         positive("model.init_std", self.model.init_std)?;
         let a = &self.model.arch;
         at_least_one("model.arch.hidden_size", a.hidden_size)?;

@@ -10,6 +10,11 @@ impl Recipe {
     /// dotted path of the field at fault, which `parse_str` uses to find its line.
     pub fn validate(&self) -> Result<(), String> {
         check_device("model.device", &self.model.device)?;
+        check_run_devices(
+            &self.model.device,
+            self.model.dtype,
+            self.train.devices.as_deref(),
+        )?;
 
         let data = &self.data;
         at_least_one("data.seq_len", data.seq_len)?;
@@ -141,6 +146,25 @@ pub(crate) fn check_device(path: &str, device: &str) -> Result<(), String> {
         "`cpu`, `cuda` or `cuda:N`",
         format!("`{device}`"),
     )
+}
+
+/// `train.devices` parses, and f64 stays on the CPU.
+pub(crate) fn check_run_devices(
+    device: &str,
+    dtype: Option<Dtype>,
+    devices: Option<&str>,
+) -> Result<(), String> {
+    let list = match devices {
+        Some(s) => crate::parallel::parse_devices(s).map_err(|e| format!("train.devices: {e}"))?,
+        None => vec![device.to_string()],
+    };
+    if dtype == Some(Dtype::F64) && list.iter().any(|d| d != "cpu") {
+        return Err(
+            "model.dtype: f64 runs on the CPU only (the CUDA kernels take f32, bf16 and f16)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn check(ok: bool, path: &str, rule: &str, got: impl Display) -> Result<(), String> {

@@ -61,6 +61,8 @@ pub enum Dtype {
     F32,
     Bf16,
     F16,
+    /// CPU only: weights, adapters and moments in f64, for tests that compare runs to 1e-12.
+    F64,
 }
 
 impl Dtype {
@@ -70,6 +72,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
+            Dtype::F64 => "f64",
         }
     }
 }
@@ -408,6 +411,10 @@ pub struct TrainSection {
     /// Recompute each decoder block in the backward pass instead of keeping its activations
     /// (about a third more compute, a fraction of the memory).
     pub recompute: bool,
+    /// Data parallel: one replica per device, e.g. `cpu*2`, `cuda:0,cuda:1` or `cuda*4`
+    /// (`--devices` sets it too). `data.batch_size` is then per device, so a step sees
+    /// `devices x batch_size` windows. Unset: `model.device` alone.
+    pub devices: Option<String>,
 }
 
 impl Default for TrainSection {
@@ -419,6 +426,7 @@ impl Default for TrainSection {
             checkpoint_every: 25,
             keep_checkpoints: 0,
             recompute: false,
+            devices: None,
         }
     }
 }
@@ -594,7 +602,9 @@ mod load;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use check::{at_least_one, check, check_device, non_negative, positive};
+pub(crate) use check::{
+    at_least_one, check, check_device, check_run_devices, non_negative, positive,
+};
 pub use load::{
     apply_overrides, field_paths, leaf_paths, load, load_typed, parse_str, parse_typed, Typed,
 };
