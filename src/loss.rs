@@ -45,7 +45,8 @@ pub enum MaTarget {
 pub fn ma_penalty(hidden: &[&Tensor], threshold: f64, target: &MaTarget) -> CResult<Tensor> {
     let mut total: Option<Tensor> = None;
     for h in hidden {
-        let h = h.to_dtype(DType::F32)?;
+        // f32, or f64 in an f64 run (whose exactness tests compare to 1e-12).
+        let h = h.to_dtype(crate::ops::acc(h.dtype()))?;
         let (b, _, d) = h.dims3()?;
         let excess = (h.abs()? - threshold)?.relu()?.sqr()?; // (B, T, D)
         let masked = match target {
@@ -55,9 +56,9 @@ pub fn ma_penalty(hidden: &[&Tensor], threshold: f64, target: &MaTarget) -> CRes
                 for &i in dims.iter().filter(|&&i| i < d) {
                     m[i] = 1.0;
                 }
-                excess.broadcast_mul(&Tensor::from_vec(m, d, h.device())?)?
+                excess.broadcast_mul(&Tensor::from_vec(m, d, h.device())?.to_dtype(h.dtype())?)?
             }
-            MaTarget::Ratio(ratio) => excess.mul(&ratio_mask(&h, *ratio)?)?,
+            MaTarget::Ratio(ratio) => excess.mul(&ratio_mask(&h, *ratio)?.to_dtype(h.dtype())?)?,
         };
         let p = (masked.sum_all()? / (b as f64 * threshold * threshold))?;
         total = Some(match total {
@@ -74,7 +75,7 @@ pub fn ma_penalty(hidden: &[&Tensor], threshold: f64, target: &MaTarget) -> CRes
 /// 1 where |h| >= ratio * median(|h|) of that sample, else 0; a constant (no gradient).
 fn ratio_mask(h: &Tensor, ratio: f64) -> CResult<Tensor> {
     let (b, t, d) = h.dims3()?;
-    let vals: Vec<f32> = h.abs()?.flatten_all()?.to_vec1()?;
+    let vals: Vec<f32> = h.abs()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let mut mask = vec![0f32; vals.len()];
     for s in 0..b {
         let chunk = &vals[s * t * d..(s + 1) * t * d];

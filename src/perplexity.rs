@@ -21,7 +21,9 @@ pub struct Perplexity {
 pub fn nll_sum(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let t = ids.dim(1)?;
     let logp = candle_nn::ops::log_softmax(
-        &logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?,
+        &logits
+            .narrow(1, 0, t - 1)?
+            .to_dtype(crate::ops::acc(logits.dtype()))?,
         D::Minus1,
     )?; // (B, T-1, V)
     let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?; // (B, T-1, 1)

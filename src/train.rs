@@ -284,7 +284,7 @@ fn losses(
         let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();
         ma_penalty(&hs, r.loss.ma.threshold, &s.ma_target)?
     } else {
-        Tensor::zeros((), candle_core::DType::F32, ids.device())?
+        Tensor::zeros((), hold.dtype(), ids.device())?
     };
     let total = ((&hold * r.loss.hold.weight)? + (&ma * r.loss.ma.weight)?)?;
     Ok((total, hold, ma))

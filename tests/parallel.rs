@@ -130,13 +130,12 @@ fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
         .collect()
 }
 
-/// max |a - b| / max(|a|, |b|, 1e-30) over two equal-shaped lists of numbers.
+/// max |a - b| / max |a| over two equal-shaped lists of numbers (a tensor's relative error).
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1e-30))
-        .fold(0.0, f64::max)
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let scale = a.iter().chain(b).map(|x| x.abs()).fold(0.0, f64::max);
+    diff / scale.max(1e-300)
 }
 
 /// Every tensor of two safetensors files agrees to `tol` relative; returns the worst.
@@ -164,50 +163,78 @@ fn same_tensors(a: &Path, b: &Path, tol: f64) -> f64 {
     worst
 }
 
-/// The loss curve and everything else logged agree to `tol` relative.
-fn same_curves(a: &Path, b: &Path, tol: f64) {
+/// The training curves (loss terms, grad norm, lr) agree to `tol` relative, each curve taken
+/// as one vector (a term that starts at rounding noise, like the KL of a student equal to its
+/// teacher, is measured against the curve's own scale); the evaluations, which run in f32
+/// whatever the training dtype, to `eval_tol`. Returns the worst training curve's error.
+fn same_curves(a: &Path, b: &Path, tol: f64, eval_tol: f64) -> f64 {
     let (sa, sb) = (scalars(a), scalars(b));
     assert_eq!(sa.len(), sb.len());
-    assert!(sa.iter().any(|(t, _, _)| t == "train/loss"));
-    for ((ta, st, va), (tb, sbs, vb)) in sa.iter().zip(&sb) {
-        assert_eq!((ta, st), (tb, sbs));
-        let r = rel(&[*va], &[*vb]);
-        assert!(r <= tol, "{ta} at step {st}: {va} vs {vb} ({r:e})");
+    let keys = |s: &[(String, u64, f64)]| -> Vec<(String, u64)> {
+        s.iter().map(|(t, st, _)| (t.clone(), *st)).collect()
+    };
+    assert_eq!(keys(&sa), keys(&sb));
+    let mut tags: Vec<&String> = sa.iter().map(|(t, _, _)| t).collect();
+    tags.dedup();
+    assert!(tags.iter().any(|t| *t == "train/loss"));
+    let mut worst = 0f64;
+    for tag in tags {
+        let curve = |s: &[(String, u64, f64)]| -> Vec<f64> {
+            s.iter().filter(|(t, _, _)| t == tag).map(|(_, _, v)| *v).collect()
+        };
+        let r = rel(&curve(&sa), &curve(&sb));
+        let bar = if tag.starts_with("train/") { tol } else { eval_tol };
+        assert!(r <= bar, "{tag}: {:?} vs {:?} ({r:e})", curve(&sa), curve(&sb));
+        if tag.starts_with("train/") {
+            worst = worst.max(r);
+        }
     }
+    worst
 }
 
 fn run_ok(mut c: Command) {
     ok(&c.output().unwrap());
 }
 
+/// At 1e-12 with the next-token hold loss: the default recipe's KL to a teacher equal to the
+/// student at the start is a sum of order-1 terms that cancel to 1e-16..1e-5, and its
+/// suppression term on the planted checkpoint a sum of ~1e4 terms (squares of the ~19,000
+/// activation) that cancel to ~1e-6, so f64 rounding alone moves those by 1e-12..1e-8
+/// relative whatever the batch split: that configuration is held to 1e-6 (its f32
+/// evaluations, KLs near zero, to 1e-4).
 #[test]
 fn train_on_n_ranks_matches_one_rank_with_n_times_the_batch() {
-    for n in [2usize, 3] {
-        let one = dir(&format!("train-one-{n}"));
-        let many = dir(&format!("train-many-{n}"));
-        let whole = format!("data.batch_size={}", 2 * n);
-        let devices = format!("cpu*{n}");
-        run_ok(train_cmd(&one, &["model.dtype=f64", &whole]));
-        run_ok(train_cmd(
-            &many,
-            &["model.dtype=f64", "data.batch_size=2", "--devices", &devices],
-        ));
-        let w = same_tensors(
-            &one.join("final/adapter.safetensors"),
-            &many.join("final/adapter.safetensors"),
-            1e-12,
-        );
-        let m = same_tensors(
-            &one.join("checkpoints/step-000004/optim.safetensors"),
-            &many.join("checkpoints/step-000004/optim.safetensors"),
-            1e-12,
-        );
-        same_curves(&one, &many, 1e-12);
-        eprintln!("train N={n}: adapters within {w:e}, moments within {m:e}");
-        // The adapters moved: the comparison is not of two untouched starts.
-        let init = tensors(&one.join("best/adapter.safetensors"));
-        let fin = tensors(&one.join("final/adapter.safetensors"));
-        assert!(init.iter().any(|(k, v)| rel(v, &fin[k]) > 1e-6));
+    let lm: &[&str] = &["loss.hold.kind=lm", "loss.ma.weight=0"];
+    for (label, losses, tol, eval_tol) in [("lm", lm, 1e-12, 1e-6), ("kl+ma", &[][..], 1e-6, 1e-4)] {
+        for n in [2usize, 3] {
+            let one = dir(&format!("train-one-{label}-{n}"));
+            let many = dir(&format!("train-many-{label}-{n}"));
+            let whole = format!("data.batch_size={}", 2 * n);
+            let devices = format!("cpu*{n}");
+            let mut a = vec!["model.dtype=f64"];
+            a.extend_from_slice(losses);
+            run_ok(train_cmd(&one, &[&a[..], &[&whole]].concat()));
+            let split = ["data.batch_size=2", "--devices", &devices];
+            run_ok(train_cmd(&many, &[&a[..], &split].concat()));
+            let w = same_tensors(
+                &one.join("final/adapter.safetensors"),
+                &many.join("final/adapter.safetensors"),
+                tol,
+            );
+            let m = same_tensors(
+                &one.join("checkpoints/step-000004/optim.safetensors"),
+                &many.join("checkpoints/step-000004/optim.safetensors"),
+                tol,
+            );
+            let c = same_curves(&one, &many, tol, eval_tol);
+            eprintln!(
+                "train {label} N={n}: adapters within {w:e}, moments within {m:e}, train curves within {c:e}"
+            );
+            // The adapters moved between steps 2 and 4: not a comparison of two still states.
+            let mid = tensors(&one.join("checkpoints/step-000002/adapter.safetensors"));
+            let fin = tensors(&one.join("final/adapter.safetensors"));
+            assert!(mid.iter().any(|(k, v)| rel(v, &fin[k]) > 1e-6));
+        }
     }
 }
 
@@ -233,13 +260,13 @@ fn pretrain_on_n_ranks_matches_one_rank_with_n_times_the_batch() {
             let f = format!("checkpoints/step-000006/optim-{g}.safetensors");
             m = m.max(same_tensors(&one.join(&f), &many.join(&f), 1e-12));
         }
-        same_curves(&one, &many, 1e-12);
+        let c = same_curves(&one, &many, 1e-12, 1e-6);
         let summary = |d: &Path| -> Value {
             serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
                 .unwrap()
         };
         assert_eq!(summary(&one)["tokens"], summary(&many)["tokens"]);
-        eprintln!("pretrain N={n}: weights within {w:e}, moments within {m:e}");
+        eprintln!("pretrain N={n}: weights within {w:e}, moments within {m:e}, train curves within {c:e}");
     }
 }
 

@@ -49,14 +49,15 @@ impl CustomOp2 for KlOp {
         let hs = h.reshape(((), d))?; // (B*T, D)
         let ht = self.teacher.reshape(((), d))?;
         let rows = hs.dim(0)?;
-        let k = (g.to_dtype(DType::F64)?.to_scalar::<f64>()? * self.tau / rows as f64) as f32;
+        // Rounded by the multiply to the gradient's own dtype (f64 in an f64 run).
+        let k = g.to_dtype(DType::F64)?.to_scalar::<f64>()? * self.tau / rows as f64;
         let step = self.rows_per_chunk;
         let mut parts = vec![];
         for r0 in (0..rows).step_by(step) {
             let n = step.min(rows - r0);
             let ps = log_probs(&hs, &w, r0, n, self.tau)?.exp()?;
             let pt = log_probs(&ht, &w, r0, n, self.tau)?.exp()?;
-            let dlogits = ((ps - pt)? * k as f64)?.to_dtype(h.dtype())?; // (n, V)
+            let dlogits = ((ps - pt)? * k)?.to_dtype(h.dtype())?; // (n, V)
             parts.push(dlogits.matmul(&w)?); // (n, D)
         }
         Ok((Some(Tensor::cat(&parts, 0)?.reshape(h.shape())?), None))
