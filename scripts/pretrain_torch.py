@@ -6,6 +6,12 @@ plus 1023 tokens). Trains for --seconds and prints tokens/s and the peak memory,
 scripts/gpu-pretrain-speed.sh sets eabfit's against in the same call.
 
     python scripts/pretrain_torch.py CORPUS_DIR [--batch 32] [--seconds 45] [--compile]
+
+Under torchrun it is PyTorch DDP, the reference for `eabfit pretrain --devices cuda*N`: one
+process per GPU, --batch windows per GPU, gradients all-reduced by DDP's bucketed hooks
+(overlapped with the backward pass), and rank 0 prints the tokens/s of all ranks together:
+
+    torchrun --nproc_per_node N scripts/pretrain_torch.py CORPUS_DIR --batch 16
 """
 
 import argparse
@@ -15,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -28,6 +35,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
+    # torchrun sets WORLD_SIZE/LOCAL_RANK; run alone, this is a world of one.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    if world > 1:
+        dist.init_process_group("nccl")
 
     meta = json.load(open(os.path.join(a.corpus, "corpus.json")))
     tokens = np.fromfile(os.path.join(a.corpus, "train.bin"), dtype="<u4")
@@ -42,16 +56,20 @@ def main():
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda()
     params = sum(p.numel() for p in model.parameters())
+    step_fn = model
+    if world > 1:
+        # Same seed on every rank: DDP also broadcasts rank 0's weights at construction.
+        step_fn = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local])
     decay = [p for nm, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for nm, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=True,
     )
-    step_fn = model
     if a.compile:
-        step_fn = torch.compile(model)
-    rng = np.random.default_rng(0)
+        step_fn = torch.compile(step_fn)
+    # Each rank draws its own windows: a different stream per rank.
+    rng = np.random.default_rng(rank)
     bos = np.full((a.batch, 1), meta["bos_id"], dtype=np.int64)
 
     def batch():
@@ -78,16 +96,29 @@ def main():
             torch.cuda.synchronize()
             start = time.time()
         elif step > 5:
-            done += ids.numel()
-            if time.time() - start >= a.seconds:
+            done += ids.numel() * world
+            # Rank 0's clock decides for all, so every rank takes the same number of steps.
+            stop = torch.tensor([float(time.time() - start >= a.seconds)], device="cuda")
+            if world > 1:
+                dist.broadcast(stop, 0)
+            if stop.item() > 0:
                 loss = out.loss.item()
                 break
     torch.cuda.synchronize()
     wall = time.time() - start
+    if world > 1:
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device="cuda")
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    else:
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated())])
     print(f"torch {torch.__version__} transformers LlamaForCausalLM sdpa"
-          f"{' compiled' if a.compile else ''}: {params} parameters, batch {a.batch}, "
+          f"{' compiled' if a.compile else ''}{f' DDP x{world}' if world > 1 else ''}: "
+          f"{params} parameters, batch {a.batch}{' per GPU' if world > 1 else ''}, "
           f"{step} steps, loss {loss:.4f}")
-    print(f"{done / wall:.0f} tokens/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
+    print(f"{done / wall:.0f} tokens/s, peak {peak.item() / 2**30:.1f} GiB, "
           f"{1000 * wall / (step - 5):.1f} ms/step")
 
 

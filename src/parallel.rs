@@ -42,9 +42,14 @@ pub fn parse_devices(spec: &str) -> std::result::Result<Vec<String>, String> {
         None => spec.split(',').map(|d| d.trim().to_string()).collect(),
     };
     for d in &list {
-        crate::recipe::check_device("", d).map_err(|_| {
-            format!("`{spec}`: `{d}` is not a device (expected cpu, cuda or cuda:N)")
-        })?;
+        let ok = d == "cpu"
+            || d == "cuda"
+            || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !ok {
+            return Err(format!(
+                "`{spec}`: `{d}` is not a device (expected cpu, cuda or cuda:N)"
+            ));
+        }
     }
     let cpu = list.iter().filter(|d| d.as_str() == "cpu").count();
     if cpu != 0 && cpu != list.len() {
@@ -72,6 +77,16 @@ pub fn run_devices(model_device: &str, devices: Option<&str>) -> Result<Vec<Stri
     match devices {
         None => Ok(vec![model_device.to_string()]),
         Some(s) => parse_devices(s).map_err(|e| Error::Usage(format!("train.devices: {e}"))),
+    }
+}
+
+/// A resume at another world size changes the global batch, so it continues the run but not
+/// the one the checkpoint came from.
+pub fn warn_world(saved: usize, now: usize) {
+    if saved != now {
+        eprintln!(
+            "note: the checkpoint was written by {saved} device(s), this run has {now}: each step now sees {now} x data.batch_size windows, so this is not an exact resume"
+        );
     }
 }
 

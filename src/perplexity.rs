@@ -3,7 +3,7 @@
 use crate::data::Windows;
 use crate::model::Model;
 use crate::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]

@@ -460,7 +460,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>, rank: &mut Rank) -> Result<Option
         opt.load(&ck.join("optim.safetensors"), state.step)?;
         if main {
             eprintln!("resuming from {} at step {}", ck.display(), state.step);
-            warn_world(state.world, rank.world);
+            parallel::warn_world(state.world, rank.world);
         }
         state.world = rank.world;
     }
@@ -629,16 +629,6 @@ fn run(recipe: &Recipe, resume: Option<&Path>, rank: &mut Rank) -> Result<Option
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
     Ok(Some((out_dir, summary)))
-}
-
-/// A resume at another world size changes the global batch, so it continues the run but not
-/// the one the checkpoint came from.
-pub(crate) fn warn_world(saved: usize, now: usize) {
-    if saved != now {
-        eprintln!(
-            "note: the checkpoint was written by {saved} device(s), this run has {now}: each step now sees {now} x data.batch_size windows, so this is not an exact resume"
-        );
-    }
 }
 
 pub fn one_line(f: &EvalFigures) -> String {

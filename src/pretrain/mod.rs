@@ -412,7 +412,7 @@ fn run(
         opt.load(&ck, state.step)?;
         if main {
             eprintln!("resuming from {} at step {}", ck.display(), state.step);
-            crate::train::warn_world(state.world, rank.world);
+            parallel::warn_world(state.world, rank.world);
         }
         state.world = rank.world;
     }
