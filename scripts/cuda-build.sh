@@ -14,10 +14,15 @@
 #   4. runs `cargo build --release --features cuda [EXTRA ARGS]` into <repo>/target-cuda
 #      (git-ignored), with CUDA_COMPUTE_CAP=90 and CUDARC_CUDA_VERSION=13000
 #      (`cargo test` instead of `cargo build` when EXTRA ARGS hold --no-run);
+#   4b. with `--features nccl` (data parallel over GPUs, docs/parallel.md): installs NCCL from
+#      the PyPI wheel nvidia-nccl-cu13 into $EABFIT_CUDA_DIR/nccl (its own stamp, so the CUDA
+#      wheels above stay as they are) and adds the libnccl.so link the linker needs to the
+#      CUDA lib folder;
 #   5. copies the stripped release binary to <repo>/.device-bin/eabfit (git-ignored), or,
 #      when that is over the 64 MiB carry limit, .device-bin/eabfit.xz instead.
 #
 # Run:   scripts/cuda-build.sh                       # release binary
+#        scripts/cuda-build.sh --features nccl       # with NCCL (several GPUs)
 #        scripts/cuda-build.sh --tests --no-run      # also the test binaries, cuda feature on
 #        scripts/cuda-build.sh --bin eabfit
 # Extra args go to cargo as they are; test binaries show as "Executable ..." lines.
@@ -29,6 +34,9 @@
 # the script runs `cargo fetch` if it is missing).
 # On the GPU machine run the binary with
 #   LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+# and, built with nccl, .../site-packages/nvidia/nccl/lib added to it: such a binary links
+# libnccl.so.2 dynamically (candle forces cudarc's dynamic linking), so it needs the library at
+# start even on one GPU, where it never calls it. Without the feature nothing needs NCCL.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -89,6 +97,25 @@ if [ ! -f "$stub_dir/libcuda.so" ]; then
   gcc -shared -fPIC -O0 -w -Wl,-soname,libcuda.so.1 -o "$work/libcuda.so" "$work/libcuda_stub.c"
   mv "$work/libcuda.so" "$stub_dir/libcuda.so"
   log "stub $stub_dir/libcuda.so with $n driver symbols"
+fi
+
+# 4b. NCCL, only for --features nccl ------------------------------------------------------------
+nccl_wheel=nvidia-nccl-cu13==2.32.3
+nccl_dir=$cuda_dir/nccl
+nccl_lib=$nccl_dir/nvidia/nccl/lib
+if [[ " $* " == *nccl* ]]; then
+  if [ ! -f "$nccl_dir/.installed" ] || [ "$(cat "$nccl_dir/.installed")" != "$nccl_wheel" ]; then
+    log "installing $nccl_wheel into $nccl_dir ..."
+    rm -rf "$nccl_dir.part"
+    python3 -m pip install -q --no-deps --target "$nccl_dir.part" "$nccl_wheel"
+    rm -rf "$nccl_dir"
+    mv "$nccl_dir.part" "$nccl_dir"
+    echo "$nccl_wheel" > "$nccl_dir/.installed"
+  fi
+  [ -e "$nccl_lib/libnccl.so.2" ] || { log "missing $nccl_lib/libnccl.so.2"; exit 1; }
+  # In the CUDA lib folder already on the link path: RUSTFLAGS stay as they are, so a
+  # target dir built without nccl is reused (only cudarc, candle and eabfit rebuild).
+  [ -e "$cu13/lib/libnccl.so" ] || ln -s "$nccl_lib/libnccl.so.2" "$cu13/lib/libnccl.so"
 fi
 
 # 4. build ----------------------------------------------------------------------------------
