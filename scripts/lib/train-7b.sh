@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The real commands at 7B scale on the GPU machine: a LLaMA-2-7B-shaped checkpoint with random
-# bf16 weights written as sharded Hugging Face safetensors (scripts/random_checkpoint.py), then
+# bf16 weights written as sharded Hugging Face safetensors (scripts/lib/random_checkpoint.py), then
 # `eabfit train recipes/llama2-7b-eab.yaml` at seq 2048, batch 4 (slots in every layer + LoRA r16
 # on layer 1's MLP, KL teacher), `eabfit verify` and `eabfit export`. train prints tokens/s and the
 # peak device memory.
 #
 # Run from the repo root on the GPU machine with .device-bin (scripts/cuda-build.sh) and the
 # Shakespeare texts (.cache/assets/shakespeare, from scripts/fetch-assets.sh) carried:
-#   scripts/gpu-train-7b.sh            # logs and summaries under $OUT (default ./train-7b-out)
+#   scripts/gpu.sh train-7b            # logs and summaries under $OUT (default ./train-7b-out)
 # Environment: TRAIN_STEPS (8), SHAPE (llama2-7b; `tiny` for a smoke run), EABFIT_BIN, PYTHON.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=${OUT:-./train-7b-out}
 mkdir -p "$out"
 py=${PYTHON:-/opt/torch/.venv/bin/python}
@@ -28,7 +28,7 @@ fi
 text=.cache/assets/shakespeare
 model=$work/model
 t0=$(date +%s)
-[ -f "$model/config.json" ] || "$py" scripts/random_checkpoint.py --shape "${SHAPE:-llama2-7b}" --text "$text" --out "$model" | tee "$out/checkpoint.log"
+[ -f "$model/config.json" ] || "$py" scripts/lib/random_checkpoint.py --shape "${SHAPE:-llama2-7b}" --text "$text" --out "$model" | tee "$out/checkpoint.log"
 echo "checkpoint ready after $(( $(date +%s) - t0 )) s" | tee -a "$out/checkpoint.log"
 # Random weights have no massive activations, so LoRA goes on a listed layer instead of `birth`.
 over=(model.path="$model" data.train=$text data.eval=$text/hamlet_gut.txt data.seq_len=2048

@@ -1,6 +1,6 @@
 """Curves of issue 14's pretraining runs from eabfit's scalars (TB_DIR/NAME/scalars.jsonl).
 
-    python scripts/pretrain_curves.py TB_DIR OUT.png NAME [NAME ...]
+    python scripts/lib/pretrain_curves.py TB_DIR OUT.png NAME [NAME ...]
 
 Writes every scalar of the named runs to curves.csv beside OUT.png and, where matplotlib
 imports, plots the ones the issue asks for against the tokens seen: validation perplexity,

@@ -3,9 +3,9 @@ the same config as recipes/pretrain-default.yaml (122.7M parameters, SDPA attent
 weights under bf16 autocast, fused torch AdamW with the same groups (no decay on norms), the same
 warmup and gradient clipping, on the same corpus folder `eabfit tokenize` wrote (windows of BOS
 plus 1023 tokens). Trains for --seconds and prints tokens/s and the peak memory, the figures
-scripts/gpu-pretrain-speed.sh sets eabfit's against in the same call.
+scripts/lib/pretrain-speed.sh sets eabfit's against in the same call.
 
-    python scripts/pretrain_torch.py CORPUS_DIR [--batch 32] [--seconds 45] [--compile]
+    python scripts/lib/pretrain_torch.py CORPUS_DIR [--batch 32] [--seconds 45] [--compile]
 """
 
 import argparse

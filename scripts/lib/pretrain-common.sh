@@ -1,7 +1,7 @@
 # Sourced by the issue-14 GPU scripts (gpu-pretrain.sh, -sweep, -pair, -speed): the eabfit
 # binary, the CUDA libraries and the token corpus, each set up once per warm machine.
 # Expects: cwd = repo root with .device-bin carried (scripts/cuda-build.sh;
-# scripts/gpu-pretrain.sh --pack), or $EABFIT_BIN naming a binary. Sets: bin, py, work, corpus, src, tok_dir; defines log.
+# scripts/gpu.sh pack-tokenizer), or $EABFIT_BIN naming a binary. Sets: bin, py, work, corpus, src, tok_dir; defines log.
 work=${WORK:-/tmp/eabfit-pretrain}
 src=${SRC:-/opt/torch/.venv/lib/python3.12/site-packages}
 tok_dir=.device-bin/smollm2-tokenizer
@@ -20,7 +20,7 @@ if [ -n "${EABFIT_BIN:-}" ]; then cp "$EABFIT_BIN" "$bin"; elif [ -f .device-bin
   "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     .device-bin/eabfit.xz "$bin"; fi
 chmod +x "$bin"
-[ -f "$tok_dir/tokenizer.json" ] || { echo "no $tok_dir: run scripts/gpu-pretrain.sh --pack on the build machine" >&2; exit 1; }
+[ -f "$tok_dir/tokenizer.json" ] || { echo "no $tok_dir: run scripts/gpu.sh pack-tokenizer on the build machine" >&2; exit 1; }
 
 # The corpus: every *.py under $src, <|endoftext|> as BOS and separator, 0.5% of files held out.
 # Reused while the machine stays warm.

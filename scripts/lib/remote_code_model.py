@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""A random-weight Hugging Face folder of a given shape, for scripts/gpu-remote-code.sh.
+"""A random-weight Hugging Face folder of a given shape, for scripts/lib/remote-code.sh.
 
-    python scripts/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral, tiny-llama3
+    python scripts/lib/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral, tiny-llama3
 
 Writes config.json + model.safetensors (transformers' own init, seed 0), a word-level tokenizer
 over w0..w{V-1} (no BOS added, no EOS, so greedy decoding runs its full length), train.txt

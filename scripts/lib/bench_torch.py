@@ -21,8 +21,8 @@ lm_head, counted even when tied); train 6N per token (teacher 2N + student forwa
 2N: frozen weights need activation gradients only), forward 2N; MFU against 989e12 (H200 dense
 bf16). Peak memory: torch.cuda.max_memory_allocated over the steps (weights included).
 
-  python scripts/bench_torch.py --shape llama2-7b --mode train --seq 2048 --batch 4
-  python scripts/bench_torch.py --shape tiny --device cpu --dtype f32 --steps 2 --warmup 1
+  python scripts/lib/bench_torch.py --shape llama2-7b --mode train --seq 2048 --batch 4
+  python scripts/lib/bench_torch.py --shape tiny --device cpu --dtype f32 --steps 2 --warmup 1
 
 Exit codes: 0 ok, 3 out of memory (so a script can retry smaller), 1 other errors.
 """

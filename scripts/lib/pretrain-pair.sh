@@ -15,10 +15,10 @@
 #               the sink's job before an outlier forms?)
 #   eab-nobos   the same slots with position 0 (the BOS) hidden from every query
 #               (eab.mask_first_token): the slot is then the only key all queries share
-# Each call:  scripts/gpu-pretrain-pair.sh          # trains $PAIR_S seconds in all (pretrain
+# Each call:  scripts/gpu.sh pretrain-pair          # trains $PAIR_S seconds in all (pretrain
 #             --max-seconds; each run its share, one after another unless PARALLEL=1),
 #             resuming each run from its newest checkpoint
-# Last call:  FINISH=1 PAIR_S=300 scripts/gpu-pretrain-pair.sh
+# Last call:  FINISH=1 PAIR_S=300 scripts/gpu.sh pretrain-pair
 #             trains every run to the same step (the one all can reach in $PAIR_S seconds at
 #             their last measured rates, or the step of the run furthest ahead when that is
 #             later: give PAIR_S room for the runs behind to catch up), then scans each on 16 held-out windows of 1023 tokens
@@ -29,10 +29,10 @@
 # $OUT (at most 8 files): pair.tgz (logs, scalars, scans, summaries), summary.txt, and with
 # FINISH=1 curves.png, scan-overlay.png, scan-default.png, scan-eab.png, scan-eab-lr10.png.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=${OUT:-./gpu-pretrain-pair-out}
 mkdir -p "$out"
-. scripts/gpu-pretrain-common.sh
+. scripts/lib/pretrain-common.sh
 pair_s=${PAIR_S:-420}
 setting=${SETTING:-data.batch_size=32 optim.lr=1e-3 optim.weight_decay=0.1 optim.warmup_steps=300 optim.min_lr_ratio=1.0}
 read -r -a runs <<< "${RUNS:-default eab eab-lr10}"
@@ -116,7 +116,7 @@ if [ "${FINISH:-0}" = 1 ]; then
   done
   # The overlay takes two scans: the default model and the first twin.
   [ ${#scans[@]} -ge 2 ] && "$bin" plot "${scans[@]:0:2}" --out "$out/scan-overlay.png"
-  "$py" scripts/pretrain_curves.py "$pair/tb" "$pair/curves.png" "${runs[@]}" 2>&1 | tee -a "$work/logs/summary.txt"
+  "$py" scripts/lib/pretrain_curves.py "$pair/tb" "$pair/curves.png" "${runs[@]}" 2>&1 | tee -a "$work/logs/summary.txt"
   cp "$pair/curves.png" "$out/" 2>/dev/null
   model=$pair/default/final
   [ "${RETROFIT_STEPS:-60}" -gt 0 ] && [ -f "$model/config.json" ] && retrofit "$model" "$pair"

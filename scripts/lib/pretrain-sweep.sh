@@ -14,16 +14,16 @@
 #   eab-b8      b8 with a slot per layer (v' zeros, k' normal 0.02, no decay): b8's twin
 # $SWEEP_RUNS replaces the list (a line a run: its name, then its overrides).
 # First, while the corpus is tokenized on the CPU ($SRC, every *.py: ~115M tokens), the CUDA
-# tests run (scripts/gpu-test.sh cuda). Run from the repo root with .device-bin carried:
-#   scripts/gpu-pretrain-sweep.sh
+# tests run (scripts/lib/cuda-tests.sh cuda). Run from the repo root with .device-bin carried:
+#   scripts/gpu.sh pretrain-sweep
 # $OUT: sweep.txt (the table), sweep.png, sweep.tgz (logs, scalars, summaries), gpu-test.txt.
 # The table's pick is the default-attention run with the highest top-1/median among those whose
 # top-1 sits in one dim on the first token (the paper's shape) in most windows, if any.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=${OUT:-./gpu-pretrain-sweep-out}
 mkdir -p "$out"
-. scripts/gpu-pretrain-common.sh
+. scripts/lib/pretrain-common.sh
 sweep_s=${SWEEP_S:-380}
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$work/logs/summary.txt"
@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$work/l
 RAYON_NUM_THREADS=12 tokenize_corpus &
 tok_pid=$!
 tmp=$(mktemp -d)
-OUT=$tmp scripts/gpu-test.sh cuda > "$out/gpu-test.txt" 2>&1
+OUT=$tmp scripts/lib/cuda-tests.sh cuda > "$out/gpu-test.txt" 2>&1
 echo "gpu-test exit $?" >> "$out/gpu-test.txt"
 cat "$tmp"/gpu-test/*.log >> "$out/gpu-test.txt" 2>/dev/null
 grep -E "^test |test result|exit" "$out/gpu-test.txt" | tee -a "$work/logs/summary.txt"

@@ -4,19 +4,19 @@
 # Mistral-shaped model whose sliding window is shorter than the test sequence, and a tiny LLaMA-3
 # with llama3 RoPE scaling; random weights)
 # and per mask_first_token (false, true): train 3 steps of slots + LoRA from a wide random slot
-# init, export, then scripts/remote_code_compare.py checks that the folder refuses to load
+# init, export, then scripts/lib/remote_code_compare.py checks that the folder refuses to load
 # without trust_remote_code, that its f32 logits are within 1e-4 (max relative) of eabfit's
 # (base + adapter, not the export) and that 32 greedy tokens of generate() equal eabfit generate.
 #
-#   scripts/gpu-remote-code.sh                       # results under $OUT (default ./remote-code-out)
-#   EABFIT_BIN=target/release/eabfit SHAPES="tiny tiny-mistral" DEVICE=cpu scripts/gpu-remote-code.sh
+#   scripts/gpu.sh remote-code                       # task `remote-code`; results under $OUT (default ./remote-code-out)
+#   EABFIT_BIN=target/release/eabfit SHAPES="tiny tiny-mistral" DEVICE=cpu scripts/lib/remote-code.sh   # on a CPU
 #
 # EABFIT_BIN: the eabfit binary (default .device-bin/eabfit); PYTHON: python with torch and
 # transformers (default /opt/torch/.venv/bin/python, else python3); DEVICE: torch device for
 # transformers (default cuda when available). eabfit itself runs on the CPU in f32.
 # Prints one table; writes $OUT/remote-code.json and per case $OUT/<case>.json and logs.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-remote-code-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -43,7 +43,7 @@ status=0
 cases=()
 for shape in $SHAPES; do
   m=$work/$shape
-  if ! "$PY" scripts/remote_code_model.py "$m" "$shape" > "$OUT/$shape-model.log" 2>&1; then
+  if ! "$PY" scripts/lib/remote_code_model.py "$m" "$shape" > "$OUT/$shape-model.log" 2>&1; then
     echo "FAIL $shape: building the random model (see $OUT/$shape-model.log)"; tail -5 "$OUT/$shape-model.log"; status=1; continue
   fi
   for mask in false true; do
@@ -67,7 +67,7 @@ for shape in $SHAPES; do
       echo "FAIL $name: an eabfit step failed (see $log)"; tail -5 "$log"; status=1; continue
     fi
     echo "=== $name"
-    "$PY" scripts/remote_code_compare.py $work/$name-export $work/$name-logits.json $work/$name-generate.json \
+    "$PY" scripts/lib/remote_code_compare.py $work/$name-export $work/$name-logits.json $work/$name-generate.json \
       --tol 1e-4 --json "$OUT/$name.json" "${DEVARG[@]}" < /dev/null 2>> "$log" | tee -a "$log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     cases+=("$name")

@@ -1,6 +1,6 @@
 """How fast each pretraining run's outlier grows, from the curves.csv pretrain_curves.py writes.
 
-    python scripts/pretrain_growth.py CURVES.csv [STEP_FROM STEP_TO ...]
+    python scripts/lib/pretrain_growth.py CURVES.csv [STEP_FROM STEP_TO ...]
 
 For each run and each step range (default: the whole run), the least-squares slope of the
 evaluations' max top-1/median |h| per million tokens, how far the evaluations stray from that

@@ -1,7 +1,7 @@
-"""Per-kernel GPU time from `ncu --csv --metrics gpu__time_duration.sum` (scripts/gpu-profile.sh
+"""Per-kernel GPU time from `ncu --csv --metrics gpu__time_duration.sum` (scripts/lib/profile.sh
 writes it), summed by kernel name, largest first.
 
-    python3 scripts/profile_summary.py PROFILE.txt[.xz] [--top 30] [--step N]
+    python3 scripts/lib/profile_summary.py PROFILE.txt[.xz] [--top 30] [--step N]
 
 --step N keeps one pretraining step of the `pretrain` shape: the launches from the (N+1)-th
 embedding lookup (`is_u32_*`: the first is the evaluation before step 1) up to the next one,

@@ -4,7 +4,7 @@
 #
 # On the build machine: scripts/cuda-build.sh            (-> .device-bin/eabfit[.xz])
 # On the GPU machine, from the repo root with .device-bin carried:
-#   scripts/gpu-oom-check.sh
+#   scripts/gpu.sh oom
 # It writes a random LLaMA-shaped model with a word-level tokenizer and a long context (no
 # download; plain Python, no packages) under $OUT/oom (OUT default ./gpu-oom-out), then runs
 #   eabfit bench --shape llama2-7b --device cuda --batch 64 --seq 2048 --steps 1 --warmup 0
@@ -14,12 +14,12 @@
 # and checks each message. Exit status: non-zero if any check failed.
 set -uo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
 export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 out=${OUT:-./gpu-oom-out}/oom
 mkdir -p "$out"
-bin=$repo/.device-bin/eabfit
+bin=${EABFIT_BIN:-$repo/.device-bin/eabfit}
 if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
   py=$(command -v python3 || echo /opt/torch/.venv/bin/python)
   "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$bin.xz" "$out/eabfit"

@@ -4,10 +4,10 @@
 #
 # On the build machine, once (the SmolLM2 GGUF is 98 MB, too big to carry; its tokenizer is 1.5 MB):
 #   scripts/cuda-build.sh                 # .device-bin/eabfit (or eabfit.xz), cuda feature
-#   scripts/gpu-pretrain.sh --pack        # .device-bin/smollm2-tokenizer/, written by eabfit
+#   scripts/gpu.sh pack-tokenizer        # .device-bin/smollm2-tokenizer/, written by eabfit
 #                                         # from the fetched GGUF (scripts/fetch-assets.sh)
 # On the GPU machine, from the repo root with .device-bin carried:
-#   scripts/gpu-pretrain.sh
+#   scripts/gpu.sh pretrain
 #     1. tokenizes the installed Python sources ($SRC, *.py) with the SmolLM2 tokenizer,
 #        <|endoftext|> as BOS and document separator, 0.5% of the files held out;
 #     2. runs recipes/pretrain-default.yaml, then recipes/pretrain-eab.yaml, each for $STEPS
@@ -28,7 +28,7 @@
 # Back in $OUT (at most 8 files): pretrain.tgz (logs, scan JSON, scalars, summaries),
 # scan-overlay.png, scan-default.png, scan-eab.png, curves.png, summary.txt.
 set -uo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
 
 if [ "${1:-}" = --pack ]; then
@@ -48,7 +48,7 @@ fi
 
 out=${OUT:-./gpu-pretrain-out}
 mkdir -p "$out"
-. scripts/gpu-pretrain-common.sh
+. scripts/lib/pretrain-common.sh
 steps=${STEPS:-500}
 warmup=${WARMUP:-100}
 run_s=${RUN_S:-180}
@@ -77,7 +77,7 @@ done
 if [ -f "$work/logs/scan-default.json" ] && [ -f "$work/logs/scan-eab.json" ]; then
   "$bin" plot "$work/logs/scan-default.json" "$work/logs/scan-eab.json" --out "$out/scan-overlay.png"
 fi
-"$py" scripts/pretrain_curves.py "$work/tb" "$work/logs/curves.png" pretrain-default pretrain-eab 2>&1 \
+"$py" scripts/lib/pretrain_curves.py "$work/tb" "$work/logs/curves.png" pretrain-default pretrain-eab 2>&1 \
   | tee -a "$work/logs/summary.txt"
 cp "$work/logs/curves.png" "$out/" 2>/dev/null
 

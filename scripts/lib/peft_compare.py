@@ -3,7 +3,7 @@
 
     eabfit export --model M --adapter A --out OUT --format peft        # needs mask_first_token: false
     eabfit logits --model M --adapter A --ids 1,2,3,... --json tokens.json
-    python scripts/peft_compare.py OUT tokens.json [--device cuda] [--tol 1e-3]
+    python scripts/lib/peft_compare.py OUT tokens.json [--device cuda] [--tol 1e-3]
 
 OUT may also be the folder of `--format both` (its peft/ is used). tokens.json is written by
 `eabfit logits`: {"ids": [...], "logits": [[...] per position], ...}.

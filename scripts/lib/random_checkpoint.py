@@ -3,7 +3,7 @@ bf16 safetensors with model.safetensors.index.json, and a word-level tokenizer.j
 text corpus. For measuring eabfit's real commands (train, verify, export) at 7B scale where no
 real weights exist (the GPU machine has none and cannot download them).
 
-    python scripts/random_checkpoint.py --shape llama2-7b --text DIR_OR_FILE --out DIR
+    python scripts/lib/random_checkpoint.py --shape llama2-7b --text DIR_OR_FILE --out DIR
 """
 import argparse, json, os, re, collections, glob
 

@@ -4,7 +4,7 @@
     eabfit export --model M --adapter A --out OUT --format hf
     eabfit logits --model M --adapter A --ids 3,10,17,... --json logits.json
     eabfit generate --model OUT --prompt "..." --raw --max-new-tokens 32 --json generate.json
-    python scripts/remote_code_compare.py OUT logits.json generate.json [--device cuda] [--tol 1e-4] [--json result.json]
+    python scripts/lib/remote_code_compare.py OUT logits.json generate.json [--device cuda] [--tol 1e-4] [--json result.json]
 
 Three checks:
 

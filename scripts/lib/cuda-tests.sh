@@ -2,14 +2,15 @@
 # CUDA test binaries: packed here, run on the GPU machine.
 #
 # On the build machine (no GPU):
-#   scripts/gpu-test.sh --pack [TEST...]        # TEST: names of tests/*.rs, default: cuda
+#   scripts/gpu.sh pack [TEST...]        # TEST: names of tests/*.rs, default: cuda
 #     builds with `scripts/cuda-build.sh --tests --no-run` (the cuda feature; also refreshes
 #     .device-bin/eabfit), then strips each named test executable and xz-compresses it into
 #     .device-bin/tests/NAME.xz (git-ignored). If .device-bin as a whole is then over the
 #     64 MiB carry limit, eabfit is compressed to .device-bin/eabfit.xz as well.
 #
 # On the GPU machine (from the repo root, with .device-bin carried):
-#   scripts/gpu-test.sh [TEST_OR_PATH...] [-- ARGS]
+#   scripts/gpu.sh test          # task `test`: TESTS="NAME_OR_PATH..." picks, TEST_ARGS are ARGS
+#   scripts/lib/cuda-tests.sh [TEST_OR_PATH...] [-- ARGS]
 #     default: every .device-bin/tests/* ; a name means .device-bin/tests/NAME[.xz]; a path is
 #     used as is (.xz unpacked first). Each runs with LD_LIBRARY_PATH set to the CUDA 13 libraries
 #     of the torch venv, `--test-threads=1 --nocapture` and ARGS, under `timeout`
@@ -17,7 +18,7 @@
 #     summary in $OUT/gpu-test/summary.txt. Exit status: non-zero if any binary failed.
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 device_bin=$repo/.device-bin
 limit=$(( 64 * 1048576 ))
 log() { echo "gpu-test: $*" >&2; }
@@ -82,7 +83,7 @@ done
 if [ ${#targets[@]} -eq 0 ]; then
   for f in "$device_bin"/tests/*; do [ -f "$f" ] && targets+=("$f"); done
 fi
-[ ${#targets[@]} -gt 0 ] || { log "no test binaries under .device-bin/tests (run scripts/gpu-test.sh --pack here first)"; exit 1; }
+[ ${#targets[@]} -gt 0 ] || { log "no test binaries under .device-bin/tests (run scripts/gpu.sh pack here first)"; exit 1; }
 
 {
   echo "# $(date -u '+%F %T') UTC on $(hostname)"

@@ -3,8 +3,8 @@
 # throughput, step time, peak memory and MFU for the same random-weight models, same step.
 #
 # Run from the repo root on the GPU machine with .device-bin carried (eabfit or eabfit.xz, from
-# scripts/cuda-build.sh or scripts/gpu-test.sh --pack):
-#   scripts/bench-gpu.sh                     # results under $OUT (default ./bench-out)
+# scripts/cuda-build.sh or scripts/gpu.sh pack):
+#   scripts/gpu.sh bench                     # task `bench`; results under $OUT (default ./bench-out)
 #
 # Cases (BENCH_CASES, "shape:mode:seq[:batches]" words, batches comma-separated), default: the
 # cases of issue 10:
@@ -29,7 +29,7 @@
 # Environment: EABFIT_BIN (default .device-bin/eabfit[.xz]), PYTHON (default the torch venv),
 # BENCH_DEVICE (cuda; `cpu` with tiny cases for a smoke test without a GPU).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 t0=$(date +%s)
 budget=${BENCH_BUDGET_S:-530}
@@ -156,7 +156,7 @@ bench_case() {
   for b in $tb; do
     local jf=$out/json/torch-$slug-b$b.json
     rm -f "$jf"
-    run_one "$case" torch "$b" "torch-$slug-b$b" "$py" scripts/bench_torch.py --shape "$shape" \
+    run_one "$case" torch "$b" "torch-$slug-b$b" "$py" scripts/lib/bench_torch.py --shape "$shape" \
       --mode "$mode" --seq "$seq" --batch "$b" --steps "$steps" --warmup "$warmup" \
       --device "$device" --json "$jf"
     record "$case" torch "$RUN_STATUS" "$b" "$RUN_SMI" "$( [ $RUN_STATUS = ok ] && echo "$jf" || echo -)" ""

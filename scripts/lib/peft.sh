@@ -2,15 +2,15 @@
 # On the GPU machine (torch + transformers + peft installed, no network): eabfit's `peft` export
 # against transformers + PEFT, for a tiny LLaMA and a SmolLM2-shaped model (real config, random
 # weights), f32. Needs the carried binary (.device-bin/eabfit or eabfit.xz, scripts/cuda-build.sh).
-#   scripts/gpu-peft.sh            # results under $OUT (default ./peft-out)
+#   scripts/gpu.sh peft            # task `peft`; results under $OUT (default ./peft-out)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-peft-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
 PY=${PYTHON:-/opt/torch/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-E=.device-bin/eabfit
+E=${EABFIT_BIN:-.device-bin/eabfit}
 [ -x "$E" ] || { xz -dkc .device-bin/eabfit.xz > /tmp/eabfit && chmod +x /tmp/eabfit && E=/tmp/eabfit; }
 work=$(mktemp -d)
 status=0
@@ -57,7 +57,7 @@ PY
   ids=$(seq -s, 3 7 300 | cut -d, -f1-40)
   "$E" logits --model $m --adapter $run/final --ids "$ids" --json $work/$shape-tokens.json >> "$OUT/$shape-export.log" 2>&1 || status=1
   echo "=== $shape" | tee -a "$OUT/summary.txt"
-  "$PY" scripts/peft_compare.py $work/$shape-export $work/$shape-tokens.json 2>&1 | tee -a "$OUT/summary.txt"
+  "$PY" scripts/lib/peft_compare.py $work/$shape-export $work/$shape-tokens.json 2>&1 | tee -a "$OUT/summary.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 exit $status
