@@ -24,7 +24,7 @@
 #
 # Writes $OUT/results.jsonl (one object per run: case, tool, status, batch, nvidia-smi peak, the
 # tool's own JSON report), $OUT/table.md (printed at the end), $OUT/benchmarks.json (per case:
-# eabfit and PyTorch tokens/s, peak GiB, batch, ratio, date; docs/benchmarks.json is a copy),
+# eabfit and PyTorch tokens/s, peak GiB, batch, ratio, date; docs/runs/benchmarks.json is a copy),
 # logs in $OUT/logs/.
 # Environment: EABFIT_BIN (default .device-bin/eabfit[.xz]), PYTHON (default the torch venv),
 # BENCH_DEVICE (cuda; `cpu` with tiny cases for a smoke test without a GPU).
