@@ -13,6 +13,7 @@
 #                   default all; TEST_ARGS go to each binary)          lib/cuda-tests.sh
 #   bench           eabfit vs PyTorch + transformers + PEFT (BENCH_*)   lib/bench.sh
 #   train-7b        train / verify / export on a random LLaMA-2-7B      lib/train-7b.sh
+#                   (TRAIN_STEPS, 6 here; the export is removed after)
 #   oom             CUDA out-of-memory messages of bench, scan, train   lib/oom.sh
 #   remote-code     the hf export in transformers with remote code      lib/remote-code.sh
 #   peft            the peft export in transformers + PEFT               lib/peft.sh
