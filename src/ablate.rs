@@ -2,8 +2,8 @@
 //! run as its own training run under one TensorBoard folder, then verified, then summarised
 //! in one table (markdown + CSV). A failed point is reported and the grid goes on.
 
+use crate::fsio::write_atomic;
 use crate::recipe::{self, Recipe};
-use crate::runtime::write_atomic;
 use crate::train::{train, Summary};
 use crate::verify::{verify, VerifyPlan};
 use crate::{Error, Result};

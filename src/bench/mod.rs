@@ -21,11 +21,12 @@
 //! (also used, as a reference point only, for f32 runs).
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit, TARGETS};
+use crate::device::{parse_device, parse_dtype};
+use crate::fsio::write_atomic;
 use crate::memory::CudaMemory;
 use crate::model::{Config, Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::{Error, Result};
 
 mod random;

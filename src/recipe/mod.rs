@@ -64,7 +64,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// The spelling `runtime::parse_dtype` takes.
+    /// The spelling `device::parse_dtype` takes.
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
