@@ -12,7 +12,7 @@
 
 use crate::collective::threads::{Hub, ThreadsCollective};
 use crate::collective::{mean_f64, mean_grads, Collective};
-use crate::runtime::parse_device;
+use crate::device::parse_device;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -44,7 +44,8 @@ pub fn parse_devices(spec: &str) -> std::result::Result<Vec<String>, String> {
     for d in &list {
         let ok = d == "cpu"
             || d == "cuda"
-            || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            || d.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
         if !ok {
             return Err(format!(
                 "`{spec}`: `{d}` is not a device (expected cpu, cuda or cuda:N)"
@@ -164,14 +165,23 @@ fn comm_id(cuda: bool) -> Result<CommId> {
 }
 
 /// Rank `r`'s collective: NCCL on a GPU, the in-process one on the CPU.
-fn collective(hub: &Arc<Hub>, r: usize, device: &Device, id: CommId) -> Result<Box<dyn Collective>> {
+fn collective(
+    hub: &Arc<Hub>,
+    r: usize,
+    device: &Device,
+    id: CommId,
+) -> Result<Box<dyn Collective>> {
     #[cfg(feature = "nccl")]
     if let (true, Some(id)) = (device.is_cuda(), id) {
         let c = crate::collective::nccl::NcclCollective::new(hub.clone(), r, device, id)?;
         return Ok(Box::new(c));
     }
     let _ = id;
-    Ok(Box::new(ThreadsCollective::new(hub.clone(), r, device.clone())))
+    Ok(Box::new(ThreadsCollective::new(
+        hub.clone(),
+        r,
+        device.clone(),
+    )))
 }
 
 /// Names the rank an error came from; a usage error stays one (exit code 2).

@@ -9,7 +9,9 @@
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
 use crate::data::{read_text, Windows};
+use crate::device::parse_dtype;
 use crate::fsio::replace_dir;
+use crate::fsio::write_atomic;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
 use crate::memory::{peak_suffix, CudaMemory};
@@ -17,10 +19,9 @@ use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::parallel::{self, Rank};
 use crate::recipe::{self, Recipe};
 use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
-use crate::parallel::{self, Rank};
-use crate::runtime::{parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -399,7 +400,11 @@ pub fn train(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary
 }
 
 /// One rank's run; rank 0 returns the folder and summary, the others `None`.
-fn run(recipe: &Recipe, resume: Option<&Path>, rank: &mut Rank) -> Result<Option<(PathBuf, Summary)>> {
+fn run(
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    rank: &mut Rank,
+) -> Result<Option<(PathBuf, Summary)>> {
     let r = recipe;
     let main = rank.is_main();
     let out_dir = PathBuf::from(&r.train.out_dir);
@@ -508,7 +513,11 @@ fn run(recipe: &Recipe, resume: Option<&Path>, rank: &mut Rank) -> Result<Option
     mem.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
-    let mut last = state.last.clone().or(state.step0.clone()).or(base_figures.clone());
+    let mut last = state
+        .last
+        .clone()
+        .or(state.step0.clone())
+        .or(base_figures.clone());
     while state.step < total {
         let step = state.step;
         let lr = lr_at(step, o.lr, o.warmup_steps, total, o.min_lr_ratio);

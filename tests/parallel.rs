@@ -133,7 +133,11 @@ fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
 /// max |a - b| / max |a| over two equal-shaped lists of numbers (a tensor's relative error).
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = a.iter().chain(b).map(|x| x.abs()).fold(0.0, f64::max);
     diff / scale.max(1e-300)
 }
@@ -180,11 +184,23 @@ fn same_curves(a: &Path, b: &Path, tol: f64, eval_tol: f64) -> f64 {
     let mut worst = 0f64;
     for tag in tags {
         let curve = |s: &[(String, u64, f64)]| -> Vec<f64> {
-            s.iter().filter(|(t, _, _)| t == tag).map(|(_, _, v)| *v).collect()
+            s.iter()
+                .filter(|(t, _, _)| t == tag)
+                .map(|(_, _, v)| *v)
+                .collect()
         };
         let r = rel(&curve(&sa), &curve(&sb));
-        let bar = if tag.starts_with("train/") { tol } else { eval_tol };
-        assert!(r <= bar, "{tag}: {:?} vs {:?} ({r:e})", curve(&sa), curve(&sb));
+        let bar = if tag.starts_with("train/") {
+            tol
+        } else {
+            eval_tol
+        };
+        assert!(
+            r <= bar,
+            "{tag}: {:?} vs {:?} ({r:e})",
+            curve(&sa),
+            curve(&sb)
+        );
         if tag.starts_with("train/") {
             worst = worst.max(r);
         }
@@ -205,7 +221,8 @@ fn run_ok(mut c: Command) {
 #[test]
 fn train_on_n_ranks_matches_one_rank_with_n_times_the_batch() {
     let lm: &[&str] = &["loss.hold.kind=lm", "loss.ma.weight=0"];
-    for (label, losses, tol, eval_tol) in [("lm", lm, 1e-12, 1e-6), ("kl+ma", &[][..], 1e-6, 1e-4)] {
+    for (label, losses, tol, eval_tol) in [("lm", lm, 1e-12, 1e-6), ("kl+ma", &[][..], 1e-6, 1e-4)]
+    {
         for n in [2usize, 3] {
             let one = dir(&format!("train-one-{label}-{n}"));
             let many = dir(&format!("train-many-{label}-{n}"));
@@ -262,11 +279,12 @@ fn pretrain_on_n_ranks_matches_one_rank_with_n_times_the_batch() {
         }
         let c = same_curves(&one, &many, 1e-12, 1e-6);
         let summary = |d: &Path| -> Value {
-            serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
-                .unwrap()
+            serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
         };
         assert_eq!(summary(&one)["tokens"], summary(&many)["tokens"]);
-        eprintln!("pretrain N={n}: weights within {w:e}, moments within {m:e}, train curves within {c:e}");
+        eprintln!(
+            "pretrain N={n}: weights within {w:e}, moments within {m:e}, train curves within {c:e}"
+        );
     }
 }
 
@@ -331,7 +349,10 @@ fn a_killed_two_rank_run_resumes_byte_identical() {
         "final/model.safetensors",
         "checkpoints/step-000006/optim-decay.safetensors",
     ] {
-        assert!(bytes(&out.join(f)) == bytes(&reference.join(f)), "{f} differs");
+        assert!(
+            bytes(&out.join(f)) == bytes(&reference.join(f)),
+            "{f} differs"
+        );
     }
 }
 
@@ -355,7 +376,12 @@ fn failed(mut c: Command, rank: usize, n: usize, limit: Duration) -> String {
     };
     let mut err = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!status.success(), "the run succeeded: {err}");
     err
 }

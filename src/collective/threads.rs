@@ -167,9 +167,8 @@ impl Hub {
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing: Vec<usize> = (0..self.world)
-                    .filter(|&r| s.slots[r].is_none())
-                    .collect();
+                let missing: Vec<usize> =
+                    (0..self.world).filter(|&r| s.slots[r].is_none()).collect();
                 let f = Failure {
                     rank: missing.first().copied().unwrap_or(rank),
                     msg: format!(
@@ -199,11 +198,7 @@ impl Hub {
 /// The element-wise sum of one buffer per rank, added in rank order; all must be alike.
 fn sum_in_rank_order(bufs: Vec<Buf>) -> std::result::Result<Buf, String> {
     let first = bufs[0].describe();
-    if let Some((r, b)) = bufs
-        .iter()
-        .enumerate()
-        .find(|(_, b)| b.describe() != first)
-    {
+    if let Some((r, b)) = bufs.iter().enumerate().find(|(_, b)| b.describe() != first) {
         return Err(format!(
             "ranks disagree on a collective: rank 0 sent {first}, rank {r} sent {}",
             b.describe()
@@ -358,11 +353,16 @@ mod tests {
         let results: Vec<_> = out.into_iter().map(|o| o.unwrap()).collect();
         for (k, n) in [("a", 5usize), ("b", 3), ("c", 40_000)] {
             for i in [0, n / 2, n - 1] {
-                let want: f64 =
-                    (0..world).map(|r| data(r + k.len() * 10, n)[i]).sum::<f64>() / world as f64;
+                let want: f64 = (0..world)
+                    .map(|r| data(r + k.len() * 10, n)[i])
+                    .sum::<f64>()
+                    / world as f64;
                 for g in &results {
                     let got = g[k].to_vec1::<f64>().unwrap()[i];
-                    assert!((got - want).abs() <= 1e-15 * want.abs().max(1.0), "{k}[{i}]");
+                    assert!(
+                        (got - want).abs() <= 1e-15 * want.abs().max(1.0),
+                        "{k}[{i}]"
+                    );
                 }
             }
         }
@@ -379,7 +379,10 @@ mod tests {
             }
             c.sync()
         });
-        assert!(t0.elapsed() < Duration::from_secs(10), "waiters were not woken");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "waiters were not woken"
+        );
         assert_eq!(
             hub.failure(),
             Some(Failure {

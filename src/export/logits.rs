@@ -2,7 +2,8 @@
 //! round-trip scripts (`scripts/peft_compare.py`, `scripts/remote_code_compare.py`) hold against.
 
 use crate::adapters::{AdapterSet, Adapters};
-use crate::runtime::{write_atomic, ModelArgs};
+use crate::fsio::write_atomic;
+use crate::model_args::ModelArgs;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;

@@ -14,6 +14,7 @@ pub use params::{Group, Params};
 pub use recipe::PretrainRecipe;
 
 use crate::corpus::{Corpus, Split, TokenWindows};
+use crate::device::parse_dtype;
 use crate::fsio::{replace_dir, write_atomic};
 use crate::memory::{peak_suffix, CudaMemory};
 use crate::metrics::{log_layers, LogMark, RunLogger};
@@ -21,9 +22,8 @@ use crate::model::{Model, Taps};
 use crate::ops::block::WeightGrads;
 use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
-use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
 use crate::parallel::{self, Rank};
-use crate::runtime::parse_dtype;
+use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -368,7 +368,9 @@ pub fn pretrain(
 ) -> Result<(PathBuf, Summary)> {
     let devices = parallel::run_devices(&r.model.device, r.train.devices.as_deref())?;
     let (recipe, resume) = (r.clone(), resume.map(Path::to_path_buf));
-    let out = parallel::launch(devices, move |rank| run(&recipe, resume.as_deref(), limit, rank));
+    let out = parallel::launch(devices, move |rank| {
+        run(&recipe, resume.as_deref(), limit, rank)
+    });
     let out = out.and_then(|o| o.ok_or_else(|| Error::Msg("rank 0 wrote no summary".into())));
     out.map_err(|e| {
         let lower =
@@ -453,11 +455,12 @@ fn run(
         for micro in 0..o.grad_accum {
             let g = step * o.grad_accum + micro;
             // This rank's share of the windows one device would take with the whole batch.
-            let global = crate::data::batch_indices(s.train.len(), state.seed, g, batch * rank.world);
+            let global =
+                crate::data::batch_indices(s.train.len(), state.seed, g, batch * rank.world);
             let idx = rank.share(&global);
             let flat: Vec<u32> = idx.iter().flat_map(|&i| s.train.window(i)).collect();
             let ids = Tensor::from_vec(flat, (batch, width), &s.params.device)?; // (B, T)
-            // Blocks on the block op (CUDA bf16) hand their weight gradients to `sink`.
+                                                                                 // Blocks on the block op (CUDA bf16) hand their weight gradients to `sink`.
             let sink = Arc::new(WeightGrads::default());
             let taps = Taps {
                 weight_grads: Some(sink.clone()),

@@ -8,8 +8,8 @@
 
 use crate::model::Config;
 use crate::recipe::{
-    at_least_one, check, check_device, check_run_devices, non_negative, positive, Dtype, EvalSection, LogSection,
-    TrainSection, Typed,
+    at_least_one, check, check_device, check_run_devices, non_negative, positive, Dtype,
+    EvalSection, LogSection, TrainSection, Typed,
 };
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -191,7 +191,7 @@ impl PretrainRecipe {
 
     /// The resolved recipe, saved with every run and checkpoint.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("a recipe holds only string-keyed YAML data")
+        serde_norway::to_string(self).expect("a recipe holds only string-keyed YAML data")
     }
 
     /// The model's config.json for a vocabulary of `vocab_size` with the corpus's BOS and
