@@ -9,8 +9,9 @@ use super::threads::Hub;
 use super::Collective;
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 pub use candle_core::cuda_backend::cudarc::nccl::Id;
-use candle_core::cuda_backend::cudarc::nccl::{Comm, ReduceOp};
+use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType, ReduceOp};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -60,7 +61,7 @@ struct SumOp<'a> {
 }
 
 impl SumOp<'_> {
-    fn run<T: CudaDType + candle_core::cuda_backend::cudarc::nccl::NcclType>(
+    fn run<T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits>(
         &self,
         s: &CudaStorage,
         l: &Layout,
