@@ -173,6 +173,16 @@ impl Spec {
     }
 }
 
+/// Bytes in GiB, or MiB below one GiB (test models weigh kilobytes).
+fn human(b: u64) -> String {
+    let gib = b as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
 /// "layer 4 is" / "layers 4-7 are".
 fn span(a: usize, b: usize) -> String {
     if a == b {
@@ -322,8 +332,9 @@ impl DeviceMap {
                     format!(" (free {:.1} GiB)", gib(*b))
                 });
             s.push_str(&format!(
-                "  {d:<8} layers {layers}{extra}: weights {:.2} GiB{free}\n",
-                gib(bytes)
+                "  {:<8} layers {layers}{extra}: weights {}{free}\n",
+                d.to_string(),
+                human(bytes)
             ));
         }
         s

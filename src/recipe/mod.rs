@@ -52,7 +52,7 @@ pub struct ModelSection {
     pub device: String,
     /// Layers over several devices, replacing `device`: `cuda:0=0-39,cuda:1=40-79` or
     /// `auto` (see [`crate::device_map`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub device_map: Option<String>,
     /// `None` leaves the choice to the device (f32 on CPU, bf16 on CUDA).
     #[serde(default)]
