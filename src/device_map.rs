@@ -160,9 +160,13 @@ impl Spec {
             }
         }
         let gaps = runs(&layers, |l| l.is_none());
-        if !gaps.is_empty() {
-            let list: Vec<String> = gaps.iter().map(|&(a, b)| span(a, b)).collect();
-            return Err(format!("{} on no device", list.join(", ")));
+        match gaps[..] {
+            [] => {}
+            [(a, b)] => return Err(format!("{} on no device", span(a, b))),
+            _ => {
+                let list: Vec<String> = gaps.iter().map(|&(a, b)| range_text(a, b)).collect();
+                return Err(format!("layers {} are on no device", list.join(", ")));
+            }
         }
         let layers: Vec<DeviceName> = layers.into_iter().flatten().collect();
         Ok(DeviceMap {
@@ -180,6 +184,15 @@ fn human(b: u64) -> String {
         format!("{gib:.2} GiB")
     } else {
         format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// "4" / "4-7".
+fn range_text(a: usize, b: usize) -> String {
+    if a == b {
+        format!("{a}")
+    } else {
+        format!("{a}-{b}")
     }
 }
 
@@ -257,13 +270,7 @@ impl DeviceMap {
     pub fn to_spec(&self) -> String {
         let mut parts: Vec<String> = runs_by_device(&self.layers)
             .into_iter()
-            .map(|(d, a, b)| {
-                if a == b {
-                    format!("{d}={a}")
-                } else {
-                    format!("{d}={a}-{b}")
-                }
-            })
+            .map(|(d, a, b)| format!("{d}={}", range_text(a, b)))
             .collect();
         if Some(&self.embed) != self.layers.first() {
             parts.push(format!("embed={}", self.embed));
@@ -577,10 +584,8 @@ mod tests {
             Err(e) => e,
         };
         assert_eq!(err("cpu:0=0-1,cpu:1=3", 4), "layer 2 is on no device");
-        assert_eq!(
-            err("cpu:0=2-3", 8),
-            "layers 0-1 are on no device, layers 4-7 are on no device"
-        );
+        assert_eq!(err("cpu:0=0,cpu:1=4", 6), "layers 1-3, 5 are on no device");
+        assert_eq!(err("cpu:0=2-3", 8), "layers 0-1, 4-7 are on no device");
         assert_eq!(
             err("cpu:0=0-2,cpu:1=2-3", 4),
             "layer 2 is placed twice (cpu:0 and cpu:1)"
