@@ -70,7 +70,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
     };
     println!("load dtype      {dtype:?} on {on}");
     if placement.is_split() {
-        print!("{}", map.plan(ckpt.sizes(dtype), &[]));
+        print!("{}", map.plan(crate::checkpoint::sizes(c, dtype), &[]));
     }
     println!(
         "parameters      {} ({:.1} M)",

@@ -2,10 +2,10 @@
 //! in which dtype.
 
 use crate::assets::default_model;
-use crate::checkpoint::{Base, Checkpoint};
+use crate::checkpoint::{sizes, Base, Checkpoint};
 use crate::device::{parse_device, parse_dtype};
 use crate::device_map::{DeviceMap, Placement, Spec};
-use crate::model::{Adapters, Model};
+use crate::model::{Adapters, Config, Model};
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
@@ -63,7 +63,7 @@ impl ModelArgs {
             &self.device,
             self.device_map.as_deref(),
             self.dtype.as_deref(),
-            ckpt,
+            &ckpt.config,
         )
     }
 
@@ -81,14 +81,15 @@ impl ModelArgs {
     }
 }
 
-/// The placement and dtype of `ckpt` from a device, an optional device map (`what` names where
-/// the map came from, for errors) and an optional dtype: the one rule for flags and recipes.
+/// The placement and dtype of a model of config `cfg` from a device, an optional device map
+/// (`what` names where the map came from, for errors) and an optional dtype: the one rule for
+/// flags and recipes.
 pub fn placement(
     what: &str,
     device: &str,
     device_map: Option<&str>,
     dtype: Option<&str>,
-    ckpt: &Checkpoint,
+    cfg: &Config,
 ) -> Result<(Placement, DType)> {
     let Some(text) = device_map else {
         let device = parse_device(device)?;
@@ -96,7 +97,7 @@ pub fn placement(
         return Ok((Placement::single(&device), dtype));
     };
     let bad = |e: String| Error::Usage(format!("{what} `{text}`: {e}"));
-    let n = ckpt.config.num_hidden_layers;
+    let n = cfg.num_hidden_layers;
     let map = match Spec::parse(text).map_err(bad)? {
         Spec::Auto => {
             // The dtype decides the sizes; before the devices exist, choose it as they would.
@@ -105,7 +106,7 @@ pub fn placement(
                 None if cuda => DType::BF16,
                 d => parse_dtype(d, &Device::Cpu)?,
             };
-            let sizes = ckpt.sizes(dtype);
+            let sizes = sizes(cfg, dtype);
             let (map, free) = DeviceMap::auto(n, sizes)?;
             eprintln!(
                 "device map auto: {} ({} layers)\n{}",

@@ -102,7 +102,7 @@ fn setup(r: &Recipe) -> Result<Setup> {
         &r.model.device,
         r.model.device_map.as_deref(),
         r.model.dtype.map(|d| d.name()),
-        &ckpt,
+        &ckpt.config,
     )?;
     // The teacher and the student share these weights; inputs, outputs and the adapters
     // live on the head's device.

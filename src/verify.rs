@@ -169,7 +169,7 @@ fn scan_both(plan: &VerifyPlan) -> Result<Scans> {
         &plan.device,
         plan.device_map.as_deref(),
         plan.dtype.as_deref(),
-        &ckpt,
+        &ckpt.config,
     )?;
     let base = ckpt.base_placed(dtype, &placement)?;
     let device = base.device.clone();

@@ -244,21 +244,6 @@ impl Checkpoint {
         self.base(dtype, device)?.model(adapters)
     }
 
-    /// Estimated bytes of the embedding, of one layer, and of the final norm + head, in
-    /// `dtype`: what `--device-map auto` splits by.
-    pub fn sizes(&self, dtype: DType) -> Sizes {
-        let c = &self.config;
-        let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let attn = d * hd * (2 * c.num_attention_heads + 2 * c.n_kv_heads());
-        let b = dtype.size_in_bytes() as u64;
-        let embed = (c.vocab_size * d) as u64 * b;
-        Sizes {
-            embed,
-            layer: (attn + 3 * d * f + 2 * d) as u64 * b,
-            head: embed + d as u64 * b,
-        }
-    }
-
     /// Parameters of the model as configured (tied heads counted once).
     pub fn param_count(&self) -> usize {
         let c = &self.config;
@@ -271,6 +256,20 @@ impl Checkpoint {
             c.vocab_size * d
         };
         c.num_hidden_layers * layer + c.vocab_size * d + d + head
+    }
+}
+
+/// Estimated bytes of a model's embedding, of one layer, and of its final norm + head, in
+/// `dtype`: what `--device-map auto` splits by.
+pub fn sizes(c: &Config, dtype: DType) -> Sizes {
+    let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let attn = d * hd * (2 * c.num_attention_heads + 2 * c.n_kv_heads());
+    let b = dtype.size_in_bytes() as u64;
+    let embed = (c.vocab_size * d) as u64 * b;
+    Sizes {
+        embed,
+        layer: (attn + 3 * d * f + 2 * d) as u64 * b,
+        head: embed + d as u64 * b,
     }
 }
 
