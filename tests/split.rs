@@ -342,6 +342,32 @@ fn the_cli_takes_a_map_and_prints_its_plan() {
     }
 }
 
+/// `bench` builds its random weights on each layer's device and reports the split.
+#[test]
+fn bench_runs_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("b.json");
+    let o = run(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--device-map",
+        "cpu:0=0,cpu:1=1",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["device_map"], "cpu:0=0,cpu:1=1");
+    assert_eq!(r["device"], "cpu:0+cpu:1");
+    assert!(r["loss"].as_f64().unwrap().is_finite());
+}
+
 #[test]
 fn bad_maps_exit_2_naming_the_problem() {
     let t = tiny(Arch::Llama, 46);
