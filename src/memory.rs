@@ -3,6 +3,7 @@
 
 use crate::Result;
 use candle_core::Device;
+use std::collections::BTreeMap;
 
 /// Sets up a CUDA device the way PyTorch runs one, before anything is allocated on it:
 /// freed memory stays in the pool (PyTorch's caching allocator; handing it back to the driver
@@ -156,6 +157,57 @@ impl CudaMemory {
     pub fn peak_gib(&self) -> Option<f64> {
         self.peak().map(|b| b as f64 / (1u64 << 30) as f64)
     }
+}
+
+/// The memory pools of the devices a (possibly split) model runs on, by device name.
+pub struct Pools(Vec<(String, CudaMemory)>);
+
+impl Pools {
+    pub fn of(devices: &[(String, Device)]) -> Self {
+        Self(
+            devices
+                .iter()
+                .map(|(n, d)| (n.clone(), CudaMemory::of(d)))
+                .collect(),
+        )
+    }
+
+    pub fn reset_peak(&self) {
+        for (_, m) in &self.0 {
+            m.reset_peak();
+        }
+    }
+
+    /// Bytes in use now, summed over the devices.
+    pub fn used_now(&self) -> Option<u64> {
+        self.0
+            .iter()
+            .filter_map(|(_, m)| m.used_now())
+            .reduce(|a, b| a + b)
+    }
+
+    /// Each CUDA device's high-water mark in GiB (empty off CUDA).
+    pub fn peak_gib(&self) -> BTreeMap<String, f64> {
+        self.0
+            .iter()
+            .filter_map(|(n, m)| m.peak_gib().map(|g| (n.clone(), g)))
+            .collect()
+    }
+
+    pub fn event_tracking(&self) -> bool {
+        self.0.iter().any(|(_, m)| m.event_tracking)
+    }
+}
+
+/// "cuda:0 71.2 GiB, cuda:1 73.9 GiB": the peaks of a split, or `None` for one device.
+pub fn per_device(peaks: &BTreeMap<String, f64>) -> Option<String> {
+    (peaks.len() > 1).then(|| {
+        let each: Vec<String> = peaks
+            .iter()
+            .map(|(n, g)| format!("{n} {g:.1} GiB"))
+            .collect();
+        each.join(", ")
+    })
 }
 
 /// The end of a run's closing line: ", peak device memory X GiB", or nothing off CUDA.

@@ -13,7 +13,7 @@ use crate::fsio::replace_dir;
 use crate::fsio::write_atomic;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
-use crate::memory::{peak_suffix, CudaMemory};
+use crate::memory::{peak_suffix, per_device, Pools};
 use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
@@ -467,13 +467,8 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     );
     bar.set_position(state.step as u64);
     // One pool per GPU: a split model reports each device's peak.
-    let p = &s.base.placement;
-    let mems: Vec<(String, CudaMemory)> = (0..p.slots())
-        .map(|i| (p.name(i).to_string(), CudaMemory::of(p.device(i))))
-        .collect();
-    for (_, m) in &mems {
-        m.reset_peak();
-    }
+    let pools = Pools::of(&s.base.placement.named_devices());
+    pools.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
     let mut last = state
@@ -565,10 +560,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     }
     bar.finish_and_clear();
     log.close()?;
-    let peaks: BTreeMap<String, f64> = mems
-        .iter()
-        .filter_map(|(n, m)| m.peak_gib().map(|g| (n.clone(), g)))
-        .collect();
+    let peaks = pools.peak_gib();
     let peak_gib = peaks.values().cloned().reduce(f64::max);
     let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
     println!(
@@ -576,12 +568,8 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         start.elapsed().as_secs_f64(),
         peak_suffix(peak_gib)
     );
-    if peaks.len() > 1 {
-        let each: Vec<String> = peaks
-            .iter()
-            .map(|(n, g)| format!("{n} {g:.1} GiB"))
-            .collect();
-        println!("peak device memory per GPU: {}", each.join(", "));
+    if let Some(each) = per_device(&peaks) {
+        println!("peak device memory per GPU: {each}");
     }
     save_adapters(&out_dir.join("final"), &set)?;
     let step0 = state.step0.clone().unwrap_or(base_figures.clone());

@@ -22,7 +22,7 @@
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit, TARGETS};
 use crate::fsio::write_atomic;
-use crate::memory::CudaMemory;
+use crate::memory::Pools;
 use crate::model::{Config, Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -348,9 +348,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         &cfg,
     )?;
     let device = placement.home().clone();
-    let devices: Vec<(String, Device)> = (0..placement.slots())
-        .map(|s| (placement.name(s).to_string(), placement.device(s).clone()))
-        .collect();
+    let devices = placement.named_devices();
     let sync = || -> Result<()> {
         for (_, d) in &devices {
             d.synchronize()?;
@@ -366,10 +364,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     for (_, d) in &devices {
         crate::memory::configure(d, args.release_pool, args.event_tracking)?;
     }
-    let cudas: Vec<(String, CudaMemory)> = devices
-        .iter()
-        .map(|(n, d)| (n.clone(), CudaMemory::of(d)))
-        .collect();
+    let pools = Pools::of(&devices);
     crate::ops::attention::force_blocked(args.attention == AttentionPath::Blocked);
     let _ = device.set_seed(args.seed); // CUDA only; the CPU generator cannot be seeded
 
@@ -427,13 +422,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         opt,
     };
     sync()?;
-    let weights_alloc = cudas
-        .iter()
-        .filter_map(|(_, c)| c.used_now())
-        .reduce(|a, b| a + b);
-    for (_, c) in &cudas {
-        c.reset_peak();
-    }
+    let weights_alloc = pools.used_now();
+    pools.reset_peak();
     let setup_s = setup_start.elapsed().as_secs_f64();
 
     let mut phases = BTreeMap::new();
@@ -465,11 +455,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             step_ms.push(ms);
         }
     }
-    let peaks: BTreeMap<String, u64> = cudas
-        .iter()
-        .filter_map(|(n, c)| c.peak().map(|p| (n.clone(), p)))
-        .collect();
-    let peak_alloc = peaks.values().copied().max();
+    let peaks = pools.peak_gib();
+    let peak_alloc = peaks.values().copied().reduce(f64::max);
 
     let mut sorted = step_ms.clone();
     sorted.sort_by(f64::total_cmp);
@@ -532,9 +519,9 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         executed_flops_per_step: executed,
         mfu: flops / secs / H200_BF16_PEAK,
         peak_flops: H200_BF16_PEAK,
-        peak_alloc_gib: peak_alloc.map(gib),
+        peak_alloc_gib: peak_alloc,
         peak_alloc_gib_per_device: if peaks.len() > 1 {
-            peaks.iter().map(|(n, &p)| (n.clone(), gib(p))).collect()
+            peaks
         } else {
             BTreeMap::new()
         },
@@ -543,7 +530,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         phases_ms: phases,
         keep_pool: !args.release_pool,
         attention: args.attention,
-        event_tracking: cudas.iter().any(|(_, c)| c.event_tracking),
+        event_tracking: pools.event_tracking(),
         recompute: args.recompute,
         setup_s,
     })
