@@ -21,8 +21,9 @@ Checks, each required (exit 1 when one fails):
              row's greedy tokens alone.
     cache    after a cached forward of the prompt, every layer's cache holds as many keys as the cache
              of transformers' own family class (slots dropped) on the same input: never the slot.
-  --half     sdpa in bfloat16 and float16: logits within 5e-2 (max relative) of eabfit's float32 and
-             a left-padded batch generates.
+  --half     sdpa in bfloat16 and float16: the max relative difference of the logits to eabfit's
+             float32 is at most 3x (+ 1e-3) what the same precision costs transformers' own family
+             class on the same weights (slots dropped), and a left-padded batch generates.
   --compile  torch.compile(model) under sdpa: logits within --tol of eabfit's.
 
 Also printed, for scale: transformers' own family class on the same folder (slots dropped), and
@@ -183,8 +184,12 @@ def main():
     family = {"eab_llama": "LlamaForCausalLM", "eab_mistral": "MistralForCausalLM"}[cfg["model_type"]]
     plain = getattr(transformers, family).from_pretrained(root, dtype=torch.float32).to(device).eval()
     with torch.no_grad():
-        r["plain_max_rel_diff"] = rel_diff(plain(input_ids=ids).logits[0], want)
-    plain_cache = cache_lengths(plain)
+        plain_f32 = plain(input_ids=ids).logits[0].double().cpu()
+        r["plain_max_rel_diff"] = rel_diff(plain_f32, want)
+        plain_cache = cache_lengths(plain)
+        # What half precision costs transformers' own model on these weights: the yardstick for --half.
+        plain_half = {dtype: rel_diff(plain.to(dtype)(input_ids=ids).logits[0].float(), plain_f32)
+                      for dtype in ((torch.bfloat16, torch.float16) if args.half else ())}
     del plain
     print(f"plain    {family} by name, slots dropped: max rel diff {r['plain_max_rel_diff']:.3e} (for scale)")
 
@@ -231,9 +236,12 @@ def main():
             batch = greedy(model, rows, 4)
             del model
             name = str(dtype).removeprefix("torch.")
+            bound = 3 * plain_half[dtype] + 1e-3
             r[f"sdpa_{name}_max_rel_diff"] = d
-            ok = bool(torch.isfinite(got).all()) and d <= 5e-2 and all(len(b) == 4 for b in batch)
-            print(f"{name:<8} sdpa: max rel diff to eabfit's float32 {d:.3e} (<= 5e-2), batch generates  {check(name, ok)}")
+            r[f"plain_{name}_max_rel_diff"] = plain_half[dtype]
+            ok = bool(torch.isfinite(got).all()) and d <= bound and all(len(b) == 4 for b in batch)
+            print(f"{name:<8} sdpa: max rel diff to eabfit's float32 {d:.3e}, within 3x what {name} costs {family} "
+                  f"itself ({plain_half[dtype]:.3e}) + 1e-3; a left-padded batch generates  {check(name, ok)}")
 
     if args.compile:
         model, _ = load("sdpa")
