@@ -66,7 +66,7 @@ class Eab__Family__Attention(__Family__Attention):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             # The cache holds the tokens' keys only; the slot joins the copy handed back.
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, KV, Tk, hd)
+            key, value = cache.update(key, value, self.layer_idx)  # (B, KV, Tk, hd)
         impl = self.config._attn_implementation
         window = getattr(self.config, "sliding_window", None)
         if impl in FLASH:
