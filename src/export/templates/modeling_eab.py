@@ -15,6 +15,9 @@ Attention implementations (`attn_implementation=` at load, or `model.set_attn_im
 - `sdpa` (the default, as for transformers' __Family__) and `eager`: the slot is key 0 of every
   head, after the cache update, and transformers' boolean (sdpa) or additive (eager) mask gains a
   first column every query sees; GQA, padding and Mistral's sliding window are transformers' own.
+  Where transformers leaves sdpa's mask out for its causal kernel (no padding, no cache yet), the
+  mask stays out: the slot takes position 0's place under `mask_first_token`, else a leading
+  throwaway query makes sdpa's top-left causal square fit the extra key.
 - `flash_attention_2` / `flash_attention_3` (with the `flash-attn` package, on a GPU): the slot is
   key 0 and flash's causal mask, aligned bottom-right, lets query i see keys 0..i+1; the padding
   mask gains the same first column. With `mask_first_token` the slot takes position 0's place
@@ -69,7 +72,15 @@ class Eab__Family__Attention(__Family__Attention):
             key, value = cache.update(key, value, self.layer_idx)  # (B, KV, Tk, hd)
         impl = self.config._attn_implementation
         window = getattr(self.config, "sliding_window", None)
-        if impl in FLASH:
+        t_q, t_k = query.shape[-2], key.shape[-2]
+        extra_query = False
+        if impl == "sdpa" and attention_mask is None and t_q == t_k and t_q > 1:
+            # transformers skipped the mask for sdpa's `is_causal` (no padding, no window in the
+            # way, the keys are the queries' own positions 0..T-1): keep that fast kernel.
+            key, value, extra_query = self._slot_causal(key, value)
+            if extra_query:
+                query = torch.cat([torch.zeros_like(query[:, :, :1]), query], dim=2)  # (B, H, 1+Tq, hd)
+        elif impl in FLASH:
             key, value, attention_mask = self._slot_flash(query, key, value, attention_mask, window, kwargs)
         elif impl in ("eager", "sdpa"):
             key, value, attention_mask = self._slot_masked(query, key, value, attention_mask, kwargs)
@@ -87,6 +98,8 @@ class Eab__Family__Attention(__Family__Attention):
             sliding_window=window,
             **kwargs,
         )
+        if extra_query:
+            out = out[:, 1:]  # (B, Tq, H, hd): the leading query only made the causal mask fit
         out = out.reshape(*input_shape, -1).contiguous()  # (B, Tq, H*hd)
         return self.o_proj(out), weights
 
@@ -111,14 +124,26 @@ class Eab__Family__Attention(__Family__Attention):
         key_pos = torch.arange(t_k, device=key.device)[None, :] + (last[:, None] - (t_k - 1))
         return key_pos == 0
 
+    def _slot_causal(self, key, value):
+        """sdpa without a mask, keys at positions 0..T-1 and queries the same: (key, value, whether
+        the queries need a leading row). With `mask_first_token` the slot takes position 0's
+        place (every query sees position 0, which is hidden): the causal square stays as it is.
+        Otherwise the slot becomes key 0 and a leading throwaway query makes the square 1+T, so
+        that sdpa's top-left causal mask lets query i see the slot and positions 0..i."""
+        if not self.has_slot:
+            return key, value, False
+        k_slot, v_slot = self._slot(key)
+        if self.mask_first_token:
+            return torch.cat([k_slot, key[:, :, 1:]], dim=2), torch.cat([v_slot, value[:, :, 1:]], dim=2), False
+        return torch.cat([k_slot, key], dim=2), torch.cat([v_slot, value], dim=2), True  # (B, KV, 1+T, hd)
+
     def _slot_masked(self, query, key, value, mask, kwargs):
         """eager / sdpa: prepend the slot and give the mask (bool: True attends; float: additive)
         a first column every query sees."""
         batch, t_q, t_k = query.shape[0], query.shape[-2], key.shape[-2]
         if mask is None and (t_q > 1 or self.mask_first_token):
-            # sdpa's mask was skipped for `is_causal`, whose top-left alignment the extra key
-            # would shift: spell it out (the skip happens only when the keys start with the queries,
-            # or for a single query, which sees every key).
+            # sdpa's mask was skipped for `is_causal` with keys that are not the queries' own
+            # (a single query, which sees every key, or a static cache's prefill): spell it out.
             q_idx = torch.arange(t_q, device=key.device)[:, None] + (t_k - t_q)
             mask = (torch.arange(t_k, device=key.device)[None, :] <= q_idx)[None, None]  # (1, 1, Tq, Tk)
         if mask is not None:
