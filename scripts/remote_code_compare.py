@@ -210,6 +210,7 @@ def main():
         a = {"load_warnings": warned, "logits_max_rel_diff": rel_diff(got, want)}
         a["argmax_agree"] = (got.cpu().argmax(-1) == want.argmax(-1)).double().mean().item()
         a["generate"] = greedy(model, [prompt], n_new)[0]
+        a["generate_ok"] = a["generate"] == gen["ids"]
         alone = [greedy(model, [row], 8)[0] for row in rows]
         a["batch"] = greedy(model, rows, 8)
         a["batch_ok"] = a["batch"] == alone
@@ -220,8 +221,7 @@ def main():
         print(f"quiet    from_pretrained(attn_implementation={impl!r}): {warned or 'no warning'}  {check(impl + ' quiet', not warned)}")
         print(f"logits   {len(ref['ids'])} tokens: max rel diff {a['logits_max_rel_diff']:.3e} (argmax agree "
               f"{a['argmax_agree']:.3f})  {check(impl + ' logits', a['logits_max_rel_diff'] <= args.tol)}")
-        print(f"generate {n_new} greedy tokens equal eabfit's: {a['generate'] == gen['ids']}  "
-              f"{check(impl + ' generate', a['generate'] == gen['ids'])}")
+        print(f"generate {n_new} greedy tokens equal eabfit's: {a['generate_ok']}  {check(impl + ' generate', a['generate_ok'])}")
         print(f"batch    rows of {[len(x) for x in rows]} tokens, left padded, 8 greedy tokens equal each row alone: "
               f"{a['batch_ok']}  {check(impl + ' batch', a['batch_ok'])}")
         print(f"cache    keys per layer {a['cache_lengths']} == {family}'s {plain_cache}  "
