@@ -11,7 +11,8 @@ Checks, each required (exit 1 when one fails):
 
   refuse   AutoModelForCausalLM.from_pretrained(OUT) without trust_remote_code (explicitly False, and
            left unset with no terminal to ask on) raises: the folder never loads as a slot-free base model.
-  quiet    loading the model (each --attn) and AutoTokenizer with trust_remote_code=True logs no warning.
+  quiet    loading the model (each --attn), AutoTokenizer with trust_remote_code=True and
+           PreTrainedTokenizerFast (no remote code) log no warning.
   per attention implementation in --attn (eager, sdpa, flash_attention_2), float32:
     logits   max relative difference max|logits - eabfit| / max|eabfit| over every position and
              vocabulary entry <= --tol.
@@ -109,7 +110,7 @@ def main():
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # TF32 matmuls are ~1e-3 accurate: keep float32 exact on Ampere and later.
@@ -148,6 +149,10 @@ def main():
         AutoTokenizer.from_pretrained(root, trust_remote_code=True)
     r["tokenizer_warnings"] = w.seen
     print(f"quiet    AutoTokenizer(trust_remote_code=True): {w.seen or 'no warning'}  {check('quiet', not w.seen)}")
+    with Warnings() as w:
+        PreTrainedTokenizerFast.from_pretrained(root)
+    r["tokenizer_by_class_warnings"] = w.seen
+    print(f"quiet    PreTrainedTokenizerFast, no remote code: {w.seen or 'no warning'}  {check('quiet', not w.seen)}")
     with Warnings() as w:
         try:
             AutoTokenizer.from_pretrained(root)
