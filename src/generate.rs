@@ -10,8 +10,9 @@
 
 use crate::adapters::{AdapterSet, Adapters};
 use crate::checkpoint::Tok;
+use crate::fsio::write_atomic;
 use crate::model::{KvCache, Model};
-use crate::runtime::{write_atomic, ModelArgs};
+use crate::model_args::ModelArgs;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -1,10 +1,10 @@
 //! The exports run by transformers itself (torch + transformers + peft from the pinned virtual
-//! environment of scripts/py-env.sh, whose interpreter scripts/test.sh exports as EABFIT_PYTHON)
+//! environment of scripts/lib/py-env.sh, whose interpreter scripts/test.sh exports as EABFIT_PYTHON)
 //! against eabfit, on tiny random checkpoints: LLaMA, Mistral with a window (5) shorter than the
-//! sequence (48), and LLaMA-3 rope scaling; slot masked and unmasked. scripts/remote_code_compare.py
+//! sequence (48), and LLaMA-3 rope scaling; slot masked and unmasked. scripts/lib/remote_code_compare.py
 //! checks logits under eager and sdpa (max relative difference <= 1e-5), greedy `generate()`
 //! against `eabfit generate`, left-padded batches against each row alone, that the KV cache never
-//! holds the slot, bfloat16/float16 and (one case) torch.compile; scripts/peft_compare.py holds
+//! holds the slot, bfloat16/float16 and (one case) torch.compile; scripts/lib/peft_compare.py holds
 //! the PEFT export under eager and sdpa. A missing EABFIT_PYTHON fails the test, never skips it.
 
 mod common;
@@ -20,20 +20,20 @@ fn python() -> PathBuf {
     let p = std::env::var_os("EABFIT_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
         panic!(
             "EABFIT_PYTHON is not set: these tests need the torch + transformers + peft environment. \
-             Run them through scripts/test.sh, which installs it (scripts/py-env.sh) and exports \
-             EABFIT_PYTHON, or: export EABFIT_PYTHON=$(scripts/py-env.sh)"
+             Run them through scripts/test.sh, which installs it (scripts/lib/py-env.sh) and exports \
+             EABFIT_PYTHON, or: export EABFIT_PYTHON=$(scripts/lib/py-env.sh)"
         )
     });
     assert!(
         p.is_file(),
-        "EABFIT_PYTHON={} is not a file; rerun scripts/py-env.sh",
+        "EABFIT_PYTHON={} is not a file; rerun scripts/lib/py-env.sh",
         p.display()
     );
     p
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib").join(name)
 }
 
 fn eabfit(args: &[&str]) {
