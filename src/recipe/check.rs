@@ -15,6 +15,9 @@ impl Recipe {
             self.model.dtype,
             self.train.devices.as_deref(),
         )?;
+        if let Some(m) = &self.model.device_map {
+            crate::device_map::Spec::parse(m).map_err(|e| format!("model.device_map: {e}"))?;
+        }
 
         let data = &self.data;
         at_least_one("data.seq_len", data.seq_len)?;
