@@ -250,7 +250,11 @@ fn passes(plan: &VerifyPlan) -> Vec<Pass<'_>> {
                 // Two texts of one name: the index keeps their folders apart.
                 name = format!("{stem}.{i}-{seq_len}");
             }
-            let out = if n == 1 { plan.out.clone() } else { plan.out.join(name) };
+            let out = if n == 1 {
+                plan.out.clone()
+            } else {
+                plan.out.join(name)
+            };
             v.push(Pass {
                 text,
                 seq_len,
@@ -269,7 +273,12 @@ pub fn verify(plan: &VerifyPlan) -> Result<Vec<VerifyReport>> {
     let mut reports = vec![];
     for pass in &passes {
         if passes.len() > 1 {
-            println!("\n## {} at {} x {} tokens\n", pass.text.display(), pass.num_seqs, pass.seq_len);
+            println!(
+                "\n## {} at {} x {} tokens\n",
+                pass.text.display(),
+                pass.num_seqs,
+                pass.seq_len
+            );
         }
         reports.push(verify_pass(plan, pass)?);
     }

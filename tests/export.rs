@@ -866,7 +866,11 @@ fn a_trained_adapter_exports_and_reloads() {
         let mut v = verify.clone();
         v["adapted"]["ppl"] = ppl.into();
         std::fs::create_dir_all(run.join("verify").join(pass)).unwrap();
-        std::fs::write(run.join("verify").join(pass).join("verify.json"), v.to_string()).unwrap();
+        std::fs::write(
+            run.join("verify").join(pass).join("verify.json"),
+            v.to_string(),
+        )
+        .unwrap();
     }
     let out2 = w.join("export2");
     ok(&export(tiny.path(), &adapter, &out2, &[]));

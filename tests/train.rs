@@ -262,6 +262,8 @@ fn text_lists_and_long_windows() {
         json(&j)["ppl"].as_f64().unwrap()
     };
     let want = (0.5 * (ppl_of(&r.eval).ln() + ppl_of(&eval2).ln())).exp();
-    let got = json(&out.join("summary.json"))["base"]["ppl"].as_f64().unwrap();
+    let got = json(&out.join("summary.json"))["base"]["ppl"]
+        .as_f64()
+        .unwrap();
     assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
 }

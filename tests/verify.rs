@@ -187,8 +187,10 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
     let single = |text: &std::path::Path, out: &str| -> serde_json::Value {
         let o = verify(&t, &fit.join("best"), text, &t.path().join(out));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_str(&std::fs::read_to_string(t.path().join(out).join("verify.json")).unwrap())
-            .unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(t.path().join(out).join("verify.json")).unwrap(),
+        )
+        .unwrap()
     };
     let (a, b) = (single(&eval_txt, "v-a"), single(&other_txt, "v-b"));
     let multi = |limit: f64, out: &str| {
@@ -248,11 +250,21 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
         b["ppl_increase"].as_f64().unwrap(),
     );
     assert_ne!(ia, ib);
-    let (worse, better) = if ia > ib { ("eval.txt", "other.txt") } else { ("other.txt", "eval.txt") };
+    let (worse, better) = if ia > ib {
+        ("eval.txt", "other.txt")
+    } else {
+        ("other.txt", "eval.txt")
+    };
     let o = multi((ia + ib) / 2.0, "v-multi-fail");
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    let line = stderr.lines().find(|l| l.contains("verify failed")).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("verify failed"))
+        .unwrap();
     assert!(line.contains(&format!("{worse}, 2 x 16 tokens")), "{line}");
-    assert!(!line.contains(&format!("{better}, 2 x 16 tokens")), "{line}");
+    assert!(
+        !line.contains(&format!("{better}, 2 x 16 tokens")),
+        "{line}"
+    );
 }

@@ -165,7 +165,10 @@ fn find_verify(adapter: &Path) -> Vec<(PathBuf, Value)> {
             return vec![one];
         }
         let mut passes: Vec<PathBuf> = std::fs::read_dir(d.join("verify"))
-            .map(|it| it.filter_map(|e| Some(e.ok()?.path().join("verify.json"))).collect())
+            .map(|it| {
+                it.filter_map(|e| Some(e.ok()?.path().join("verify.json")))
+                    .collect()
+            })
             .unwrap_or_default();
         passes.sort();
         let found: Vec<(PathBuf, Value)> = passes.into_iter().filter_map(read).collect();

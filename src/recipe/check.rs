@@ -27,7 +27,12 @@ impl Recipe {
             at_least_one("data.long.every", long.every)?;
             // A micro-batch stacks equal-length windows; a long one stands alone.
             let why = "1 when data.long is set (a long window is a micro-batch of its own)";
-            check(data.batch_size == 1, "data.batch_size", why, data.batch_size)?;
+            check(
+                data.batch_size == 1,
+                "data.batch_size",
+                why,
+                data.batch_size,
+            )?;
         }
 
         let eab = &self.adapters.eab;

@@ -603,11 +603,7 @@ pub struct AblateSection {
 
 impl Recipe {
     /// Every default, around the three paths a recipe must name.
-    pub fn new(
-        model: impl Into<String>,
-        train: impl Into<Texts>,
-        eval: impl Into<Texts>,
-    ) -> Self {
+    pub fn new(model: impl Into<String>, train: impl Into<Texts>, eval: impl Into<Texts>) -> Self {
         Self {
             model: ModelSection {
                 path: model.into(),

@@ -395,7 +395,12 @@ fn texts_take_one_path_or_a_list() {
         &[],
     )
     .unwrap();
-    let paths = |t: &Texts| t.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    let paths = |t: &Texts| {
+        t.paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(paths(&r.data.train), ["a.txt", "b.txt"]);
     assert_eq!(paths(&r.data.eval), ["e.txt"]);
     assert_eq!(paths(r.verify.text.as_ref().unwrap()), ["x.txt", "y.txt"]);
@@ -422,17 +427,26 @@ fn texts_take_one_path_or_a_list() {
     assert_eq!(r.data.train, Texts::One("t.txt".into()));
 
     let msg = fails(MINIMAL, &["data.train=[]"]);
-    assert!(msg.contains("data.train must be a file or a non-empty list of files"), "{msg}");
-    let msg = fails(MINIMAL, &["verify.text=[]"]);
-    assert!(msg.contains("verify.text must be a file or a non-empty list of files"), "{msg}");
-    let msg = fails(
-        MINIMAL,
-        &["data.long={seq_len: 64, windows: 1, every: 2}"],
+    assert!(
+        msg.contains("data.train must be a file or a non-empty list of files"),
+        "{msg}"
     );
-    assert!(msg.contains("data.batch_size must be 1 when data.long is set"), "{msg}");
+    let msg = fails(MINIMAL, &["verify.text=[]"]);
+    assert!(
+        msg.contains("verify.text must be a file or a non-empty list of files"),
+        "{msg}"
+    );
+    let msg = fails(MINIMAL, &["data.long={seq_len: 64, windows: 1, every: 2}"]);
+    assert!(
+        msg.contains("data.batch_size must be 1 when data.long is set"),
+        "{msg}"
+    );
     let msg = fails(
         MINIMAL,
-        &["data.batch_size=1", "data.long={seq_len: 64, windows: 1, every: 0}"],
+        &[
+            "data.batch_size=1",
+            "data.long={seq_len: 64, windows: 1, every: 0}",
+        ],
     );
     assert!(msg.contains("data.long.every"), "{msg}");
 }
