@@ -213,8 +213,8 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
                 "32",
                 "--long-num-seqs",
                 "1",
-                "--max-ppl-increase",
-                &limit.to_string(),
+                // `=`: the limit may be negative, which clap would take for a flag.
+                &format!("--max-ppl-increase={limit}"),
                 "--out",
                 t.path().join(out).to_str().unwrap(),
             ])
