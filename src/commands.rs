@@ -402,13 +402,20 @@ pub struct VerifyArgs {
     /// Adapter folder [default with a recipe: <train.out_dir>/best]
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// [default: the recipe's data.eval, else the fetched Hamlet]
+    /// Text to verify on; repeat for several, each checked on its own [default: the recipe's
+    /// verify.text, else its data.eval, else the fetched Hamlet]
     #[arg(long)]
-    pub text: Option<PathBuf>,
+    pub text: Vec<PathBuf>,
     #[arg(long)]
     pub seq_len: Option<usize>,
     #[arg(long)]
     pub num_seqs: Option<usize>,
+    /// Also verify at this window length (with --long-num-seqs windows of each text)
+    #[arg(long)]
+    pub long_seq_len: Option<usize>,
+    /// Windows of each text at --long-seq-len [default: the recipe's verify.long.windows, else 2]
+    #[arg(long)]
+    pub long_num_seqs: Option<usize>,
     #[arg(long)]
     pub abs: Option<f64>,
     #[arg(long)]
@@ -443,9 +450,10 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
                 device: args.model.device.clone(),
                 device_map: None,
                 dtype: None,
-                text: text_path(&None)?,
+                texts: vec![text_path(&None)?],
                 seq_len: 512,
                 num_seqs: 10,
+                long: None,
                 rule: Rule::default(),
                 max_massive: 0,
                 max_ppl_increase: 0.01,
@@ -470,11 +478,21 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     if let Some(a) = &args.adapter {
         plan.adapter = a.clone();
     }
-    if let Some(t) = &args.text {
-        plan.text = t.clone();
+    if !args.text.is_empty() {
+        plan.texts = args.text.clone();
     }
     plan.seq_len = args.seq_len.unwrap_or(plan.seq_len);
     plan.num_seqs = args.num_seqs.unwrap_or(plan.num_seqs);
+    if let Some(n) = args.long_seq_len {
+        plan.long = Some((n, plan.long.map_or(2, |l| l.1)));
+    }
+    if let (Some(k), Some(long)) = (args.long_num_seqs, plan.long.as_mut()) {
+        long.1 = k;
+    } else if args.long_num_seqs.is_some() {
+        return Err(Error::Usage(
+            "--long-num-seqs needs --long-seq-len (or a recipe with verify.long)".into(),
+        ));
+    }
     plan.rule = RuleArgs {
         abs: args.abs.unwrap_or(plan.rule.abs),
         ratio: args.ratio.unwrap_or(plan.rule.ratio),
@@ -485,14 +503,14 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     if let Some(o) = &args.out {
         plan.out = o.clone();
     }
-    if plan.seq_len == 0 || plan.num_seqs == 0 {
+    if plan.seq_len == 0 || plan.num_seqs == 0 || plan.long.is_some_and(|l| l.0 == 0 || l.1 == 0) {
         return Err(Error::Usage(
-            "--seq-len and --num-seqs must be at least 1".into(),
+            "--seq-len, --num-seqs, --long-seq-len and --long-num-seqs must be at least 1".into(),
         ));
     }
-    let report = verify(&plan)?;
-    if !report.pass {
-        return Err(failure(&report));
+    let reports = verify(&plan)?;
+    if reports.iter().any(|r| !r.pass) {
+        return Err(failure(&reports));
     }
     println!("verify passed ({})", plan.out.display());
     Ok(())

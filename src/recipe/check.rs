@@ -21,6 +21,22 @@ impl Recipe {
             at_least_one("data.max_train_windows", n)?;
         }
         at_least_one("data.eval_windows", data.eval_windows)?;
+        let why = "a file or a non-empty list of files";
+        check(!data.train.paths().is_empty(), "data.train", why, "[]")?;
+        check(!data.eval.paths().is_empty(), "data.eval", why, "[]")?;
+        if let Some(long) = &data.long {
+            at_least_one("data.long.seq_len", long.seq_len)?;
+            at_least_one("data.long.windows", long.windows)?;
+            at_least_one("data.long.every", long.every)?;
+            // A micro-batch stacks equal-length windows; a long one stands alone.
+            let why = "1 when data.long is set (a long window is a micro-batch of its own)";
+            check(
+                data.batch_size == 1,
+                "data.batch_size",
+                why,
+                data.batch_size,
+            )?;
+        }
 
         let eab = &self.adapters.eab;
         non_negative("adapters.eab.init_std", eab.init_std)?;
@@ -71,6 +87,14 @@ impl Recipe {
         non_negative("verify.max_ppl_increase", v.max_ppl_increase)?;
         at_least_one("verify.seq_len", v.seq_len)?;
         at_least_one("verify.windows", v.windows)?;
+        if let Some(t) = &v.text {
+            let why = "a file or a non-empty list of files";
+            check(!t.paths().is_empty(), "verify.text", why, "[]")?;
+        }
+        if let Some(long) = &v.long {
+            at_least_one("verify.long.seq_len", long.seq_len)?;
+            at_least_one("verify.long.windows", long.windows)?;
+        }
         if let Some(gap) = v.quant.max_gap {
             non_negative("verify.quant.max_gap", gap)?;
         }

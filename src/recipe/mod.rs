@@ -78,12 +78,36 @@ impl Dtype {
     }
 }
 
+/// One text (a file, or a folder of `*.txt`) or a list of them. Each text gets its own windows,
+/// so none straddles two texts, and per-text limits (`eval_windows`, `verify.windows`) apply to
+/// each text of a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Texts {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl Texts {
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            Texts::One(p) => std::slice::from_ref(p),
+            Texts::Many(v) => v,
+        }
+    }
+}
+
+impl<T: Into<PathBuf>> From<T> for Texts {
+    fn from(p: T) -> Self {
+        Texts::One(p.into())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Text file or folder of `*.txt`.
-    pub train: PathBuf,
-    pub eval: PathBuf,
+    pub train: Texts,
+    pub eval: Texts,
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
     /// Windows per micro-batch.
@@ -91,8 +115,31 @@ pub struct DataSection {
     pub batch_size: usize,
     #[serde(default)]
     pub max_train_windows: Option<usize>,
+    /// Eval windows per eval text.
     #[serde(default = "default_eval_windows")]
     pub eval_windows: usize,
+    /// Long training windows mixed into the short ones, so that the hold term also sees
+    /// positions far past `seq_len`.
+    #[serde(default)]
+    pub long: Option<LongWindows>,
+}
+
+/// Every `every`-th micro-batch is one window of `seq_len` tokens, taken in turn from up to
+/// `windows` long windows of each training text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongWindows {
+    pub seq_len: usize,
+    pub windows: usize,
+    pub every: usize,
+}
+
+/// Windows verify checks at: `windows` windows of `seq_len` tokens from each text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyWindows {
+    pub seq_len: usize,
+    pub windows: usize,
 }
 
 fn default_device() -> String {
@@ -471,12 +518,15 @@ pub struct VerifySection {
     pub max_massive: usize,
     /// Allowed relative perplexity increase over the base model.
     pub max_ppl_increase: f64,
-    /// Text to verify on [default: data.eval]; text the run never saw is the honest test.
-    pub text: Option<PathBuf>,
+    /// Text(s) to verify on [default: data.eval]; text the run never saw is the honest test.
+    /// Each text is checked on its own; verify passes only if every one does.
+    pub text: Option<Texts>,
     /// Long by default: massive activations on mid-window tokens (LLaMA-2's "." and "\n"
     /// kind) only show in windows long enough to hold such tokens.
     pub seq_len: usize,
     pub windows: usize,
+    /// A second pass at long windows (same checks), where context-length effects show.
+    pub long: Option<VerifyWindows>,
     pub quant: QuantCheck,
 }
 
@@ -488,6 +538,7 @@ impl Default for VerifySection {
             text: None,
             seq_len: 512,
             windows: 10,
+            long: None,
             quant: QuantCheck::default(),
         }
     }
@@ -556,11 +607,7 @@ pub struct AblateSection {
 
 impl Recipe {
     /// Every default, around the three paths a recipe must name.
-    pub fn new(
-        model: impl Into<String>,
-        train: impl Into<PathBuf>,
-        eval: impl Into<PathBuf>,
-    ) -> Self {
+    pub fn new(model: impl Into<String>, train: impl Into<Texts>, eval: impl Into<Texts>) -> Self {
         Self {
             model: ModelSection {
                 path: model.into(),
@@ -575,6 +622,7 @@ impl Recipe {
                 batch_size: default_batch_size(),
                 max_train_windows: None,
                 eval_windows: default_eval_windows(),
+                long: None,
             },
             adapters: AdaptersSection::default(),
             loss: LossSection::default(),

@@ -387,3 +387,66 @@ fn load_reads_a_file() {
     std::fs::write(&path, MINIMAL).unwrap();
     assert_eq!(load(&path, &["train.seed=3".into()]).unwrap().train.seed, 3);
 }
+
+#[test]
+fn texts_take_one_path_or_a_list() {
+    let r = parse(
+        "model:\n  path: m\ndata:\n  train: [a.txt, b.txt]\n  eval: e.txt\n  batch_size: 1\n  long:\n    seq_len: 64\n    windows: 2\n    every: 5\nverify:\n  text:\n    - x.txt\n    - y.txt\n  long:\n    seq_len: 256\n    windows: 1\n",
+        &[],
+    )
+    .unwrap();
+    let paths = |t: &Texts| {
+        t.paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paths(&r.data.train), ["a.txt", "b.txt"]);
+    assert_eq!(paths(&r.data.eval), ["e.txt"]);
+    assert_eq!(paths(r.verify.text.as_ref().unwrap()), ["x.txt", "y.txt"]);
+    assert_eq!(
+        r.data.long,
+        Some(LongWindows {
+            seq_len: 64,
+            windows: 2,
+            every: 5
+        })
+    );
+    assert_eq!(
+        r.verify.long,
+        Some(VerifyWindows {
+            seq_len: 256,
+            windows: 1
+        })
+    );
+    // Both forms survive the saved recipe, and an override can turn one into a list.
+    assert_eq!(parse(&r.to_yaml(), &[]).unwrap(), r);
+    let r = parse(MINIMAL, &["data.eval=[e.txt, f.txt]", "verify.text=v.txt"]).unwrap();
+    assert_eq!(paths(&r.data.eval), ["e.txt", "f.txt"]);
+    assert_eq!(paths(r.verify.text.as_ref().unwrap()), ["v.txt"]);
+    assert_eq!(r.data.train, Texts::One("t.txt".into()));
+
+    let msg = fails(MINIMAL, &["data.train=[]"]);
+    assert!(
+        msg.contains("data.train must be a file or a non-empty list of files"),
+        "{msg}"
+    );
+    let msg = fails(MINIMAL, &["verify.text=[]"]);
+    assert!(
+        msg.contains("verify.text must be a file or a non-empty list of files"),
+        "{msg}"
+    );
+    let msg = fails(MINIMAL, &["data.long={seq_len: 64, windows: 1, every: 2}"]);
+    assert!(
+        msg.contains("data.batch_size must be 1 when data.long is set"),
+        "{msg}"
+    );
+    let msg = fails(
+        MINIMAL,
+        &[
+            "data.batch_size=1",
+            "data.long={seq_len: 64, windows: 1, every: 0}",
+        ],
+    );
+    assert!(msg.contains("data.long.every"), "{msg}");
+}
