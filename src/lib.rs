@@ -27,6 +27,7 @@ pub mod optim;
 pub mod perplexity;
 pub mod plot;
 pub mod plot_gaps;
+pub mod plot_stream;
 pub mod pretrain;
 pub mod quant;
 pub mod quant_eval;
@@ -34,6 +35,7 @@ pub mod recipe;
 pub mod resume;
 pub mod runtime;
 pub mod scan;
+pub mod stream;
 pub mod train;
 pub mod verify;
 
