@@ -1,83 +1,20 @@
 //! Trainable additions to a frozen model: per-layer EAB (k', v') slots and LoRA pairs.
-//! They enter the model through `Model::load`; the base weights never change.
+//! The model reads them as [`Adapters`] (defined beside it, in `model`) through `Model::load`;
+//! the base weights never change. This module makes them trainable, saves and loads them.
 //!
 //! On disk an adapter is a folder: `adapter.safetensors` (f32 tensors named after the module
 //! they attach to: `model.layers.{i}.self_attn.eab_k` / `eab_v` of shape (KV, hd), and
 //! `model.layers.{i}.mlp.down_proj.lora_A.weight` (r, in) / `lora_B.weight` (out, r)) plus
 //! `adapter_config.json` ([`AdapterMeta`]).
 
+use crate::fsio::{save_safetensors, write_atomic};
 use crate::model::Config;
-use crate::runtime::{save_safetensors, write_atomic};
+pub use crate::model::{Adapters, EabSlot, Lora};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// One explicit key/value slot per KV head of a layer: k', v' of shape (KV, hd), f32.
-/// k' is position-free (never rotated), which makes it equal to a one-token KV prefix.
-#[derive(Debug, Clone)]
-pub struct EabSlot {
-    pub k: Tensor,
-    pub v: Tensor,
-}
-
-/// A low-rank update `scale * B A` of a projection: a (r, in), b (out, r), f32.
-#[derive(Debug, Clone)]
-pub struct Lora {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub scale: f64,
-}
-
-/// What the model reads: slots by layer, LoRA by projection prefix.
-#[derive(Debug, Clone, Default)]
-pub struct Adapters {
-    /// Indexed by layer; `None` where a layer has no slot.
-    pub slots: Vec<Option<EabSlot>>,
-    /// Keyed by the projection's tensor prefix, e.g. `model.layers.1.mlp.down_proj`.
-    pub lora: HashMap<String, Lora>,
-    /// Hide position 0 from every query so the slot stands in for the first token.
-    pub mask_first_token: bool,
-}
-
-impl Adapters {
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// The same adapters cut from their Vars: a forward through them builds no autograd graph
-    /// (inference), while the values stay shared.
-    pub fn detached(&self) -> Adapters {
-        Adapters {
-            slots: self
-                .slots
-                .iter()
-                .map(|s| {
-                    s.as_ref().map(|s| EabSlot {
-                        k: s.k.detach(),
-                        v: s.v.detach(),
-                    })
-                })
-                .collect(),
-            lora: self
-                .lora
-                .iter()
-                .map(|(k, l)| {
-                    (
-                        k.clone(),
-                        Lora {
-                            a: l.a.detach(),
-                            b: l.b.detach(),
-                            scale: l.scale,
-                        },
-                    )
-                })
-                .collect(),
-            mask_first_token: self.mask_first_token,
-        }
-    }
-}
 
 /// Projections LoRA can target, by their short recipe names.
 pub const TARGETS: [(&str, &str); 7] = [

@@ -1,0 +1,174 @@
+//! Grouped-query self-attention with an optional EAB slot ahead of the keys, through the fused
+//! attention op.
+
+use super::layers::{Linear, Rope};
+use super::taps::{AttnStats, LinearInput, Taps};
+use super::{Adapters, CResult, Config, EabSlot};
+use crate::ops::attention::{self, Spec};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) o_proj: Linear,
+    pub(super) slot: Option<EabSlot>,
+    pub(super) n_heads: usize,
+    pub(super) n_kv: usize,
+    pub(super) head_dim: usize,
+    pub(super) layer: usize,
+}
+
+pub(super) struct AttnOut {
+    pub(super) out: Tensor,
+    pub(super) stats: Option<AttnStats>,
+    pub(super) first_kv: Option<(Tensor, Tensor)>,
+    /// Post-RoPE keys and values of positions 0..start + T, (B, KV, start + T, hd): what a KV
+    /// cache keeps (the slot is no position and never enters it).
+    pub(super) kv: (Tensor, Tensor),
+}
+
+impl Attention {
+    pub(super) fn load(
+        vb: VarBuilder,
+        cfg: &Config,
+        layer: usize,
+        adapters: &Adapters,
+    ) -> CResult<Self> {
+        let (h, kv, hd, d) = (
+            cfg.num_attention_heads,
+            cfg.n_kv_heads(),
+            cfg.head_dim(),
+            cfg.hidden_size,
+        );
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), d, h * hd, adapters)?,
+            k_proj: Linear::load(vb.pp("k_proj"), d, kv * hd, adapters)?,
+            v_proj: Linear::load(vb.pp("v_proj"), d, kv * hd, adapters)?,
+            o_proj: Linear::load(vb.pp("o_proj"), h * hd, d, adapters)?,
+            slot: adapters.slots.get(layer).cloned().flatten(),
+            n_heads: h,
+            n_kv: kv,
+            head_dim: hd,
+            layer,
+        })
+    }
+
+    /// x: the tokens at positions `masks.start..masks.start + T`; `past`: the cached keys and
+    /// values of the positions before them.
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        masks: &Masks,
+        taps: &Taps,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> CResult<AttnOut> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let x = &taps.linear_input(self.layer, LinearInput::Qkv, x.clone())?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?; // (B, H, T, hd)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?; // (B, KV, T, hd)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?; // (B, KV, T, hd)
+        let q = rope.apply(&q, masks.start)?;
+        let k = rope.apply(&k, masks.start)?;
+        let (mut k, mut v) = match &taps.hook {
+            Some(hook) => hook.key_value(self.layer, &k, &v)?,
+            None => (k, v),
+        };
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?.contiguous()?; // (B, KV, start + T, hd)
+            v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
+        }
+        let kv_out = (k.clone(), v.clone());
+        let slot = match (&self.slot, &taps.hook) {
+            (Some(s), Some(hook)) => {
+                let (kv, hd) = s.k.dims2()?;
+                let (k, v) = hook.key_value(
+                    self.layer,
+                    &s.k.reshape((1, kv, 1, hd))?, // (1, KV, 1, hd)
+                    &s.v.reshape((1, kv, 1, hd))?,
+                )?;
+                Some(EabSlot {
+                    k: k.reshape((kv, hd))?, // (KV, hd)
+                    v: v.reshape((kv, hd))?,
+                })
+            }
+            (s, _) => s.clone(),
+        };
+        let first_kv = if taps.first_kv {
+            Some((
+                k.narrow(2, 0, 1)?.squeeze(2)?,
+                v.narrow(2, 0, 1)?.squeeze(2)?,
+            )) // (B, KV, hd)
+        } else {
+            None
+        };
+        // The slot is key 0 of every KV head, ahead of the tokens; position-free, never rotated.
+        let (k, v, mask) = match &slot {
+            Some(slot) => {
+                let lead = |x: &Tensor| -> CResult<Tensor> {
+                    x.to_dtype(k.dtype())?
+                        .unsqueeze(0)?
+                        .unsqueeze(2)?
+                        .broadcast_as((b, kv, 1, hd)) // (B, KV, 1, hd)
+                };
+                (
+                    Tensor::cat(&[&lead(&slot.k)?, &k], 2)?, // (B, KV, 1+T, hd)
+                    Tensor::cat(&[&lead(&slot.v)?, &v], 2)?,
+                    &masks.slot,
+                )
+            }
+            None => (k, v, &masks.plain),
+        };
+        let mask = mask
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("attention mask not built".into()))?;
+        let (out, stats) = attention::attention(&q, &k, &v, mask, taps.attn)?; // (B, T, H, hd)
+        let out = out.reshape((b, t, h * hd))?; // (B, T, H*hd)
+        let out = taps.linear_input(self.layer, LinearInput::O, out)?;
+        Ok(AttnOut {
+            out: self.o_proj.forward(&out)?,
+            stats,
+            first_kv,
+            kv: kv_out,
+        })
+    }
+}
+
+/// The attention masks of one forward pass: one for layers without a slot, one for layers with,
+/// for T queries at positions start..start + T.
+#[derive(Clone)]
+pub(super) struct Masks {
+    pub(super) plain: Option<attention::Mask>,
+    pub(super) slot: Option<attention::Mask>,
+    pub(super) window: Option<usize>,
+    pub(super) hide_first: bool,
+    pub(super) start: usize,
+}
+
+impl Masks {
+    pub(super) fn spec(&self, slots: usize) -> Spec {
+        Spec {
+            slots,
+            window: self.window,
+            hide_first: self.hide_first,
+            block: 0,
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral), differentiable end to end.
+//!
+//! Unlike candle-transformers' `llama.rs` it returns logits for every position, runs RMSNorm,
+//! RoPE, attention and the frozen projections through `crate::ops` (fused forwards with real
+//! backwards; candle's own fused kernels have none), exposes each layer's output hidden state
+//! through [`Taps`], and takes adapters (EAB slots, LoRA) through its constructor. Names passed
+//! to `vb.pp()` are the Hugging Face tensor names.
+//!
+//! One file per piece, each with `load(vb, cfg, ..)` and `forward`: [`config`](Config) (what
+//! `config.json` says, checked), `layers` (projections with LoRA, RMSNorm, RoPE tables),
+//! `attention`, `mlp`, `block` (one decoder layer), and [`Model`] here (embedding, the layers,
+//! the head). `adapters` holds what the constructor takes beside the checkpoint, `taps` what a
+//! forward pass may observe or change, `cache` the keys and values decoding keeps.
+
+mod adapters;
+mod attention;
+mod block;
+mod cache;
+mod config;
+mod layers;
+mod mlp;
+mod taps;
+
+pub use adapters::{Adapters, EabSlot, Lora};
+pub use cache::KvCache;
+pub use config::{Config, RopeScaling};
+pub use layers::Linear;
+pub use taps::{ActHook, AttnStats, Edit, LinearInput, Output, Taps};
+
+use crate::ops::acc;
+use crate::ops::attention as attn_op;
+use crate::ops::block as block_op;
+use crate::ops::linear::linear;
+use attention::Masks;
+use block::Block;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use layers::{RmsNorm, Rope};
+use std::sync::Arc;
+use taps::apply_edits;
+
+type CResult<T> = candle_core::Result<T>;
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    cfg: Config,
+    mask_first_token: bool,
+    device: Device,
+}
+
+impl Model {
+    /// `vb` is rooted at the checkpoint's top level (tensors `model.*` and `lm_head.weight`).
+    pub fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        // The mask is shared by all layers: one without a slot would give query 0 nothing to
+        // attend to (an all -inf row), and its NaN would reach every logit.
+        if adapters.mask_first_token {
+            if let Some(i) = (0..cfg.num_hidden_layers)
+                .find(|&i| adapters.slots.get(i).is_none_or(Option::is_none))
+            {
+                candle_core::bail!(
+                    "mask_first_token needs an EAB slot in every layer: layer {i} has none, so position 0 would have nothing to attend to"
+                );
+            }
+        }
+        let m = vb.pp("model");
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp("layers").pp(i), cfg, i, adapters))
+            .collect::<CResult<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // Tied checkpoints usually omit lm_head.weight; some untied ones still carry a copy.
+        let lm_head = if !cfg.tie_word_embeddings || vb.contains_tensor("lm_head.weight") {
+            vb.pp("lm_head")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?
+        } else {
+            embed_tokens.clone()
+        };
+        Ok(Self {
+            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cfg: cfg.clone(),
+            mask_first_token: adapters.mask_first_token,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+    pub fn layer_mlp_down(&self, layer: usize) -> &Linear {
+        &self.layers[layer].mlp.down_proj
+    }
+
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The masks the layers of this model need for T tokens after `start` cached ones.
+    fn masks(&self, t: usize, start: usize) -> CResult<Masks> {
+        let mut m = Masks {
+            plain: None,
+            slot: None,
+            window: self.cfg.sliding_window,
+            hide_first: self.mask_first_token,
+            start,
+        };
+        let (dt, n) = (self.dtype(), start + t);
+        if self.layers.iter().any(|l| l.self_attn.slot.is_some()) {
+            m.slot = Some(attn_op::mask(t, n + 1, &m.spec(1), dt, &self.device)?);
+        }
+        if self.layers.iter().any(|l| l.self_attn.slot.is_none()) {
+            m.plain = Some(attn_op::mask(t, n, &m.spec(0), dt, &self.device)?);
+        }
+        Ok(m)
+    }
+
+    /// The shared inputs of the block op for T tokens from position 0 (without, with a slot),
+    /// or `None` when this pass does not use it (see [`Taps::block_op`]).
+    #[allow(clippy::type_complexity)]
+    fn block_contexts(
+        &self,
+        taps: &Taps,
+        t: usize,
+        masks: &Masks,
+    ) -> CResult<
+        Option<(
+            Option<Arc<block_op::Context>>,
+            Option<Arc<block_op::Context>>,
+        )>,
+    > {
+        let auto = self.device.is_cuda()
+            && self.dtype() == DType::BF16
+            && matches!(self.cfg.head_dim(), 64 | 128);
+        let plain_taps = taps.hook.is_none()
+            && taps.edits.is_empty()
+            && !taps.attn
+            && !taps.first_kv
+            && !taps.recompute;
+        if !(taps.block_op.unwrap_or(auto) && plain_taps) {
+            return Ok(None);
+        }
+        let cos = self.rope.cos.narrow(0, 0, t)?.contiguous()?; // (T, hd/2)
+        let sin = self.rope.sin.narrow(0, 0, t)?.contiguous()?;
+        let cx = |mask: &Option<attn_op::Mask>| {
+            mask.as_ref().map(|m| {
+                Arc::new(block_op::Context {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    mask: m.clone(),
+                })
+            })
+        };
+        Ok(Some((cx(&masks.plain), cx(&masks.slot))))
+    }
+
+    fn check_len(&self, n: usize) -> CResult<()> {
+        if n > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {n} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        crate::ops::embedding::embed(&self.embed_tokens, input_ids)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        )) // (B, T, D)
+    }
+
+    /// input_ids: (B, T) u32 -> the final normed hidden state (B, T, D) in the model dtype, plus
+    /// whatever `taps` asked for; `Output::logits` is left a scalar zero. Training computes
+    /// its hold term through the head in chunks from here ([`crate::ops::kl`]).
+    pub fn forward_trunk(&self, input_ids: &Tensor, taps: &Taps) -> CResult<(Tensor, Output)> {
+        let t = input_ids.dim(1)?;
+        self.check_len(t)?;
+        let mut x = self.embed(input_ids)?;
+        let masks = self.masks(t, 0)?;
+        let mut out = Output {
+            logits: Tensor::zeros((), DType::F32, &self.device)?,
+            hidden: vec![],
+            attn: vec![],
+            first_kv: vec![],
+        };
+        if taps.recompute && (taps.attn || taps.first_kv || !taps.edits.is_empty()) {
+            candle_core::bail!("recompute combines with the hidden-state tap only");
+        }
+        let contexts = self.block_contexts(taps, t, &masks)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some((plain, with_slot)) = &contexts {
+                let grads = taps.weight_grads.as_ref();
+                if let Some(w) = layer.op_weights(self.cfg.rms_norm_eps, i, grads) {
+                    let slot = layer.self_attn.slot.as_ref();
+                    let cx = if slot.is_some() { with_slot } else { plain };
+                    let cx = cx
+                        .clone()
+                        .ok_or_else(|| candle_core::Error::Msg("block context not built".into()))?;
+                    x = block_op::block(&x, Arc::new(w), cx, slot.map(|s| (&s.k, &s.v)))?;
+                    if taps.hidden {
+                        out.hidden.push(x.clone());
+                    }
+                    continue;
+                }
+            }
+            if taps.recompute && layer.lora_free() {
+                x = layer.recomputed(&x, &self.rope, &masks)?;
+                if taps.hidden {
+                    out.hidden.push(x.clone());
+                }
+                continue;
+            }
+            let (h, attn) = layer.forward(&x, &self.rope, &masks, taps, None)?;
+            x = apply_edits(&h, i, &taps.edits)?;
+            if taps.hidden {
+                out.hidden.push(x.clone());
+            }
+            out.attn.extend(attn.stats);
+            out.first_kv.extend(attn.first_kv);
+        }
+        Ok((self.norm.forward(&x)?, out))
+    }
+
+    /// Final normed hidden (B, T, D) -> logits (B, T, V) in f32 (f64 for an f64 model).
+    pub fn head(&self, x: &Tensor) -> CResult<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        linear(&x.reshape((b * t, d))?, &self.lm_head)? // (B*T, V)
+            .reshape((b, t, ()))? // (B, T, V)
+            .to_dtype(acc(x.dtype()))
+    }
+
+    /// input_ids: (B, T) u32 -> logits (B, T, V) f32 plus whatever `taps` asked for.
+    pub fn forward(&self, input_ids: &Tensor, taps: &Taps) -> CResult<Output> {
+        let (x, mut out) = self.forward_trunk(input_ids, taps)?;
+        out.logits = self.head(&x)?;
+        Ok(out)
+    }
+
+    /// Logits (B, T, V) f32 of `input_ids` (B, T) continuing the positions in `cache`, which
+    /// then holds them too: decoding one token costs one position, not the whole prefix.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> CResult<Tensor> {
+        let (t, start) = (input_ids.dim(1)?, cache.len());
+        self.check_len(start + t)?;
+        let mut x = self.embed(input_ids)?;
+        let masks = self.masks(t, start)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, attn) = layer.forward(
+                &x,
+                &self.rope,
+                &masks,
+                &Taps::default(),
+                cache.layers.get(i),
+            )?;
+            x = h;
+            layers.push(attn.kv);
+        }
+        cache.layers = layers;
+        self.head(&self.norm.forward(&x)?)
+    }
+
+    /// Logits only, (B, T, V) f32, differentiable.
+    pub fn logits(&self, input_ids: &Tensor) -> CResult<Tensor> {
+        Ok(self.forward(input_ids, &Taps::default())?.logits)
+    }
+}
