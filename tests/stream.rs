@@ -8,7 +8,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::{bin, make_adapter, row, tiny, Arch};
 use eabfit::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use eabfit::checkpoint::Checkpoint;

@@ -436,11 +436,10 @@ pub fn attention(
 /// Attention whose slot keys (the spec's `slots` leading keys) are scored by `lead` (B, H, T, hd)
 /// instead of `q`: a rolling KV cache computes a chunk of queries at once this way, the sinks'
 /// scores taken from the queries rotated at the one position every query of the literal cache
-/// has (docs/streaming.md). Inference only: the blocked path, no gradient.
+/// has (docs/streaming.md). Inference only: the blocked path, and its output is detached (no
+/// gradient flows back through it, to a slot or anything else).
 pub fn pinned(q: &Tensor, lead: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult<Tensor> {
-    if [q, lead, k, v].iter().any(|x| x.track_op()) {
-        candle_core::bail!("attention::pinned has no backward: call it on detached tensors");
-    }
+    let (q, lead, k, v) = (&q.detach(), &lead.detach(), &k.detach(), &v.detach());
     if lead.dims() != q.dims() {
         candle_core::bail!("attention::pinned: lead {:?} for q {:?}", lead.dims(), q.dims());
     }
