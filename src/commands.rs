@@ -165,7 +165,10 @@ fn stream_ppl_cmd(
         ids.truncate(n);
     }
     if ids.len() < 2 {
-        return Err(Error::file(text_file, "text too short: a stream needs 2 tokens"));
+        return Err(Error::file(
+            text_file,
+            "text too short: a stream needs 2 tokens",
+        ));
     }
     let p = crate::stream::stream_ppl(model, &ids, r)?;
     print!("{}", p.lines());

@@ -77,7 +77,10 @@ pub fn draw_stream(lines: &[StreamLine], title: &str, out: &Path) -> Result<Vec<
     let (png, svg) = match ext.as_deref() {
         Some("png") => (Some(out.to_path_buf()), None),
         Some("svg") => (None, Some(out.to_path_buf())),
-        _ => (Some(out.with_extension("png")), Some(out.with_extension("svg"))),
+        _ => (
+            Some(out.with_extension("png")),
+            Some(out.with_extension("svg")),
+        ),
     };
     if let Some(path) = png {
         write_atomic(&path, |tmp| {
@@ -117,7 +120,10 @@ where
     builder.margin(15);
     if text {
         builder
-            .caption(format!("{title}: running NLL along the stream"), (FAMILY, 22))
+            .caption(
+                format!("{title}: running NLL along the stream"),
+                (FAMILY, 22),
+            )
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
@@ -137,7 +143,11 @@ where
     let mut evictions: Vec<usize> = lines.iter().map(|l| l.first_eviction).collect();
     evictions.sort_unstable();
     evictions.dedup();
-    for x in evictions.into_iter().map(|x| x as f64).filter(|&x| x < x_hi) {
+    for x in evictions
+        .into_iter()
+        .map(|x| x as f64)
+        .filter(|&x| x < x_hi)
+    {
         chart.draw_series(DashedLineSeries::new(
             [(x, y_lo - pad), (x, y_hi + pad)],
             6,
@@ -152,9 +162,9 @@ where
             color.stroke_width(2),
         ))?;
         if text {
-            series
-                .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            series.label(l.label.clone()).legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
     }
     if text {

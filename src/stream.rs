@@ -49,7 +49,9 @@ impl CacheArgs {
 impl Rolling {
     pub fn new(cache: usize, sinks: usize, chunk: usize) -> Result<Self> {
         if cache == 0 {
-            return Err(Error::Usage("--cache 0: the cache needs at least 1 entry".into()));
+            return Err(Error::Usage(
+                "--cache 0: the cache needs at least 1 entry".into(),
+            ));
         }
         if sinks >= cache {
             return Err(Error::Usage(format!(
@@ -86,7 +88,7 @@ pub fn stream_nll(model: &Model, ids: &[u32], r: &Rolling) -> Result<Vec<f32>> {
         let start = c * r.chunk;
         let x = Tensor::new(piece, model.device())?.unsqueeze(0)?; // (1, C)
         let logits = model.forward_stream(&x, &mut cache)?.squeeze(0)?; // (C, V)
-        // Row i predicts token start + i + 1, which the last row of the stream does not have.
+                                                                        // Row i predicts token start + i + 1, which the last row of the stream does not have.
         let rows = piece.len().min(ids.len() - 1 - start);
         if rows == 0 {
             continue;
@@ -158,7 +160,10 @@ pub fn stream_ppl(model: &Model, ids: &[u32], r: &Rolling) -> Result<StreamPpl> 
 impl StreamPpl {
     pub fn lines(&self) -> String {
         let after = match self.ppl_after_eviction {
-            Some(p) => format!("{p:.4} over the {} tokens after the first eviction", self.tokens_after_eviction),
+            Some(p) => format!(
+                "{p:.4} over the {} tokens after the first eviction",
+                self.tokens_after_eviction
+            ),
             None => "- (the stream never filled the cache)".into(),
         };
         format!(

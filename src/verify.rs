@@ -9,9 +9,9 @@ use crate::plot::LayerSeries;
 use crate::quant::Setting;
 use crate::quant_eval::quant_ppl;
 use crate::recipe::{Recipe, StreamCheck};
-use crate::stream::{stream_ppl, Rolling};
 use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
+use crate::stream::{stream_ppl, Rolling};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -278,7 +278,11 @@ fn stream_gap(
     if ids.len() < c.tokens {
         return Err(Error::file(
             origin,
-            format!("text too short: {} tokens, verify.stream.tokens is {}", ids.len(), c.tokens),
+            format!(
+                "text too short: {} tokens, verify.stream.tokens is {}",
+                ids.len(),
+                c.tokens
+            ),
         ));
     }
     ids.truncate(c.tokens);

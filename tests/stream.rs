@@ -32,12 +32,16 @@ fn load(tiny: &common::Tiny, adapter: Option<&Path>) -> Model {
             .adapters(),
         None => Adapters::none(),
     };
-    ckpt.load_model(DType::F32, &Device::Cpu, &adapters).unwrap()
+    ckpt.load_model(DType::F32, &Device::Cpu, &adapters)
+        .unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -210,7 +214,12 @@ fn a_cache_as_long_as_the_text_is_dense_perplexity() {
             .collect()
     };
     let run = |a: Vec<String>| eabfit(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    ok(&run(with(&["--seq-len", "90", "--json", dense.to_str().unwrap()])));
+    ok(&run(with(&[
+        "--seq-len",
+        "90",
+        "--json",
+        dense.to_str().unwrap(),
+    ])));
     let plot = tiny.path().join("stream.png");
     let o = run(with(&[
         "--cache",
@@ -237,7 +246,12 @@ fn a_cache_as_long_as_the_text_is_dense_perplexity() {
 
     // A smaller cache evicts and predicts otherwise; `eabfit plot` overlays both runs.
     let small = tiny.path().join("small.json");
-    ok(&run(with(&["--cache", "16", "--json", small.to_str().unwrap()])));
+    ok(&run(with(&[
+        "--cache",
+        "16",
+        "--json",
+        small.to_str().unwrap(),
+    ])));
     let v = read_json(&small);
     assert_eq!(v["tokens_after_eviction"], 90 - 16);
     assert!((v["nll"].as_f64().unwrap() - dn).abs() > 1e-4);
@@ -290,10 +304,14 @@ fn generation_runs_past_the_context_through_the_rolling_cache() {
     let mut cache = StreamCache::new(24, 2).unwrap();
     let seq: Vec<u32> = prompt.iter().chain(&out).copied().collect();
     for t in 0..seq.len() - 1 {
-        let logits = model
-            .forward_stream(&row(&seq[t..=t]), &mut cache)
+        let logits = model.forward_stream(&row(&seq[t..=t]), &mut cache).unwrap();
+        let last: Vec<f32> = logits
+            .squeeze(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        let last: Vec<f32> = logits.squeeze(0).unwrap().get(0).unwrap().to_vec1().unwrap();
         if t + 1 >= prompt.len() {
             let best = (0..last.len())
                 .max_by(|&a, &b| last[a].total_cmp(&last[b]).then(b.cmp(&a)))
@@ -313,12 +331,28 @@ fn impossible_caches_are_usage_errors() {
     let masked = masked.to_str().unwrap();
     for (model, extra, needle) in [
         (&llama, vec!["--cache", "0"], "--cache 0"),
-        (&llama, vec!["--cache", "4", "--sink-tokens", "4"], "--sink-tokens 4 >= --cache 4"),
-        (&llama, vec!["--cache", "4", "--sink-tokens", "9"], "--sink-tokens 9"),
+        (
+            &llama,
+            vec!["--cache", "4", "--sink-tokens", "4"],
+            "--sink-tokens 4 >= --cache 4",
+        ),
+        (
+            &llama,
+            vec!["--cache", "4", "--sink-tokens", "9"],
+            "--sink-tokens 9",
+        ),
         (&llama, vec!["--cache", "8", "--chunk", "0"], "--chunk"),
-        (&llama, vec!["--cache", "129"], "max_position_embeddings 128"),
+        (
+            &llama,
+            vec!["--cache", "129"],
+            "max_position_embeddings 128",
+        ),
         (&mistral, vec!["--cache", "8"], "sliding_window 5"),
-        (&llama, vec!["--cache", "8", "--sink-tokens", "2", "--adapter", masked], "mask_first_token"),
+        (
+            &llama,
+            vec!["--cache", "8", "--sink-tokens", "2", "--adapter", masked],
+            "mask_first_token",
+        ),
         (&llama, vec!["--cache", "8", "--seq-len", "16"], "--seq-len"),
     ] {
         let mut args = vec!["ppl", "--model", model.path().to_str().unwrap()];
@@ -327,7 +361,10 @@ fn impossible_caches_are_usage_errors() {
         let o = eabfit(&args);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
-        assert!(stderr.contains(needle) && !stderr.contains("panicked"), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(needle) && !stderr.contains("panicked"),
+            "{extra:?}: {stderr}"
+        );
     }
     let o = eabfit(&[
         "generate",

@@ -441,9 +441,18 @@ pub fn attention(
 pub fn pinned(q: &Tensor, lead: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult<Tensor> {
     let (q, lead, k, v) = (&q.detach(), &lead.detach(), &k.detach(), &v.detach());
     if lead.dims() != q.dims() {
-        candle_core::bail!("attention::pinned: lead {:?} for q {:?}", lead.dims(), q.dims());
+        candle_core::bail!(
+            "attention::pinned: lead {:?} for q {:?}",
+            lead.dims(),
+            q.dims()
+        );
     }
-    let (q, lead, k, v) = (&q.contiguous()?, &lead.contiguous()?, &k.contiguous()?, &v.contiguous()?);
+    let (q, lead, k, v) = (
+        &q.contiguous()?,
+        &lead.contiguous()?,
+        &k.contiguous()?,
+        &v.contiguous()?,
+    );
     let p = Plan::new(q, k, v, mask)?;
     Ok(forward(q, Some(lead), k, v, mask.dense()?, &p, false)?.0)
 }

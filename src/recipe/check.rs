@@ -35,9 +35,11 @@ impl Recipe {
         if let Some(w) = eab.window {
             at_least_one("adapters.eab.window", w)?;
             if !eab.enabled {
-                return Err("adapters.eab.window needs adapters.eab.enabled: without a slot \
+                return Err(
+                    "adapters.eab.window needs adapters.eab.enabled: without a slot \
                             the window leaves the late queries no sink"
-                    .into());
+                        .into(),
+                );
             }
             let why = &format!("below data.seq_len ({}) to hide any token", data.seq_len);
             check(w < data.seq_len, "adapters.eab.window", why, w)?;
@@ -88,9 +90,22 @@ impl Recipe {
         }
         at_least_one("verify.stream.cache", st.cache)?;
         let below = format!("below verify.stream.cache ({})", st.cache);
-        check(st.sink_tokens < st.cache, "verify.stream.sink_tokens", &below, st.sink_tokens)?;
-        let past = format!("above verify.stream.cache ({}) so that the cache evicts", st.cache);
-        check(st.tokens > st.cache, "verify.stream.tokens", &past, st.tokens)?;
+        check(
+            st.sink_tokens < st.cache,
+            "verify.stream.sink_tokens",
+            &below,
+            st.sink_tokens,
+        )?;
+        let past = format!(
+            "above verify.stream.cache ({}) so that the cache evicts",
+            st.cache
+        );
+        check(
+            st.tokens > st.cache,
+            "verify.stream.tokens",
+            &past,
+            st.tokens,
+        )?;
         for (path, bits) in [
             ("verify.quant.w", v.quant.w),
             ("verify.quant.a", v.quant.a),
