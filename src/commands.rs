@@ -111,7 +111,9 @@ pub fn ppl(args: &PplArgs) -> Result<()> {
     let ckpt = args.model.open()?;
     let device = args.model.device()?;
     let adapters = match &args.adapter {
-        Some(d) => crate::adapters::AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
+        Some(d) => crate::adapters::AdapterSet::load(d, &ckpt.config, &device)?
+            .adapters()
+            .detached(),
         None => Adapters::none(),
     };
     let model = ckpt.load_model(args.model.dtype(&device)?, &device, &adapters)?;

@@ -275,7 +275,9 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     let ckpt = args.model.open()?;
     let device = args.model.device()?;
     let adapters = match &args.adapter {
-        Some(d) => AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
+        Some(d) => AdapterSet::load(d, &ckpt.config, &device)?
+            .adapters()
+            .detached(),
         None => Adapters::none(),
     };
     let model = ckpt.load_model(args.model.dtype(&device)?, &device, &adapters)?;

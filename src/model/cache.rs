@@ -144,9 +144,11 @@ impl StreamCache {
                 _ => Tensor::cat(&[&x.narrow(2, 0, s)?, &tail], 2)?.contiguous(),
             }
         };
+        // Detached: an entry computed through a trainable slot would otherwise keep the graph
+        // of every pass before it, and a long stream's memory would grow without bound.
         self.layers = layers
             .iter()
-            .map(|(k, v)| Ok((trim(k)?, trim(v)?)))
+            .map(|(k, v)| Ok((trim(k)?.detach(), trim(v)?.detach())))
             .collect::<CResult<_>>()?;
         self.seen += t;
         Ok(())
