@@ -380,3 +380,69 @@ fn impossible_caches_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--sink-tokens 3 >= --cache 3"));
 }
+
+#[test]
+fn verify_holds_the_stream_to_the_models_own_dense_perplexity() {
+    use eabfit::recipe::StreamCheck;
+    use eabfit::verify::{verify, VerifyPlan};
+    let tiny = tiny(Arch::Llama, 79);
+    let adapter = tiny.path().join("adapter");
+    make_adapter(&tiny, &adapter, false, &[0, 1, 2], 80);
+    let text = common::write_text(tiny.path(), "t.txt", 120, 7);
+    let check = |limit: f64| StreamCheck {
+        max_ppl_increase: Some(limit),
+        cache: 16,
+        sink_tokens: 2,
+        tokens: 100,
+    };
+    let plan = |limit: f64| VerifyPlan {
+        model: tiny.spec(),
+        device: "cpu".into(),
+        dtype: None,
+        adapter: adapter.clone(),
+        text: text.clone(),
+        seq_len: 16,
+        num_seqs: 2,
+        rule: Default::default(),
+        max_massive: 1000,
+        max_ppl_increase: 10.0,
+        quant: None,
+        stream: Some(check(limit)),
+        out: tiny.path().join("verify"),
+    };
+    let report = verify(&plan(10.0)).unwrap();
+    let g = report.stream.as_ref().expect("the stream check ran");
+    // The same 100 tokens (BOS + 99 words) dense in one window and through the cache.
+    let model = load(&tiny, Some(&adapter));
+    let ckpt = Checkpoint::open(&tiny.spec()).unwrap();
+    let mut ids = vec![1u32];
+    ids.extend(
+        ckpt.tokenizer
+            .encode(&std::fs::read_to_string(&text).unwrap())
+            .unwrap(),
+    );
+    ids.truncate(100);
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+    let dense = mean(&dense_nll(&model, &ids)).exp();
+    let stream = mean(&stream_nll(&model, &ids, &Rolling::new(16, 2, 256).unwrap()).unwrap()).exp();
+    assert!(
+        (g.dense_ppl / dense - 1.0).abs() < 1e-4,
+        "{} vs {dense}",
+        g.dense_ppl
+    );
+    assert!(
+        (g.stream_ppl / stream - 1.0).abs() < 1e-4,
+        "{} vs {stream}",
+        g.stream_ppl
+    );
+    assert!((g.increase - (stream / dense - 1.0)).abs() < 1e-4);
+    assert!(report.pass);
+    // A limit below the increase fails the check, by name.
+    let failed = verify(&plan(g.increase - 1e-3)).unwrap();
+    let c = failed
+        .checks
+        .iter()
+        .find(|c| c.name == "stream_ppl_increase")
+        .unwrap();
+    assert!(!c.pass && !failed.pass, "{c:?}");
+}
