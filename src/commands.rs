@@ -1,11 +1,13 @@
 //! The commands that read a model without training it: info, ppl, scan, intervene, plot.
 
 use crate::adapters::Adapters;
+use crate::assets::text_path;
 use crate::data::{read_text, Windows};
+use crate::fsio::write_atomic;
 use crate::intervene::intervene;
+use crate::model_args::ModelArgs;
 use crate::perplexity::perplexity;
 use crate::plot::LayerSeries;
-use crate::runtime::{text_path, write_atomic, ModelArgs};
 use crate::scan::{scan, Rule, ScanReport};
 use crate::{Error, Result};
 use std::path::PathBuf;

@@ -73,7 +73,7 @@ impl AdamW {
         for (k, t) in &self.v {
             all.insert(format!("v.{k}"), t.clone());
         }
-        crate::runtime::save_safetensors(&all, path)
+        crate::fsio::save_safetensors(&all, path)
     }
 
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {

@@ -3,14 +3,16 @@
 //! inputs that decide how well a per-tensor activation scale works.
 
 use crate::adapters::{AdapterSet, Adapters};
+use crate::assets::text_path;
 use crate::checkpoint::{Base, Tok};
 use crate::data::{read_text, Windows};
+use crate::fsio::write_atomic;
 use crate::model::{ActHook, LinearInput, Model, Taps};
+use crate::model_args::ModelArgs;
 use crate::perplexity::nll_sum;
 use crate::quant::{
     default_grid, quantized_model, ActScale, FakeQuant, InputObserver, InputStats, Setting,
 };
-use crate::runtime::{text_path, write_atomic, ModelArgs};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::Serialize;

@@ -9,7 +9,9 @@
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
 use crate::data::{read_text, Windows};
+use crate::device::{parse_device, parse_dtype};
 use crate::fsio::replace_dir;
+use crate::fsio::write_atomic;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
 use crate::memory::{peak_suffix, CudaMemory};
@@ -19,7 +21,6 @@ use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::recipe::{self, Recipe};
 use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
-use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::Tensor;

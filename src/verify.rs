@@ -4,12 +4,13 @@
 use crate::adapters::{AdapterSet, Adapters};
 use crate::checkpoint::Checkpoint;
 use crate::data::{read_text, Windows};
+use crate::device::{parse_device, parse_dtype};
+use crate::fsio::write_atomic;
 use crate::loss::kl_to_teacher;
 use crate::plot::LayerSeries;
 use crate::quant::Setting;
 use crate::quant_eval::quant_ppl;
 use crate::recipe::{Recipe, StreamCheck};
-use crate::runtime::{parse_device, parse_dtype, write_atomic};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::stream::{stream_ppl, Rolling};
 use crate::{Error, Result};

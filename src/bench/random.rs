@@ -1,10 +1,75 @@
-//! The model a benchmark times: random weights of a real configuration, and the parameter
-//! counts its FLOP model uses.
+//! The model a benchmark times: the configurations it knows ([`Shape`]), random weights of
+//! one, and the parameter counts its FLOP model uses.
 
 use crate::model::Config;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
 use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// LLaMA-2-7B: hidden 4096, ffn 11008, 32 layers, 32/32 heads, vocab 32000, untied
+    #[value(name = "llama2-7b")]
+    Llama2_7b,
+    /// LLaMA-3.2-1B-like: hidden 2048, ffn 8192, 16 layers, 32/8 heads, vocab 128256, tied
+    #[value(name = "llama-1b")]
+    Llama1b,
+    /// SmolLM2-135M: hidden 576, ffn 1536, 30 layers, 9/3 heads, vocab 49152, tied
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    /// A few-KB model for CPU smoke tests
+    #[value(name = "tiny")]
+    Tiny,
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Llama2_7b => "llama2-7b",
+            Shape::Llama1b => "llama-1b",
+            Shape::Smollm2_135m => "smollm2-135m",
+            Shape::Tiny => "tiny",
+        }
+    }
+
+    /// The model config; `max_position_embeddings` covers `seq` (it only sizes the RoPE table).
+    pub fn config(self, seq: usize) -> Config {
+        // (hidden, ffn, layers, heads, kv heads, vocab, tied, rope theta)
+        let (d, f, l, h, kv, v, tied, theta) = match self {
+            Shape::Llama2_7b => (4096, 11008, 32, 32, 32, 32000, false, 10_000.0),
+            Shape::Llama1b => (2048, 8192, 16, 32, 8, 128_256, true, 500_000.0),
+            Shape::Smollm2_135m => (576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
+            Shape::Tiny => (64, 128, 2, 4, 2, 512, false, 10_000.0),
+        };
+        Config {
+            model_type: Some("llama".into()),
+            hidden_size: d,
+            intermediate_size: f,
+            num_hidden_layers: l,
+            num_attention_heads: h,
+            num_key_value_heads: Some(kv),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            vocab_size: v,
+            max_position_embeddings: seq.max(4096),
+            tie_word_embeddings: tied,
+            rope_scaling: None,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_id: None,
+        }
+    }
+
+    pub(super) fn default_seq(self) -> usize {
+        match self {
+            Shape::Tiny => 32,
+            _ => 2048,
+        }
+    }
+}
 
 /// Parameters of `cfg` (tied head once) and the FLOP model's N (head always).
 pub fn param_counts(cfg: &Config) -> (usize, usize) {

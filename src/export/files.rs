@@ -33,7 +33,7 @@ pub(super) fn write_weights(
     if count == 1 {
         let path = dir.join("model.safetensors");
         let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
-        crate::runtime::save_safetensors(&map, &path)?;
+        crate::fsio::save_safetensors(&map, &path)?;
         return Ok((1, total));
     }
     let mut weight_map = BTreeMap::new();
@@ -44,7 +44,7 @@ pub(super) fn write_weights(
             weight_map.insert(n.clone(), file.clone());
         }
         let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        crate::runtime::save_safetensors(&map, &path)?;
+        crate::fsio::save_safetensors(&map, &path)?;
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     write_json(&dir.join("model.safetensors.index.json"), &index)?;

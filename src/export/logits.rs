@@ -1,15 +1,16 @@
 //! `eabfit logits` (hidden): one sequence's logits as JSON, the reference the transformers
-//! round-trip scripts (`scripts/peft_compare.py`, `scripts/remote_code_compare.py`) hold against.
+//! round-trip scripts (`scripts/lib/peft_compare.py`, `scripts/lib/remote_code_compare.py`) hold against.
 
 use crate::adapters::{AdapterSet, Adapters};
-use crate::runtime::{write_atomic, ModelArgs};
+use crate::fsio::write_atomic;
+use crate::model_args::ModelArgs;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::path::PathBuf;
 
 /// `eabfit logits` (hidden): one sequence's logits as JSON, the reference that
-/// `scripts/peft_compare.py` holds transformers + PEFT against.
+/// `scripts/lib/peft_compare.py` holds transformers + PEFT against.
 #[derive(Debug, clap::Args)]
 pub struct LogitsArgs {
     #[command(flatten)]

@@ -27,8 +27,8 @@ pub use logits::{logits_cmd, LogitsArgs};
 use crate::adapters::{slot_names, AdapterSet, Adapters};
 use crate::checkpoint::{Checkpoint, EabExport, Format};
 use crate::model::Config;
+use crate::model_args::ModelArgs;
 use crate::recipe::ExportFormat;
-use crate::runtime::ModelArgs;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use files::{absolute, guard_paths, mkdir, write_file, write_json, write_weights, TempDir};
@@ -332,7 +332,7 @@ impl Ctx<'_> {
         write_json(&adapter_dir.join("adapter_config.json"), &adapter_config)?;
         let pe = prompt_embeddings(self.adapters, cfg)?;
         let st = adapter_dir.join("adapter_model.safetensors");
-        crate::runtime::save_safetensors(&HashMap::from([("prompt_embeddings", pe)]), &st)?;
+        crate::fsio::save_safetensors(&HashMap::from([("prompt_embeddings", pe)]), &st)?;
         write_file(
             &dir.join("README.md"),
             self.model_card("peft", Some(final_dir)).as_bytes(),

@@ -14,6 +14,7 @@ pub use params::{Group, Params};
 pub use recipe::PretrainRecipe;
 
 use crate::corpus::{Corpus, Split, TokenWindows};
+use crate::device::{parse_device, parse_dtype};
 use crate::fsio::{replace_dir, write_atomic};
 use crate::killpoint::point;
 use crate::memory::{peak_suffix, CudaMemory};
@@ -23,7 +24,6 @@ use crate::ops::block::WeightGrads;
 use crate::ops::ce::ce_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::resume::{latest_checkpoint, prune_checkpoints, read_state};
-use crate::runtime::{parse_device, parse_dtype};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
