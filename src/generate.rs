@@ -12,12 +12,8 @@ use crate::adapters::{AdapterSet, Adapters};
 use crate::checkpoint::Tok;
 use crate::fsio::write_atomic;
 use crate::model::{KvCache, Model};
-<<<<<<< HEAD
-use crate::runtime::{write_atomic, ModelArgs};
-use crate::stream::{CacheArgs, Rolling};
-=======
 use crate::model_args::ModelArgs;
->>>>>>> main
+use crate::stream::{CacheArgs, Rolling};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
