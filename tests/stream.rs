@@ -398,6 +398,7 @@ fn verify_holds_the_stream_to_the_models_own_dense_perplexity() {
     let plan = |limit: f64| VerifyPlan {
         model: tiny.spec(),
         device: "cpu".into(),
+        device_map: None,
         dtype: None,
         adapter: adapter.clone(),
         text: text.clone(),
