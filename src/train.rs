@@ -452,7 +452,11 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         &out_dir,
         state.log.as_ref(),
     )?;
-    let student = s.base.model(&set.adapters())?;
+    let mut student = s.base.model(&set.adapters())?;
+    if let Some(w) = eab.window {
+        // The student alone: the teacher's dense predictions are what it must keep.
+        student = student.with_sliding_window(w);
+    }
     // The base figures need the suppression term, whose target came from the base scan: one
     // more pass over the (few) eval windows.
     let (base_figures, _) = evaluate(r, &s, &s.teacher, 0)?;

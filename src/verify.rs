@@ -9,8 +9,9 @@ use crate::loss::kl_to_teacher;
 use crate::plot::LayerSeries;
 use crate::quant::Setting;
 use crate::quant_eval::quant_ppl;
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, StreamCheck};
 use crate::scan::{scan_taps, Rule, ScanReport, Scanner};
+use crate::stream::{stream_ppl, Rolling};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -35,6 +36,8 @@ pub struct VerifyPlan {
     pub max_ppl_increase: f64,
     /// Quantization setting and the largest gap to float perplexity allowed for the adapted model.
     pub quant: Option<(Setting, f64)>,
+    /// Rolling-cache setting whose perplexity increase the adapted model is held to.
+    pub stream: Option<StreamCheck>,
     pub out: PathBuf,
 }
 
@@ -69,6 +72,12 @@ impl VerifyPlan {
                 .quant
                 .max_gap
                 .map(|g| (r.verify.quant.setting(), g)),
+            stream: r
+                .verify
+                .stream
+                .max_ppl_increase
+                .is_some()
+                .then(|| r.verify.stream.clone()),
             out: r.train.out_dir.join("verify"),
         }
     }
@@ -93,6 +102,20 @@ pub struct QuantGap {
     pub gap: f64,
 }
 
+/// The adapted model's perplexity through a rolling cache against its own dense perplexity on
+/// the same tokens (one window).
+#[derive(Debug, Serialize)]
+pub struct StreamGap {
+    pub cache: usize,
+    pub sink_tokens: usize,
+    pub tokens: usize,
+    pub dense_ppl: f64,
+    pub stream_ppl: f64,
+    pub ppl_after_eviction: Option<f64>,
+    /// stream / dense - 1.
+    pub increase: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
     pub adapter: String,
@@ -104,6 +127,8 @@ pub struct VerifyReport {
     pub ppl_increase: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quant: Option<QuantGap>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamGap>,
     pub checks: Vec<Check>,
     pub pass: bool,
 }
@@ -141,6 +166,17 @@ impl VerifyReport {
                 100.0 * q.gap
             );
         }
+        if let Some(g) = &self.stream {
+            s += &format!(
+                "| perplexity, rolling cache {} ({} sink tokens), {} tokens | - | {:.4} ({:+.2}% against dense {:.4}) |\n",
+                g.cache,
+                g.sink_tokens,
+                g.tokens,
+                g.stream_ppl,
+                100.0 * g.increase,
+                g.dense_ppl
+            );
+        }
         s += "\n";
         s += "| layer | top-1 base | top-1 adapted | top-1/median base | top-1/median adapted | attn@0 base | attn@0 adapted | attn@EAB |\n|---|---|---|---|---|---|---|---|\n";
         for (b, a) in self.base.layers.iter().zip(&self.adapted.layers) {
@@ -171,7 +207,13 @@ impl VerifyReport {
     }
 }
 
-type Scans = (ScanReport, ScanReport, f64, Option<QuantGap>);
+type Scans = (
+    ScanReport,
+    ScanReport,
+    f64,
+    Option<QuantGap>,
+    Option<StreamGap>,
+);
 
 /// One pass of a plan: one text at one window length.
 struct Pass<'a> {
@@ -238,7 +280,60 @@ fn scan_both(plan: &VerifyPlan, pass: &Pass) -> Result<Scans> {
         }
         None => None,
     };
-    Ok((rb, ra, kl / windows.len() as f64, quant))
+    // The stream check runs once per text, with the passes at the plan's first window length.
+    let stream = match &plan.stream {
+        Some(c) if pass.seq_len == plan.seq_len => {
+            Some(stream_gap(&student, &ckpt.tokenizer, &text, pass.text, c)?)
+        }
+        _ => None,
+    };
+    Ok((rb, ra, kl / windows.len() as f64, quant, stream))
+}
+
+/// The first `c.tokens` tokens of the text, dense in one window and through the rolling cache.
+fn stream_gap(
+    model: &crate::model::Model,
+    tok: &crate::checkpoint::Tok,
+    text: &str,
+    origin: &Path,
+    c: &StreamCheck,
+) -> Result<StreamGap> {
+    let max_pos = model.config().max_position_embeddings;
+    if c.tokens > max_pos {
+        return Err(Error::Usage(format!(
+            "verify.stream.tokens {} exceeds max_position_embeddings {max_pos}: the dense reference is one window",
+            c.tokens
+        )));
+    }
+    let mut ids: Vec<u32> = tok.bos.filter(|_| tok.add_bos).into_iter().collect();
+    ids.extend(tok.encode(text)?);
+    if ids.len() < c.tokens {
+        return Err(Error::file(
+            origin,
+            format!(
+                "text too short: {} tokens, verify.stream.tokens is {}",
+                ids.len(),
+                c.tokens
+            ),
+        ));
+    }
+    ids.truncate(c.tokens);
+    let x = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?; // (1, N)
+    let dense_nll = crate::perplexity::nll_sum(&model.logits(&x)?, &x)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        / (ids.len() - 1) as f64;
+    let r = Rolling::new(c.cache, c.sink_tokens, 256)?;
+    let s = stream_ppl(model, &ids, &r)?;
+    Ok(StreamGap {
+        cache: c.cache,
+        sink_tokens: c.sink_tokens,
+        tokens: ids.len(),
+        dense_ppl: dense_nll.exp(),
+        stream_ppl: s.ppl,
+        ppl_after_eviction: s.ppl_after_eviction,
+        increase: s.ppl / dense_nll.exp() - 1.0,
+    })
 }
 
 /// The plan's passes: each text at `seq_len`, then each at the long length. A plan of one pass
@@ -315,7 +410,7 @@ pub fn verify(plan: &VerifyPlan) -> Result<Vec<VerifyReport>> {
 /// Runs both scans, writes `verify.json`, `verify.md` and `verify.png`/`.svg` into `pass.out`,
 /// prints the report.
 fn verify_pass(plan: &VerifyPlan, pass: &Pass) -> Result<VerifyReport> {
-    let (base, adapted, kl, quant) = scan_both(plan, pass)?;
+    let (base, adapted, kl, quant, stream) = scan_both(plan, pass)?;
     let ppl_increase = adapted.ppl / base.ppl - 1.0;
     let mut checks = vec![
         Check {
@@ -339,6 +434,17 @@ fn verify_pass(plan: &VerifyPlan, pass: &Pass) -> Result<VerifyReport> {
             pass: q.gap <= *max_gap,
         });
     }
+    if let (Some(g), Some(limit)) = (
+        &stream,
+        plan.stream.as_ref().and_then(|c| c.max_ppl_increase),
+    ) {
+        checks.push(Check {
+            name: "stream_ppl_increase".into(),
+            value: g.increase,
+            limit,
+            pass: g.increase <= limit,
+        });
+    }
     let ok = checks.iter().all(|c| c.pass);
     let report = VerifyReport {
         adapter: plan.adapter.display().to_string(),
@@ -348,6 +454,7 @@ fn verify_pass(plan: &VerifyPlan, pass: &Pass) -> Result<VerifyReport> {
         kl,
         ppl_increase,
         quant,
+        stream,
         checks,
         pass: ok,
     };

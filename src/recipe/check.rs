@@ -51,6 +51,19 @@ impl Recipe {
             );
         }
 
+        if let Some(w) = eab.window {
+            at_least_one("adapters.eab.window", w)?;
+            if !eab.enabled {
+                return Err(
+                    "adapters.eab.window needs adapters.eab.enabled: without a slot \
+                            the window leaves the late queries no sink"
+                        .into(),
+                );
+            }
+            let why = &format!("below data.seq_len ({}) to hide any token", data.seq_len);
+            check(w < data.seq_len, "adapters.eab.window", why, w)?;
+        }
+
         let lora = &self.adapters.lora;
         positive("adapters.lora.alpha", lora.alpha)?;
         non_negative("adapters.lora.init_std", lora.init_std)?;
@@ -98,6 +111,28 @@ impl Recipe {
         if let Some(gap) = v.quant.max_gap {
             non_negative("verify.quant.max_gap", gap)?;
         }
+        let st = &v.stream;
+        if let Some(inc) = st.max_ppl_increase {
+            non_negative("verify.stream.max_ppl_increase", inc)?;
+        }
+        at_least_one("verify.stream.cache", st.cache)?;
+        let below = format!("below verify.stream.cache ({})", st.cache);
+        check(
+            st.sink_tokens < st.cache,
+            "verify.stream.sink_tokens",
+            &below,
+            st.sink_tokens,
+        )?;
+        let past = format!(
+            "above verify.stream.cache ({}) so that the cache evicts",
+            st.cache
+        );
+        check(
+            st.tokens > st.cache,
+            "verify.stream.tokens",
+            &past,
+            st.tokens,
+        )?;
         for (path, bits) in [
             ("verify.quant.w", v.quant.w),
             ("verify.quant.a", v.quant.a),

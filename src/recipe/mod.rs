@@ -172,6 +172,11 @@ pub struct EabSection {
     pub mask_first_token: bool,
     /// Windows averaged for the `first_token` init.
     pub calib_windows: usize,
+    /// Train the student under a sliding window of this many tokens (the teacher stays dense):
+    /// queries past it cannot see the first tokens, so the slot has to become their sink, as
+    /// a rolling cache without sink tokens needs (docs/streaming.md). Training only: the
+    /// adapter then runs dense, or streams with `--cache`.
+    pub window: Option<usize>,
 }
 
 impl Default for EabSection {
@@ -182,6 +187,7 @@ impl Default for EabSection {
             init_std: 0.02,
             mask_first_token: true,
             calib_windows: 4,
+            window: None,
         }
     }
 }
@@ -528,6 +534,7 @@ pub struct VerifySection {
     /// A second pass at long windows (same checks), where context-length effects show.
     pub long: Option<VerifyWindows>,
     pub quant: QuantCheck,
+    pub stream: StreamCheck,
 }
 
 impl Default for VerifySection {
@@ -540,6 +547,31 @@ impl Default for VerifySection {
             windows: 10,
             long: None,
             quant: QuantCheck::default(),
+            stream: StreamCheck::default(),
+        }
+    }
+}
+
+/// Optional check that the adapted model streams (docs/streaming.md): its perplexity over the
+/// first `tokens` tokens of the verify text through a rolling cache of `cache` entries with
+/// `sink_tokens` sinks, at most `max_ppl_increase` above its own dense perplexity on the same
+/// tokens in one window (0.02 = +2%). No check while `max_ppl_increase` is unset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamCheck {
+    pub max_ppl_increase: Option<f64>,
+    pub cache: usize,
+    pub sink_tokens: usize,
+    pub tokens: usize,
+}
+
+impl Default for StreamCheck {
+    fn default() -> Self {
+        Self {
+            max_ppl_increase: None,
+            cache: 256,
+            sink_tokens: 0,
+            tokens: 2048,
         }
     }
 }

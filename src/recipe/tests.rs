@@ -48,6 +48,60 @@ fn default_round_trips_through_yaml() {
 }
 
 #[test]
+fn stream_check_and_training_window_are_typed() {
+    let r = parse(
+        &format!("{MINIMAL}adapters:\n  eab:\n    window: 64\nverify:\n  stream:\n    max_ppl_increase: 0.02\n    cache: 1024\n"),
+        &["verify.stream.tokens=4096"],
+    )
+    .unwrap();
+    assert_eq!(r.adapters.eab.window, Some(64));
+    let st = &r.verify.stream;
+    assert_eq!(
+        (st.max_ppl_increase, st.cache, st.sink_tokens, st.tokens),
+        (Some(0.02), 1024, 0, 4096)
+    );
+    assert_eq!(
+        parse(MINIMAL, &[]).unwrap().verify.stream.max_ppl_increase,
+        None
+    );
+    for (over, needle) in [
+        ("verify.stream.cache=0", "verify.stream.cache must be >= 1"),
+        (
+            "verify.stream.sink_tokens=256",
+            "verify.stream.sink_tokens must be below verify.stream.cache (256)",
+        ),
+        (
+            "verify.stream.tokens=256",
+            "verify.stream.tokens must be above verify.stream.cache (256)",
+        ),
+        (
+            "verify.stream.max_ppl_increase=-1",
+            "verify.stream.max_ppl_increase must be >= 0",
+        ),
+        (
+            "adapters.eab.window=128",
+            "adapters.eab.window must be below data.seq_len (128)",
+        ),
+        ("adapters.eab.window=0", "adapters.eab.window must be >= 1"),
+    ] {
+        let msg = fails(MINIMAL, &[over]);
+        assert!(msg.contains(needle), "{over}: {msg}");
+    }
+    let msg = fails(
+        MINIMAL,
+        &[
+            "adapters.eab.enabled=false",
+            "adapters.eab.mask_first_token=false",
+            "adapters.eab.window=8",
+        ],
+    );
+    assert!(
+        msg.contains("adapters.eab.window needs adapters.eab.enabled"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn verify_quant_check_is_typed() {
     let r = parse(
         &format!("{MINIMAL}verify:\n  quant:\n    max_gap: 0.25\n    a: 6\n    act_scale: token\n"),
