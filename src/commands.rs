@@ -92,20 +92,43 @@ pub struct PplArgs {
     /// Text file, or folder of *.txt [default: the fetched Hamlet]
     #[arg(long)]
     pub text: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, conflicts_with = "cache")]
     pub seq_len: usize,
     /// Use at most this many windows
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache")]
     pub max_windows: Option<usize>,
-    /// Also write the result as JSON here
+    /// Adapter folder to run on the model (an export's own slots need none)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub stream: crate::stream::CacheArgs,
+    /// With --cache: the stream's first N tokens only [default: the whole text]
+    #[arg(long, value_name = "N", requires = "cache")]
+    pub max_tokens: Option<usize>,
+    /// With --cache: draw the running NLL along the stream (.png, .svg, or both)
+    #[arg(long, requires = "cache")]
+    pub plot: Option<PathBuf>,
+    /// Also write the result as JSON here (with --cache: the NLL of every token too)
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 pub fn ppl(args: &PplArgs) -> Result<()> {
+    let rolling = args.stream.rolling()?;
     let text_file = text_path(&args.text)?;
     let text = read_text(&text_file)?;
-    let (ckpt, model) = args.model.load(&Adapters::none())?;
+    let ckpt = args.model.open()?;
+    let base = args.model.base(&ckpt)?;
+    let adapters = match &args.adapter {
+        Some(d) => crate::adapters::AdapterSet::load(d, &ckpt.config, &base.device)?
+            .adapters()
+            .detached(),
+        None => Adapters::none(),
+    };
+    let model = base.model(&adapters)?;
+    if let Some(r) = rolling {
+        return stream_ppl_cmd(args, &r, &ckpt, &model, &text, &text_file);
+    }
     let windows = Windows::new(
         &ckpt.tokenizer,
         &text,
@@ -130,6 +153,54 @@ pub fn ppl(args: &PplArgs) -> Result<()> {
         v["model"] = ckpt.source.display().to_string().into();
         v["tokens_per_s"] = (fed as f64 / secs).into();
         write_json(out, &v)?;
+    }
+    Ok(())
+}
+
+/// `ppl --cache`: one stream of BOS (when the tokenizer adds it) and the text's tokens.
+fn stream_ppl_cmd(
+    args: &PplArgs,
+    r: &crate::stream::Rolling,
+    ckpt: &crate::checkpoint::Checkpoint,
+    model: &crate::model::Model,
+    text: &str,
+    text_file: &std::path::Path,
+) -> Result<()> {
+    let tok = &ckpt.tokenizer;
+    let mut ids: Vec<u32> = tok.bos.filter(|_| tok.add_bos).into_iter().collect();
+    ids.extend(tok.encode(text)?);
+    if let Some(n) = args.max_tokens {
+        if n < 2 {
+            return Err(Error::Usage("--max-tokens must be at least 2".into()));
+        }
+        ids.truncate(n);
+    }
+    if ids.len() < 2 {
+        return Err(Error::file(
+            text_file,
+            "text too short: a stream needs 2 tokens",
+        ));
+    }
+    let p = crate::stream::stream_ppl(model, &ids, r)?;
+    print!("{}", p.lines());
+    let label = |p: &std::path::Path| p.display().to_string();
+    if let Some(out) = &args.json {
+        let mut v = serde_json::to_value(&p).map_err(|e| Error::file(out, e))?;
+        v["model"] = ckpt.source.display().to_string().into();
+        v["adapter"] = args.adapter.as_deref().map(label).into();
+        v["text"] = label(text_file).into();
+        write_json(out, &v)?;
+    }
+    if let Some(out) = &args.plot {
+        let name = match &args.adapter {
+            Some(a) => format!("adapter {}", plot_title(a)),
+            None => "base".into(),
+        };
+        let line = crate::plot_stream::StreamLine::of(&p, &name);
+        let title = plot_title(&ckpt.source);
+        for w in crate::plot_stream::draw_stream(&[line], &title, out)? {
+            eprintln!("warning: {w}");
+        }
     }
     Ok(())
 }
@@ -273,8 +344,9 @@ fn plot_title(model: &std::path::Path) -> String {
 
 #[derive(Debug, clap::Args)]
 pub struct PlotArgs {
-    /// One or two scan JSON files (two are overlaid: before / after)
-    #[arg(required = true, num_args = 1..=2)]
+    /// One or two scan JSON files (two are overlaid: before / after), or any number of
+    /// `ppl --cache --json` files (one running-NLL line each)
+    #[arg(required = true, num_args = 1..)]
     pub scans: Vec<PathBuf>,
     /// .png, .svg, or another name for both
     #[arg(long, default_value = "scan.png")]
@@ -282,6 +354,23 @@ pub struct PlotArgs {
 }
 
 pub fn plot_cmd(args: &PlotArgs) -> Result<()> {
+    let values: Vec<serde_json::Value> = args
+        .scans
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(p).map_err(|e| Error::file(p, e))?;
+            serde_json::from_str(&s).map_err(|e| Error::file(p, format!("not JSON: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    if values.iter().any(|v| v.get("nll_per_token").is_some()) {
+        return plot_streams(args, values);
+    }
+    if args.scans.len() > 2 {
+        return Err(Error::Usage(format!(
+            "{} scans given: plot overlays one or two",
+            args.scans.len()
+        )));
+    }
     let reports: Vec<ScanReport> = args
         .scans
         .iter()
@@ -305,6 +394,26 @@ pub fn plot_cmd(args: &PlotArgs) -> Result<()> {
         .zip(labels.iter().map(String::as_str))
         .collect();
     draw_scans(&pairs, &args.out)
+}
+
+/// `eabfit plot` of `ppl --cache --json` files: one line each, labelled by file name.
+fn plot_streams(args: &PlotArgs, values: Vec<serde_json::Value>) -> Result<()> {
+    let mut lines = vec![];
+    let mut title = String::new();
+    for (path, v) in args.scans.iter().zip(values) {
+        let model = v["model"].as_str().unwrap_or_default().to_string();
+        let p: crate::stream::StreamPpl = serde_json::from_value(v)
+            .map_err(|e| Error::file(path, format!("not a `ppl --cache --json` file: {e}")))?;
+        if title.is_empty() {
+            title = plot_title(std::path::Path::new(&model));
+        }
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        lines.push(crate::plot_stream::StreamLine::of(&p, &stem));
+    }
+    for w in crate::plot_stream::draw_stream(&lines, &title, &args.out)? {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -410,13 +519,20 @@ pub struct VerifyArgs {
     /// Adapter folder [default with a recipe: <train.out_dir>/best]
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// [default: the recipe's data.eval, else the fetched Hamlet]
+    /// Text to verify on; repeat for several, each checked on its own [default: the recipe's
+    /// verify.text, else its data.eval, else the fetched Hamlet]
     #[arg(long)]
-    pub text: Option<PathBuf>,
+    pub text: Vec<PathBuf>,
     #[arg(long)]
     pub seq_len: Option<usize>,
     #[arg(long)]
     pub num_seqs: Option<usize>,
+    /// Also verify at this window length (with --long-num-seqs windows of each text)
+    #[arg(long)]
+    pub long_seq_len: Option<usize>,
+    /// Windows of each text at --long-seq-len [default: the recipe's verify.long.windows, else 2]
+    #[arg(long)]
+    pub long_num_seqs: Option<usize>,
     #[arg(long)]
     pub abs: Option<f64>,
     #[arg(long)]
@@ -451,13 +567,15 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
                 device: args.model.device.clone(),
                 device_map: None,
                 dtype: None,
-                text: text_path(&None)?,
+                texts: vec![text_path(&None)?],
                 seq_len: 512,
                 num_seqs: 10,
+                long: None,
                 rule: Rule::default(),
                 max_massive: 0,
                 max_ppl_increase: 0.01,
                 quant: None,
+                stream: None,
                 out: adapter.join("verify"),
                 adapter,
             }
@@ -478,11 +596,21 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     if let Some(a) = &args.adapter {
         plan.adapter = a.clone();
     }
-    if let Some(t) = &args.text {
-        plan.text = t.clone();
+    if !args.text.is_empty() {
+        plan.texts = args.text.clone();
     }
     plan.seq_len = args.seq_len.unwrap_or(plan.seq_len);
     plan.num_seqs = args.num_seqs.unwrap_or(plan.num_seqs);
+    if let Some(n) = args.long_seq_len {
+        plan.long = Some((n, plan.long.map_or(2, |l| l.1)));
+    }
+    if let (Some(k), Some(long)) = (args.long_num_seqs, plan.long.as_mut()) {
+        long.1 = k;
+    } else if args.long_num_seqs.is_some() {
+        return Err(Error::Usage(
+            "--long-num-seqs needs --long-seq-len (or a recipe with verify.long)".into(),
+        ));
+    }
     plan.rule = RuleArgs {
         abs: args.abs.unwrap_or(plan.rule.abs),
         ratio: args.ratio.unwrap_or(plan.rule.ratio),
@@ -493,14 +621,14 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     if let Some(o) = &args.out {
         plan.out = o.clone();
     }
-    if plan.seq_len == 0 || plan.num_seqs == 0 {
+    if plan.seq_len == 0 || plan.num_seqs == 0 || plan.long.is_some_and(|l| l.0 == 0 || l.1 == 0) {
         return Err(Error::Usage(
-            "--seq-len and --num-seqs must be at least 1".into(),
+            "--seq-len, --num-seqs, --long-seq-len and --long-num-seqs must be at least 1".into(),
         ));
     }
-    let report = verify(&plan)?;
-    if !report.pass {
-        return Err(failure(&report));
+    let reports = verify(&plan)?;
+    if reports.iter().any(|r| !r.pass) {
+        return Err(failure(&reports));
     }
     println!("verify passed ({})", plan.out.display());
     Ok(())

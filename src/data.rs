@@ -73,6 +73,25 @@ impl Windows {
         Ok(Self { ids, seq_len, bos })
     }
 
+    /// The windows of each text in turn (up to `max_per_text` from each), so that no window
+    /// straddles two texts and every text of a list is represented.
+    pub fn of_texts(
+        tok: &Tok,
+        paths: &[PathBuf],
+        seq_len: usize,
+        max_per_text: Option<usize>,
+    ) -> Result<Self> {
+        let mut all: Option<Self> = None;
+        for p in paths {
+            let w = Self::new(tok, &read_text(p)?, seq_len, max_per_text, p)?;
+            match &mut all {
+                Some(a) => a.ids.extend(w.ids),
+                None => all = Some(w),
+            }
+        }
+        all.ok_or_else(|| Error::Usage("no text given (an empty list)".into()))
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }

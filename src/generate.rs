@@ -13,6 +13,7 @@ use crate::checkpoint::Tok;
 use crate::fsio::write_atomic;
 use crate::model::{KvCache, Model};
 use crate::model_args::ModelArgs;
+use crate::stream::{CacheArgs, Rolling};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -46,6 +47,8 @@ pub struct GenerateArgs {
     /// Also write {"prompt_ids", "ids", "text", ...} here
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub stream: CacheArgs,
 }
 
 /// How the next token is chosen from a row of logits.
@@ -135,27 +138,64 @@ pub fn decode(
     max_new: usize,
     stop: &[u32],
     sampler: &mut Sampler,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     let max_pos = model.config().max_position_embeddings;
-    if prompt.is_empty() {
-        return Err(Error::Usage("the prompt has no tokens".into()));
-    }
     if prompt.len() + max_new > max_pos {
         return Err(Error::Usage(format!(
-            "{} prompt tokens + --max-new-tokens {max_new} exceed max_position_embeddings {max_pos}",
+            "{} prompt tokens + --max-new-tokens {max_new} exceed max_position_embeddings {max_pos} (a rolling cache, --cache, has no such limit)",
             prompt.len()
         )));
     }
     let mut cache = KvCache::new();
+    let forward = |ids: &Tensor| model.forward_cached(ids, &mut cache);
+    decode_through(model, prompt, max_new, stop, sampler, forward, on_token)
+}
+
+/// [`decode`] through a rolling cache (see [`crate::stream`]): the prompt in chunks, then one
+/// token at a time, for as long as asked, past the model's context.
+pub fn decode_rolling(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampler: &mut Sampler,
+    rolling: &Rolling,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let mut cache = rolling.new_cache(model)?;
+    let forward = |ids: &Tensor| -> candle_core::Result<Tensor> {
+        let mut last = None;
+        for start in (0..ids.dim(1)?).step_by(rolling.chunk) {
+            let n = rolling.chunk.min(ids.dim(1)? - start);
+            last = Some(model.forward_stream(&ids.narrow(1, start, n)?, &mut cache)?);
+        }
+        last.ok_or_else(|| candle_core::Error::Msg("no tokens to decode from".into()))
+    };
+    decode_through(model, prompt, max_new, stop, sampler, forward, on_token)
+}
+
+/// The decoding loop over `forward` (ids (1, T) -> logits (1, T, V), keeping its cache).
+fn decode_through(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampler: &mut Sampler,
+    mut forward: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::Usage("the prompt has no tokens".into()));
+    }
     let mut input = prompt.to_vec();
     let mut out = Vec::with_capacity(max_new);
     while out.len() < max_new {
         let ids = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?; // (1, T)
-        let logits = model.forward_cached(&ids, &mut cache)?; // (1, T, V)
+        let logits = forward(&ids)?; // (1, T', V), T' the last chunk's length
         let last: Vec<f32> = logits
             .squeeze(0)?
-            .get(input.len() - 1)?
+            .get(logits.dim(1)? - 1)?
             .to_dtype(DType::F32)?
             .to_vec1()?;
         let next = sampler.next(&last);
@@ -229,13 +269,16 @@ pub fn stop_ids(tok: &Tok, eos_token_id: Option<&serde_json::Value>) -> Vec<u32>
 
 pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed)?;
+    let rolling = args.stream.rolling()?;
     if args.max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
     let ckpt = args.model.open()?;
     let base = args.model.base(&ckpt)?;
     let adapters = match &args.adapter {
-        Some(d) => AdapterSet::load(d, &ckpt.config, &base.device)?.adapters(),
+        Some(d) => AdapterSet::load(d, &ckpt.config, &base.device)?
+            .adapters()
+            .detached(),
         None => Adapters::none(),
     };
     let model = base.model(&adapters)?;
@@ -251,23 +294,21 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     let mut stdout = std::io::stdout();
     let started = std::time::Instant::now();
-    let out = decode(
-        &model,
-        &prompt,
-        args.max_new_tokens,
-        &stop,
-        &mut sampler,
-        |id| {
-            ids.push(id);
-            let text = text_of(&ids)?;
-            if text.len() > shown && !text.ends_with('\u{FFFD}') && text.is_char_boundary(shown) {
-                let _ = write!(stdout, "{}", &text[shown..]);
-                let _ = stdout.flush();
-                shown = text.len();
-            }
-            Ok(())
-        },
-    )?;
+    let show = |id| {
+        ids.push(id);
+        let text = text_of(&ids)?;
+        if text.len() > shown && !text.ends_with('\u{FFFD}') && text.is_char_boundary(shown) {
+            let _ = write!(stdout, "{}", &text[shown..]);
+            let _ = stdout.flush();
+            shown = text.len();
+        }
+        Ok(())
+    };
+    let (n, s) = (args.max_new_tokens, &mut sampler);
+    let out = match &rolling {
+        Some(r) => decode_rolling(&model, &prompt, n, &stop, s, r, show)?,
+        None => decode(&model, &prompt, n, &stop, s, show)?,
+    };
     let secs = started.elapsed().as_secs_f64();
     let text = text_of(&out)?;
     if text.len() > shown && text.is_char_boundary(shown) {
@@ -291,6 +332,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
             "temperature": args.temperature,
             "top_p": args.top_p,
             "seed": args.seed,
+            "cache": rolling,
             "prompt_ids": prompt,
             "ids": out,
             "stopped_at_eos": stopped,

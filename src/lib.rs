@@ -56,12 +56,14 @@ pub mod parallel;
 pub mod perplexity;
 pub mod plot;
 pub mod plot_gaps;
+pub mod plot_stream;
 pub mod pretrain;
 pub mod quant;
 pub mod quant_eval;
 pub mod recipe;
 pub mod resume;
 pub mod scan;
+pub mod stream;
 pub mod train;
 pub mod verify;
 

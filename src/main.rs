@@ -18,13 +18,13 @@ struct Cli {
 enum Command {
     /// Print a checkpoint's architecture, sizes, dtype, parameter count and tokenizer facts
     Info(commands::InfoArgs),
-    /// Perplexity over consecutive non-overlapping windows of a text
+    /// Perplexity over consecutive non-overlapping windows of a text, or as one stream through a rolling KV cache (--cache)
     Ppl(commands::PplArgs),
     /// Find massive activations per layer (top-1/2/3, median, flagged entries, attention sink)
     Scan(commands::ScanArgs),
     /// Perplexity with the massive activations set to zero / to their mean (the paper's test)
     Intervene(commands::InterveneArgs),
-    /// Draw one scan JSON, or overlay two (before / after)
+    /// Draw one scan JSON, overlay two (before / after), or draw the running NLL of `ppl --cache` JSONs
     Plot(commands::PlotArgs),
     /// Fine-tune EAB slots (+ LoRA) on a frozen checkpoint from a YAML recipe
     Train(commands::TrainArgs),
@@ -38,7 +38,7 @@ enum Command {
     Bench(eabfit::bench::BenchArgs),
     /// Write the adapted model as a Hugging Face folder (merged + EAB slots) and/or PEFT prefix adapter
     Export(eabfit::export::ExportArgs),
-    /// Continue a prompt (chat template when the tokenizer has one), KV-cached, with the EAB slots
+    /// Continue a prompt (chat template when the tokenizer has one), KV-cached (or a rolling cache: --cache), with the EAB slots
     Generate(eabfit::generate::GenerateArgs),
     /// Text files -> a token corpus (train.bin, val.bin, corpus.json, tokenizer) for pretrain
     Tokenize(eabfit::corpus::TokenizeArgs),

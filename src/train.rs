@@ -8,7 +8,7 @@
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
-use crate::data::{read_text, Windows};
+use crate::data::Windows;
 use crate::device::parse_dtype;
 use crate::fsio::replace_dir;
 use crate::fsio::write_atomic;
@@ -96,6 +96,8 @@ struct Setup {
     base: Base,
     teacher: Model,
     train: Windows,
+    /// `data.long`'s windows, one per every `data.long.every`-th micro-batch.
+    long: Option<Windows>,
     eval: Windows,
     base_scan: ScanReport,
     teacher_eval_logits: Vec<Tensor>,
@@ -126,21 +128,26 @@ fn setup(r: &Recipe, rank_device: Option<&candle_core::Device>) -> Result<Setup>
     };
     let device = base.device.clone();
     let teacher = base.model(&Adapters::none())?;
-    let train_text = read_text(&r.data.train)?;
-    let train = Windows::new(
+    let train = Windows::of_texts(
         &ckpt.tokenizer,
-        &train_text,
+        r.data.train.paths(),
         r.data.seq_len,
         r.data.max_train_windows,
-        &r.data.train,
     )?;
-    let eval_text = read_text(&r.data.eval)?;
-    let eval = Windows::new(
+    let long = match &r.data.long {
+        Some(l) => Some(Windows::of_texts(
+            &ckpt.tokenizer,
+            r.data.train.paths(),
+            l.seq_len,
+            Some(l.windows),
+        )?),
+        None => None,
+    };
+    let eval = Windows::of_texts(
         &ckpt.tokenizer,
-        &eval_text,
+        r.data.eval.paths(),
         r.data.seq_len,
         Some(r.data.eval_windows),
-        &r.data.eval,
     )?;
     let rule = Rule {
         abs: r.eval.abs,
@@ -182,6 +189,7 @@ fn setup(r: &Recipe, rank_device: Option<&candle_core::Device>) -> Result<Setup>
         base,
         teacher,
         train,
+        long,
         eval,
         base_scan,
         teacher_eval_logits,
@@ -502,7 +510,11 @@ fn run(
         }
         false => None,
     };
-    let student = s.base.model(&set.adapters())?;
+    let mut student = s.base.model(&set.adapters())?;
+    if let Some(w) = eab.window {
+        // The student alone: the teacher's dense predictions are what it must keep.
+        student = student.with_sliding_window(w);
+    }
     // The base figures need the suppression term, whose target came from the base scan: one
     // more pass over the (few) eval windows.
     let base_figures = match main {
@@ -546,15 +558,17 @@ fn run(
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut l_tot, mut l_hold, mut l_ma) = (0f64, 0f64, 0f64);
         for micro in 0..o.grad_accum {
-            let rows = batch_ids(
-                &s.train,
-                state.seed,
-                step * o.grad_accum + micro,
-                r.data.batch_size,
-                rank,
-            );
+            let g = step * o.grad_accum + micro;
+            let rows = match (&s.long, &r.data.long) {
+                // The same long window on every rank (their mean is that window's gradient).
+                (Some(long), Some(l)) if (g + 1) % l.every == 0 => {
+                    vec![&long.ids[(g / l.every) % long.len()]]
+                }
+                _ => batch_ids(&s.train, state.seed, g, r.data.batch_size, rank),
+            };
+            let width = rows[0].len();
             let flat: Vec<u32> = rows.iter().flat_map(|w| w.iter().copied()).collect();
-            let ids = Tensor::from_vec(flat, (rows.len(), s.train.width()), &device)?; // (B, T)
+            let ids = Tensor::from_vec(flat, (rows.len(), width), &device)?; // (B, T)
             let (total_loss, hold, ma) = losses(r, &s, &student, &ids)?;
             let gs = (total_loss.clone() / o.grad_accum as f64)?.backward()?;
             rank.point("step")?;
@@ -571,7 +585,7 @@ fn run(
             l_hold += scalar(&hold)? / o.grad_accum as f64;
             l_ma += scalar(&ma)? / o.grad_accum as f64;
             // Every rank's share is as many windows of one width: tokens are world x these.
-            tokens_done += rows.len() * s.train.width() * rank.world;
+            tokens_done += rows.len() * width * rank.world;
         }
         // The global batch's mean: every rank has the same number of tokens, so the mean of
         // the ranks' means is the mean over all of them.

@@ -858,6 +858,26 @@ fn a_trained_adapter_exports_and_reloads() {
     ] {
         assert!(card.contains(needle), "`{needle}` not in:\n{card}");
     }
+
+    // A verify of several texts or window lengths writes one folder per pass: each reaches
+    // the card, in name order.
+    std::fs::remove_file(run.join("verify/verify.json")).unwrap();
+    for (pass, ppl) in [("b-32", 70.5), ("a-16", 65.25)] {
+        let mut v = verify.clone();
+        v["adapted"]["ppl"] = ppl.into();
+        std::fs::create_dir_all(run.join("verify").join(pass)).unwrap();
+        std::fs::write(
+            run.join("verify").join(pass).join("verify.json"),
+            v.to_string(),
+        )
+        .unwrap();
+    }
+    let out2 = w.join("export2");
+    ok(&export(tiny.path(), &adapter, &out2, &[]));
+    let card = std::fs::read_to_string(out2.join("README.md")).unwrap();
+    assert_eq!(card.matches("## Verification").count(), 2, "{card}");
+    let (a, b) = (card.find("65.2500").unwrap(), card.find("70.5000").unwrap());
+    assert!(a < b, "passes out of order:\n{card}");
 }
 
 /// Classes, their bases and the imports of a Python file, through Python's own parser:

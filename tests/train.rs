@@ -222,3 +222,48 @@ fn bad_recipes_exit_2_naming_the_field() {
     assert_ne!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/train.txt"));
 }
+
+/// `data.train` / `data.eval` as lists and `data.long`: every text gets its own windows (the
+/// base perplexity over the eval list is the geometric mean of each text's, as `eabfit ppl`
+/// measures them), and every `every`-th micro-batch is one long window (the token count).
+#[test]
+fn text_lists_and_long_windows() {
+    let r = common::TrainRun::new(37);
+    let train2 = common::write_text(r.tiny.path(), "train2.txt", 200, 4);
+    let eval2 = common::write_text(r.tiny.path(), "eval2.txt", 100, 5);
+    let out = r.tiny.path().join("lists");
+    let lists = [
+        format!("data.train=[{}, {}]", r.train.display(), train2.display()),
+        format!("data.eval=[{}, {}]", r.eval.display(), eval2.display()),
+    ];
+    let mut extra: Vec<&str> = lists.iter().map(|s| s.as_str()).collect();
+    extra.extend([
+        "data.batch_size=1",
+        "optim.grad_accum=1",
+        "train.steps=6",
+        "eval.every=3",
+        "data.long={seq_len: 32, windows: 1, every: 3}",
+    ]);
+    let o = r.train(&out, &extra);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 6 micro-batches: 4 short windows of 16 + BOS, 2 long ones (steps 3 and 6) of 32 + BOS.
+    assert!(stdout.contains("trained 134 tokens"), "{stdout}");
+    let ppl_of = |text: &Path| -> f64 {
+        let j = r.tiny.path().join("ppl.json");
+        let o = Command::new(bin())
+            .args(["ppl", "--model", &r.tiny.spec(), "--text"])
+            .arg(text)
+            .args(["--seq-len", "16", "--max-windows", "2", "--json"])
+            .arg(&j)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        json(&j)["ppl"].as_f64().unwrap()
+    };
+    let want = (0.5 * (ppl_of(&r.eval).ln() + ppl_of(&eval2).ln())).exp();
+    let got = json(&out.join("summary.json"))["base"]["ppl"]
+        .as_f64()
+        .unwrap();
+    assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
+}

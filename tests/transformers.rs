@@ -33,7 +33,9 @@ fn python() -> PathBuf {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts/lib")
+        .join(name)
 }
 
 fn eabfit(args: &[&str]) {
@@ -86,19 +88,61 @@ fn hf_case(arch: Arch, mask: bool, slot_layers: &[usize], seed: u64, extra: &[&s
     let p = |n: &str| work.path().join(n).display().to_string();
     make_adapter(&tiny, Path::new(&p("adapter")), mask, slot_layers, seed + 1);
     let model = tiny.spec();
-    eabfit(&["export", "--model", &model, "--adapter", &p("adapter"), "--out", &p("export"), "--format", "hf"]);
+    eabfit(&[
+        "export",
+        "--model",
+        &model,
+        "--adapter",
+        &p("adapter"),
+        "--out",
+        &p("export"),
+        "--format",
+        "hf",
+    ]);
     let ids = ids(tiny.config["vocab_size"].as_u64().unwrap());
-    eabfit(&["logits", "--model", &model, "--adapter", &p("adapter"), "--ids", &ids, "--json", &p("logits.json")]);
+    eabfit(&[
+        "logits",
+        "--model",
+        &model,
+        "--adapter",
+        &p("adapter"),
+        "--ids",
+        &ids,
+        "--json",
+        &p("logits.json"),
+    ]);
     let prompt = text(12, seed);
     eabfit(&[
-        "generate", "--model", &p("export"), "--prompt", &prompt, "--raw", "--max-new-tokens", "16",
-        "--json", &p("generate.json"),
+        "generate",
+        "--model",
+        &p("export"),
+        "--prompt",
+        &prompt,
+        "--raw",
+        "--max-new-tokens",
+        "16",
+        "--json",
+        &p("generate.json"),
     ]);
     let compare = script("remote_code_compare.py");
-    let (export, logits, generate, result) = (p("export"), p("logits.json"), p("generate.json"), p("result.json"));
+    let (export, logits, generate, result) = (
+        p("export"),
+        p("logits.json"),
+        p("generate.json"),
+        p("result.json"),
+    );
     let mut args = vec![
-        compare.to_str().unwrap(), &export, &logits, &generate,
-        "--attn", "eager,sdpa", "--tol", "1e-5", "--half", "--json", &result,
+        compare.to_str().unwrap(),
+        &export,
+        &logits,
+        &generate,
+        "--attn",
+        "eager,sdpa",
+        "--tol",
+        "1e-5",
+        "--half",
+        "--json",
+        &result,
     ];
     args.extend_from_slice(extra);
     run_py(&args);
@@ -118,7 +162,10 @@ fn hf_case(arch: Arch, mask: bool, slot_layers: &[usize], seed: u64, extra: &[&s
     }
     // The slots matter: the family's own class on the same folder (slots dropped) is far off.
     let plain = r["plain_max_rel_diff"].as_f64().unwrap();
-    assert!(plain > 1e-2, "slot-free model within {plain} of eabfit: the test would not see the slot");
+    assert!(
+        plain > 1e-2,
+        "slot-free model within {plain} of eabfit: the test would not see the slot"
+    );
     r
 }
 
@@ -160,14 +207,45 @@ fn peft_export_runs_in_transformers_under_eager_and_sdpa() {
         let p = |n: &str| work.path().join(n).display().to_string();
         make_adapter(&tiny, Path::new(&p("adapter")), false, &[0, 1, 2], seed + 1);
         let model = tiny.spec();
-        eabfit(&["export", "--model", &model, "--adapter", &p("adapter"), "--out", &p("export"), "--format", "peft"]);
+        eabfit(&[
+            "export",
+            "--model",
+            &model,
+            "--adapter",
+            &p("adapter"),
+            "--out",
+            &p("export"),
+            "--format",
+            "peft",
+        ]);
         let ids = ids(tiny.config["vocab_size"].as_u64().unwrap());
-        eabfit(&["logits", "--model", &model, "--adapter", &p("adapter"), "--ids", &ids, "--json", &p("logits.json")]);
+        eabfit(&[
+            "logits",
+            "--model",
+            &model,
+            "--adapter",
+            &p("adapter"),
+            "--ids",
+            &ids,
+            "--json",
+            &p("logits.json"),
+        ]);
         let compare = script("peft_compare.py");
         for attn in ["eager", "sdpa"] {
             let (export, logits) = (p("export"), p("logits.json"));
-            let out = run_py(&[compare.to_str().unwrap(), &export, &logits, "--attn", attn, "--tol", "1e-5"]);
-            assert!(out.contains("pass: peft and cache within 1e-05"), "{arch:?} {attn}: {out}");
+            let out = run_py(&[
+                compare.to_str().unwrap(),
+                &export,
+                &logits,
+                "--attn",
+                attn,
+                "--tol",
+                "1e-5",
+            ]);
+            assert!(
+                out.contains("pass: peft and cache within 1e-05"),
+                "{arch:?} {attn}: {out}"
+            );
         }
     }
 }

@@ -180,4 +180,91 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("verify failed: quant_gap"), "{stderr}");
+
+    // Several texts: each is verified on its own, into its own folder, with the figures a
+    // single-text run gives; the plan passes only if every text does.
+    let other_txt = common::write_text(t.path(), "other.txt", 100, 3);
+    let single = |text: &std::path::Path, out: &str| -> serde_json::Value {
+        let o = verify(&t, &fit.join("best"), text, &t.path().join(out));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(
+            &std::fs::read_to_string(t.path().join(out).join("verify.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (single(&eval_txt, "v-a"), single(&other_txt, "v-b"));
+    let multi = |limit: f64, out: &str| {
+        Command::new(bin())
+            .args([
+                "verify",
+                "--model",
+                &t.spec(),
+                "--adapter",
+                fit.join("best").to_str().unwrap(),
+                "--text",
+                eval_txt.to_str().unwrap(),
+                "--text",
+                other_txt.to_str().unwrap(),
+                "--seq-len",
+                "16",
+                "--num-seqs",
+                "2",
+                "--long-seq-len",
+                "32",
+                "--long-num-seqs",
+                "1",
+                // `=`: the limit may be negative, which clap would take for a flag.
+                &format!("--max-ppl-increase={limit}"),
+                "--out",
+                t.path().join(out).to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = multi(0.05, "v-multi");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |dir: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(t.path().join("v-multi").join(dir).join("verify.json"))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    for (dir, single) in [("eval-16", &a), ("other-16", &b)] {
+        let v = read(dir);
+        for key in ["ppl_increase", "kl"] {
+            assert_eq!(v[key], single[key], "{dir} {key}");
+        }
+        assert_eq!(v["adapted"]["ppl"], single["adapted"]["ppl"], "{dir}");
+    }
+    for dir in ["eval-32", "other-32"] {
+        let v = read(dir);
+        assert_eq!(v["base"]["seq_len"], 32, "{dir}");
+        assert_eq!(v["base"]["num_seqs"], 1, "{dir}");
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("## summary"), "{stdout}");
+    // A limit between the two texts' increases: the worse text fails, and with it the plan.
+    let (ia, ib) = (
+        a["ppl_increase"].as_f64().unwrap(),
+        b["ppl_increase"].as_f64().unwrap(),
+    );
+    assert_ne!(ia, ib);
+    let (worse, better) = if ia > ib {
+        ("eval.txt", "other.txt")
+    } else {
+        ("other.txt", "eval.txt")
+    };
+    let o = multi((ia + ib) / 2.0, "v-multi-fail");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("verify failed"))
+        .unwrap();
+    assert!(line.contains(&format!("{worse}, 2 x 16 tokens")), "{line}");
+    assert!(
+        !line.contains(&format!("{better}, 2 x 16 tokens")),
+        "{line}"
+    );
 }

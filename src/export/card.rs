@@ -141,9 +141,9 @@ impl Ctx<'_> {
             if self.plan.dtype == DType::BF16 { "bf16" } else { "f32" },
             env!("CARGO_PKG_VERSION")
         );
-        if let Some((path, v)) = absolute(&self.plan.adapter)
-            .ok()
-            .and_then(|a| find_verify(&a))
+        for (path, v) in absolute(&self.plan.adapter)
+            .map(|a| find_verify(&a))
+            .unwrap_or_default()
         {
             s += &verify_section(&path, &v);
         }
@@ -151,16 +151,35 @@ impl Ctx<'_> {
     }
 }
 
-/// A `verify.json` beside the (absolute) adapter path: in it, its `verify/`, its parent or the
-/// parent's `verify/`.
-fn find_verify(adapter: &Path) -> Option<(PathBuf, Value)> {
+/// The `verify.json` beside the (absolute) adapter path: in it, its `verify/`, its parent or
+/// the parent's `verify/`; where that `verify/` holds one folder per pass (several texts or
+/// window lengths), every pass's, in name order.
+fn find_verify(adapter: &Path) -> Vec<(PathBuf, Value)> {
+    let read = |p: PathBuf| {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+        v.is_object().then_some((p, v))
+    };
     let dirs: Vec<&Path> = std::iter::once(adapter).chain(adapter.parent()).collect();
-    dirs.iter()
-        .flat_map(|d| [d.join("verify.json"), d.join("verify").join("verify.json")])
-        .find_map(|p| {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
-            v.is_object().then_some((p, v))
-        })
+    for d in dirs {
+        if let Some(one) = [d.join("verify.json"), d.join("verify").join("verify.json")]
+            .into_iter()
+            .find_map(read)
+        {
+            return vec![one];
+        }
+        let mut passes: Vec<PathBuf> = std::fs::read_dir(d.join("verify"))
+            .map(|it| {
+                it.filter_map(|e| Some(e.ok()?.path().join("verify.json")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        passes.sort();
+        let found: Vec<(PathBuf, Value)> = passes.into_iter().filter_map(read).collect();
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    vec![]
 }
 
 fn verify_section(path: &Path, v: &Value) -> String {

@@ -56,15 +56,15 @@ impl Attention {
         })
     }
 
-    /// x: the tokens at positions `masks.start..masks.start + T`; `past`: the cached keys and
-    /// values of the positions before them.
+    /// x: the tokens at positions `masks.start..masks.start + T`; `past`: the keys and values
+    /// of the positions before them.
     pub(super) fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         masks: &Masks,
         taps: &Taps,
-        past: Option<&(Tensor, Tensor)>,
+        past: Option<Past>,
     ) -> CResult<AttnOut> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
@@ -85,17 +85,32 @@ impl Attention {
             .reshape((b, t, kv, hd))?
             .transpose(1, 2)?
             .contiguous()?; // (B, KV, T, hd)
-        let q = rope.apply(&q, masks.start)?;
-        let k = rope.apply(&k, masks.start)?;
+        let (q_raw, k_raw) = (q, k.contiguous()?);
+        let q = rope.apply(&q_raw, masks.start)?;
+        let k = rope.apply(&k_raw, masks.start)?;
         let (mut k, mut v) = match &taps.hook {
             Some(hook) => hook.key_value(self.layer, &k, &v)?,
             None => (k, v),
         };
-        if let Some((pk, pv)) = past {
-            k = Tensor::cat(&[pk, &k], 2)?.contiguous()?; // (B, KV, start + T, hd)
-            v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
-        }
-        let kv_out = (k.clone(), v.clone());
+        let kv_out = match past {
+            None => (k.clone(), v.clone()),
+            Some(Past::Rotated((pk, pv))) => {
+                k = Tensor::cat(&[pk, &k], 2)?.contiguous()?; // (B, KV, start + T, hd)
+                v = Tensor::cat(&[pv, &v], 2)?.contiguous()?;
+                (k.clone(), v.clone())
+            }
+            Some(Past::Raw(None)) => (k_raw, v.clone()),
+            Some(Past::Raw(Some((ek, ev)))) => {
+                // Entry i of a rolling cache is at position i, whatever token it holds.
+                let kept = (
+                    Tensor::cat(&[ek, &k_raw], 2)?, // (B, KV, start + T, hd), before RoPE
+                    Tensor::cat(&[ev, &v], 2)?,
+                );
+                k = Tensor::cat(&[&rope.apply(ek, 0)?, &k], 2)?.contiguous()?;
+                v = kept.1.contiguous()?;
+                kept
+            }
+        };
         let slot = match (&self.slot, &taps.hook) {
             (Some(s), Some(hook)) => {
                 let (kv, hd) = s.k.dims2()?;
@@ -141,7 +156,14 @@ impl Attention {
         let mask = mask
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("attention mask not built".into()))?;
-        let (out, stats) = attention::attention(&q, &k, &v, mask, taps.attn)?; // (B, T, H, hd)
+        let (out, stats) = if masks.pin && mask.spec().slots > 0 {
+            // A chunk of a full rolling cache: the slot and the sinks see every query at the
+            // one position each query has in the literal cache (docs/streaming.md).
+            let lead = rope.apply_at(&q_raw, masks.start)?;
+            (attention::pinned(&q, &lead, &k, &v, mask)?, None)
+        } else {
+            attention::attention(&q, &k, &v, mask, taps.attn)? // (B, T, H, hd)
+        };
         let out = out.reshape((b, t, h * hd))?; // (B, T, H*hd)
         let out = taps.linear_input(self.layer, LinearInput::O, out)?;
         Ok(AttnOut {
@@ -153,6 +175,16 @@ impl Attention {
     }
 }
 
+/// The keys and values of the positions before a forward pass's tokens.
+pub(super) enum Past<'a> {
+    /// After RoPE, positions 0..start ([`super::KvCache`]).
+    Rotated(&'a (Tensor, Tensor)),
+    /// Before RoPE, a rolling cache's entries ([`super::StreamCache`]; none while it is
+    /// empty), rotated here at their cache positions 0..start; the pass returns them with its
+    /// own tokens', unrotated.
+    Raw(Option<&'a (Tensor, Tensor)>),
+}
+
 /// The attention masks of one forward pass: one for layers without a slot, one for layers with,
 /// for T queries at positions start..start + T.
 #[derive(Clone)]
@@ -162,12 +194,17 @@ pub(super) struct Masks {
     pub(super) window: Option<usize>,
     pub(super) hide_first: bool,
     pub(super) start: usize,
+    /// Keys every query sees ahead of the tokens besides the slot: a rolling cache's sinks.
+    pub(super) lead: usize,
+    /// The slot and `lead` keys are scored by the queries rotated at `start` (all of them).
+    pub(super) pin: bool,
 }
 
 impl Masks {
+    /// The spec of the layers with `slots` slot keys (0 or 1).
     pub(super) fn spec(&self, slots: usize) -> Spec {
         Spec {
-            slots,
+            slots: slots + self.lead,
             window: self.window,
             hide_first: self.hide_first,
             block: 0,

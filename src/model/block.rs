@@ -1,7 +1,7 @@
 //! One pre-norm decoder layer: attention and MLP with residuals, run per op, as the fused block
 //! op, or recomputed in the backward pass.
 
-use super::attention::{Attention, AttnOut, Masks};
+use super::attention::{Attention, AttnOut, Masks, Past};
 use super::layers::{Linear, RmsNorm, Rope};
 use super::mlp::Mlp;
 use super::taps::Taps;
@@ -49,7 +49,7 @@ impl Block {
         rope: &Rope,
         masks: &Masks,
         taps: &Taps,
-        past: Option<&(Tensor, Tensor)>,
+        past: Option<Past>,
     ) -> CResult<(Tensor, AttnOut)> {
         let attn =
             self.self_attn

@@ -104,4 +104,11 @@ impl Rope {
         let table = |tab: &Tensor| tab.narrow(0, start, t)?.contiguous(); // (T, hd/2)
         rope(x, &table(&self.cos)?, &table(&self.sin)?)
     }
+
+    /// x: (B, H, T, hd) -> same, every row rotated by the one position `pos`.
+    pub(super) fn apply_at(&self, x: &Tensor, pos: usize) -> CResult<Tensor> {
+        let (t, half) = (x.dim(2)?, self.cos.dim(1)?);
+        let table = |tab: &Tensor| tab.narrow(0, pos, 1)?.broadcast_as((t, half))?.contiguous(); // (T, hd/2)
+        rope(x, &table(&self.cos)?, &table(&self.sin)?)
+    }
 }

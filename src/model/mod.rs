@@ -22,7 +22,7 @@ mod mlp;
 mod taps;
 
 pub use adapters::{Adapters, EabSlot, Lora};
-pub use cache::KvCache;
+pub use cache::{KvCache, StreamCache};
 pub use config::{Config, RopeScaling};
 pub use layers::Linear;
 pub use taps::{ActHook, AttnStats, Edit, LinearInput, Output, Taps};
@@ -32,7 +32,7 @@ use crate::ops::acc;
 use crate::ops::attention as attn_op;
 use crate::ops::block as block_op;
 use crate::ops::linear::linear;
-use attention::Masks;
+use attention::{Masks, Past};
 use block::Block;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -154,21 +154,35 @@ impl Model {
     }
 
     fn masks_on(&self, t: usize, start: usize, device: &Device) -> CResult<Masks> {
-        let mut m = Masks {
+        let m = Masks {
             plain: None,
             slot: None,
             window: self.cfg.sliding_window,
             hide_first: self.mask_first_token,
             start,
+            lead: 0,
+            pin: false,
         };
-        let (dt, n) = (self.dtype(), start + t);
+        self.build_masks(m, t, device)
+    }
+
+    /// `m` with its masks built on `device` for T queries after `m.start - m.lead` tokens.
+    fn build_masks(&self, mut m: Masks, t: usize, device: &Device) -> CResult<Masks> {
+        let (dt, keys) = (self.dtype(), m.start + t);
         if self.layers.iter().any(|l| l.self_attn.slot.is_some()) {
-            m.slot = Some(attn_op::mask(t, n + 1, &m.spec(1), dt, device)?);
+            m.slot = Some(attn_op::mask(t, keys + 1, &m.spec(1), dt, device)?);
         }
         if self.layers.iter().any(|l| l.self_attn.slot.is_none()) {
-            m.plain = Some(attn_op::mask(t, n, &m.spec(0), dt, device)?);
+            m.plain = Some(attn_op::mask(t, keys, &m.spec(0), dt, device)?);
         }
         Ok(m)
+    }
+
+    /// This model with every query limited to the last `w` tokens (Mistral's sliding window,
+    /// or a narrower one than its own): training the slot to be the sink a rolling cache needs.
+    pub fn with_sliding_window(mut self, w: usize) -> Self {
+        self.cfg.sliding_window = Some(self.cfg.sliding_window.map_or(w, |own| own.min(w)));
+        self
     }
 
     /// The shared inputs of the block op for T tokens from position 0 (without, with a slot)
@@ -342,12 +356,82 @@ impl Model {
                 &self.ropes[s],
                 &masks[s],
                 &Taps::default(),
-                cache.layers.get(i),
+                cache.layers.get(i).map(Past::Rotated),
             )?;
             x = h;
             layers.push(attn.kv);
         }
         cache.layers = layers;
+        let x = p.transfer(&x, at, p.head())?;
+        self.head(&self.norm.forward(&x)?)
+    }
+
+    /// Logits (B, T, V) f32 of `input_ids` (B, T) entering the rolling cache `cache` (see
+    /// [`crate::stream`]), which then holds them too: the same numbers as one token at a time,
+    /// for any T. The tokens go in segments that fill the cache, then segments short enough
+    /// that the positions stay in the RoPE table (docs/streaming.md).
+    pub fn forward_stream(&self, input_ids: &Tensor, cache: &mut StreamCache) -> CResult<Tensor> {
+        StreamCache::check(self, cache.capacity, cache.sinks).map_err(candle_core::Error::Msg)?;
+        let t = input_ids.dim(1)?;
+        let mut outs = Vec::new();
+        let mut done = 0;
+        while done < t {
+            let room = match cache.capacity.checked_sub(cache.seen) {
+                Some(free) if free > 0 => free,
+                // Queries of a full cache sit at L - 1, L, ...: the table has positions to
+                // max_position_embeddings - 1.
+                _ => self.cfg.max_position_embeddings + 1 - cache.capacity,
+            };
+            let n = room.min(t - done);
+            outs.push(self.stream_segment(&input_ids.narrow(1, done, n)?, cache)?);
+            done += n;
+        }
+        Tensor::cat(&outs, 1)
+    }
+
+    /// T tokens that either all fit the cache's free room or all enter a full cache.
+    fn stream_segment(&self, input_ids: &Tensor, cache: &mut StreamCache) -> CResult<Tensor> {
+        let t = input_ids.dim(1)?;
+        let full = cache.seen >= cache.capacity;
+        let entries = cache.visible()?;
+        let n = match &entries {
+            Some(layers) => layers[0].0.dim(2)?,
+            None => 0,
+        };
+        // Filling, or one token at a time, this is the literal cache: causal attention over the
+        // entries at positions 0..n. A chunk entering a full cache keeps each query's distances
+        // instead: the sinks lead, seen by every query as from position L - 1, and the other
+        // entries and the chunk through a window of L - S (docs/streaming.md).
+        let pin = full && t > 1;
+        let m = Masks {
+            plain: None,
+            slot: None,
+            window: pin.then(|| cache.capacity - cache.sinks),
+            // Token 0 hidden where it is entry 0; past the first eviction it is no entry (a
+            // mask_first_token adapter keeps no sinks).
+            hide_first: self.mask_first_token && !full,
+            start: n,
+            lead: if pin { cache.sinks } else { 0 },
+            pin,
+        };
+        let p = &self.placement;
+        let masks = (0..p.slots())
+            .map(|s| self.build_masks(m.clone(), t, p.device(s)))
+            .collect::<CResult<Vec<_>>>()?;
+        let mut x = self.embed(input_ids)?;
+        let mut at = p.embed();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        // Each layer's entries stay on that layer's device.
+        for (i, layer) in self.layers.iter().enumerate() {
+            let s = p.layer(i);
+            x = p.transfer(&x, at, s)?;
+            at = s;
+            let past = Some(Past::Raw(entries.as_ref().map(|e| &e[i])));
+            let (h, attn) = layer.forward(&x, &self.ropes[s], &masks[s], &Taps::default(), past)?;
+            x = h;
+            layers.push(attn.kv);
+        }
+        cache.update(layers, t)?;
         let x = p.transfer(&x, at, p.head())?;
         self.head(&self.norm.forward(&x)?)
     }

@@ -189,15 +189,25 @@ impl Plan {
     }
 
     /// Softmax probabilities of one block, (B, KV, rep, bq, hi) in the accumulation dtype.
+    /// `lead`: the block's rows of other queries that score the slot keys (see [`pinned`]).
     fn probs(
         &self,
         qb: &Tensor,
+        lead: Option<&Tensor>,
         k: &Tensor,
         mask: &Tensor,
         blk: (usize, usize, usize),
     ) -> CResult<Tensor> {
         let (i0, bq, hi) = blk;
-        let scores = qb.matmul(&k.narrow(2, 0, hi)?.t()?)?; // (B, KV, rep*bq, hi)
+        let scores = match lead {
+            None => qb.matmul(&k.narrow(2, 0, hi)?.t()?)?, // (B, KV, rep*bq, hi)
+            Some(lb) => {
+                let n = self.slots;
+                let on_slots = lb.matmul(&k.narrow(2, 0, n)?.t()?)?; // (B, KV, rep*bq, slots)
+                let on_tokens = qb.matmul(&k.narrow(2, n, hi - n)?.t()?)?;
+                Tensor::cat(&[&on_slots, &on_tokens], 3)? // (B, KV, rep*bq, hi)
+            }
+        };
         let scores = scores
             .to_dtype(mask.dtype())?
             .reshape((self.b, self.kv, self.rep(), bq, hi))?
@@ -207,8 +217,10 @@ impl Plan {
 }
 
 /// Forward from detached tensors: the output (B, T, H, hd) and, when asked, the stats.
+/// `lead`: queries (B, H, T, hd) that score the slot keys in place of `q` (see [`pinned`]).
 fn forward(
     q: &Tensor,
+    lead: Option<&Tensor>,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
@@ -216,13 +228,16 @@ fn forward(
     stats: bool,
 ) -> CResult<(Tensor, Option<Stats>)> {
     let (b, h, t, hd, kv, rep) = (p.b, p.h, p.t, p.hd, p.kv, p.rep());
-    let qg = (q * p.scale)?.reshape((b, kv, rep, t, hd))?; // (B, KV, rep, T, hd)
+    let grouped = |x: &Tensor| (x * p.scale)?.reshape((b, kv, rep, t, hd)); // (B, KV, rep, T, hd)
+    let qg = grouped(q)?;
+    let lg = lead.map(grouped).transpose()?;
     let mut outs = vec![];
     let (mut on_first, mut on_slot) = (None::<Tensor>, None::<Tensor>);
     for blk in p.blocks() {
         let (i0, bq, hi) = blk;
         let qb = p.rows(&qg, i0, bq)?; // (B, KV, rep*bq, hd)
-        let probs = p.probs(&qb, k, mask, blk)?; // (B, KV, rep, bq, hi)
+        let lb = lg.as_ref().map(|l| p.rows(l, i0, bq)).transpose()?;
+        let probs = p.probs(&qb, lb.as_ref(), k, mask, blk)?; // (B, KV, rep, bq, hi)
         if stats {
             // queries at token position >= 1 only
             let skip = (1usize.saturating_sub(p.past + i0)).min(bq);
@@ -284,7 +299,7 @@ pub fn forward_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult
         return Ok((out, Saved::Kernel(lse)));
     }
     Ok((
-        forward(q, k, v, mask.dense()?, &p, false)?.0,
+        forward(q, None, k, v, mask.dense()?, &p, false)?.0,
         Saved::Blocked,
     ))
 }
@@ -337,7 +352,7 @@ fn blocked_backward(
         let (i0, bq, hi) = blk;
         let qb = p.rows(&qg, i0, bq)?; // (B, KV, rep*bq, hd)
         let dob = p.rows(&d_o, i0, bq)?; // (B, KV, rep*bq, hd)
-        let probs = p.probs(&qb, k, mask, blk)?; // (B, KV, rep, bq, hi)
+        let probs = p.probs(&qb, None, k, mask, blk)?; // (B, KV, rep, bq, hi)
         let pb = probs.to_dtype(dt)?.reshape((b, kv, rep * bq, hi))?;
         let (kb, vb) = (k.narrow(2, 0, hi)?, v.narrow(2, 0, hi)?); // (B, KV, hi, hd)
         let dv_part = pb.t()?.matmul(&dob)?; // (B, KV, hi, hd)
@@ -401,7 +416,7 @@ pub fn attention(
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (out, st, saved) = if stats {
         let p = Plan::new(q, k, v, mask)?;
-        let (out, st) = forward(&qd, &kd, &vd, mask.dense()?, &p, true)?;
+        let (out, st) = forward(&qd, None, &kd, &vd, mask.dense()?, &p, true)?;
         (out, st, Saved::Blocked)
     } else {
         let (out, saved) = forward_saved(&qd, &kd, &vd, mask)?;
@@ -416,6 +431,30 @@ pub fn attention(
         saved,
     };
     Ok((q.apply_op3(k, v, op)?, st))
+}
+
+/// Attention whose slot keys (the spec's `slots` leading keys) are scored by `lead` (B, H, T, hd)
+/// instead of `q`: a rolling KV cache computes a chunk of queries at once this way, the sinks'
+/// scores taken from the queries rotated at the one position every query of the literal cache
+/// has (docs/streaming.md). Inference only: the blocked path, and its output is detached (no
+/// gradient flows back through it, to a slot or anything else).
+pub fn pinned(q: &Tensor, lead: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> CResult<Tensor> {
+    let (q, lead, k, v) = (&q.detach(), &lead.detach(), &k.detach(), &v.detach());
+    if lead.dims() != q.dims() {
+        candle_core::bail!(
+            "attention::pinned: lead {:?} for q {:?}",
+            lead.dims(),
+            q.dims()
+        );
+    }
+    let (q, lead, k, v) = (
+        &q.contiguous()?,
+        &lead.contiguous()?,
+        &k.contiguous()?,
+        &v.contiguous()?,
+    );
+    let p = Plan::new(q, k, v, mask)?;
+    Ok(forward(q, Some(lead), k, v, mask.dense()?, &p, false)?.0)
 }
 
 static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -26,6 +26,22 @@ impl Recipe {
             at_least_one("data.max_train_windows", n)?;
         }
         at_least_one("data.eval_windows", data.eval_windows)?;
+        let why = "a file or a non-empty list of files";
+        check(!data.train.paths().is_empty(), "data.train", why, "[]")?;
+        check(!data.eval.paths().is_empty(), "data.eval", why, "[]")?;
+        if let Some(long) = &data.long {
+            at_least_one("data.long.seq_len", long.seq_len)?;
+            at_least_one("data.long.windows", long.windows)?;
+            at_least_one("data.long.every", long.every)?;
+            // A micro-batch stacks equal-length windows; a long one stands alone.
+            let why = "1 when data.long is set (a long window is a micro-batch of its own)";
+            check(
+                data.batch_size == 1,
+                "data.batch_size",
+                why,
+                data.batch_size,
+            )?;
+        }
 
         let eab = &self.adapters.eab;
         non_negative("adapters.eab.init_std", eab.init_std)?;
@@ -38,6 +54,19 @@ impl Recipe {
                         is false: without a slot nothing stands in for the masked first token"
                     .into(),
             );
+        }
+
+        if let Some(w) = eab.window {
+            at_least_one("adapters.eab.window", w)?;
+            if !eab.enabled {
+                return Err(
+                    "adapters.eab.window needs adapters.eab.enabled: without a slot \
+                            the window leaves the late queries no sink"
+                        .into(),
+                );
+            }
+            let why = &format!("below data.seq_len ({}) to hide any token", data.seq_len);
+            check(w < data.seq_len, "adapters.eab.window", why, w)?;
         }
 
         let lora = &self.adapters.lora;
@@ -76,9 +105,39 @@ impl Recipe {
         non_negative("verify.max_ppl_increase", v.max_ppl_increase)?;
         at_least_one("verify.seq_len", v.seq_len)?;
         at_least_one("verify.windows", v.windows)?;
+        if let Some(t) = &v.text {
+            let why = "a file or a non-empty list of files";
+            check(!t.paths().is_empty(), "verify.text", why, "[]")?;
+        }
+        if let Some(long) = &v.long {
+            at_least_one("verify.long.seq_len", long.seq_len)?;
+            at_least_one("verify.long.windows", long.windows)?;
+        }
         if let Some(gap) = v.quant.max_gap {
             non_negative("verify.quant.max_gap", gap)?;
         }
+        let st = &v.stream;
+        if let Some(inc) = st.max_ppl_increase {
+            non_negative("verify.stream.max_ppl_increase", inc)?;
+        }
+        at_least_one("verify.stream.cache", st.cache)?;
+        let below = format!("below verify.stream.cache ({})", st.cache);
+        check(
+            st.sink_tokens < st.cache,
+            "verify.stream.sink_tokens",
+            &below,
+            st.sink_tokens,
+        )?;
+        let past = format!(
+            "above verify.stream.cache ({}) so that the cache evicts",
+            st.cache
+        );
+        check(
+            st.tokens > st.cache,
+            "verify.stream.tokens",
+            &past,
+            st.tokens,
+        )?;
         for (path, bits) in [
             ("verify.quant.w", v.quant.w),
             ("verify.quant.a", v.quant.a),

@@ -81,12 +81,36 @@ impl Dtype {
     }
 }
 
+/// One text (a file, or a folder of `*.txt`) or a list of them. Each text gets its own windows,
+/// so none straddles two texts, and per-text limits (`eval_windows`, `verify.windows`) apply to
+/// each text of a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Texts {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl Texts {
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            Texts::One(p) => std::slice::from_ref(p),
+            Texts::Many(v) => v,
+        }
+    }
+}
+
+impl<T: Into<PathBuf>> From<T> for Texts {
+    fn from(p: T) -> Self {
+        Texts::One(p.into())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Text file or folder of `*.txt`.
-    pub train: PathBuf,
-    pub eval: PathBuf,
+    pub train: Texts,
+    pub eval: Texts,
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
     /// Windows per micro-batch.
@@ -94,8 +118,31 @@ pub struct DataSection {
     pub batch_size: usize,
     #[serde(default)]
     pub max_train_windows: Option<usize>,
+    /// Eval windows per eval text.
     #[serde(default = "default_eval_windows")]
     pub eval_windows: usize,
+    /// Long training windows mixed into the short ones, so that the hold term also sees
+    /// positions far past `seq_len`.
+    #[serde(default)]
+    pub long: Option<LongWindows>,
+}
+
+/// Every `every`-th micro-batch is one window of `seq_len` tokens, taken in turn from up to
+/// `windows` long windows of each training text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongWindows {
+    pub seq_len: usize,
+    pub windows: usize,
+    pub every: usize,
+}
+
+/// Windows verify checks at: `windows` windows of `seq_len` tokens from each text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyWindows {
+    pub seq_len: usize,
+    pub windows: usize,
 }
 
 fn default_device() -> String {
@@ -128,6 +175,11 @@ pub struct EabSection {
     pub mask_first_token: bool,
     /// Windows averaged for the `first_token` init.
     pub calib_windows: usize,
+    /// Train the student under a sliding window of this many tokens (the teacher stays dense):
+    /// queries past it cannot see the first tokens, so the slot has to become their sink, as
+    /// a rolling cache without sink tokens needs (docs/streaming.md). Training only: the
+    /// adapter then runs dense, or streams with `--cache`.
+    pub window: Option<usize>,
 }
 
 impl Default for EabSection {
@@ -138,6 +190,7 @@ impl Default for EabSection {
             init_std: 0.02,
             mask_first_token: true,
             calib_windows: 4,
+            window: None,
         }
     }
 }
@@ -479,13 +532,17 @@ pub struct VerifySection {
     pub max_massive: usize,
     /// Allowed relative perplexity increase over the base model.
     pub max_ppl_increase: f64,
-    /// Text to verify on [default: data.eval]; text the run never saw is the honest test.
-    pub text: Option<PathBuf>,
+    /// Text(s) to verify on [default: data.eval]; text the run never saw is the honest test.
+    /// Each text is checked on its own; verify passes only if every one does.
+    pub text: Option<Texts>,
     /// Long by default: massive activations on mid-window tokens (LLaMA-2's "." and "\n"
     /// kind) only show in windows long enough to hold such tokens.
     pub seq_len: usize,
     pub windows: usize,
+    /// A second pass at long windows (same checks), where context-length effects show.
+    pub long: Option<VerifyWindows>,
     pub quant: QuantCheck,
+    pub stream: StreamCheck,
 }
 
 impl Default for VerifySection {
@@ -496,7 +553,33 @@ impl Default for VerifySection {
             text: None,
             seq_len: 512,
             windows: 10,
+            long: None,
             quant: QuantCheck::default(),
+            stream: StreamCheck::default(),
+        }
+    }
+}
+
+/// Optional check that the adapted model streams (docs/streaming.md): its perplexity over the
+/// first `tokens` tokens of the verify text through a rolling cache of `cache` entries with
+/// `sink_tokens` sinks, at most `max_ppl_increase` above its own dense perplexity on the same
+/// tokens in one window (0.02 = +2%). No check while `max_ppl_increase` is unset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamCheck {
+    pub max_ppl_increase: Option<f64>,
+    pub cache: usize,
+    pub sink_tokens: usize,
+    pub tokens: usize,
+}
+
+impl Default for StreamCheck {
+    fn default() -> Self {
+        Self {
+            max_ppl_increase: None,
+            cache: 256,
+            sink_tokens: 0,
+            tokens: 2048,
         }
     }
 }
@@ -564,11 +647,7 @@ pub struct AblateSection {
 
 impl Recipe {
     /// Every default, around the three paths a recipe must name.
-    pub fn new(
-        model: impl Into<String>,
-        train: impl Into<PathBuf>,
-        eval: impl Into<PathBuf>,
-    ) -> Self {
+    pub fn new(model: impl Into<String>, train: impl Into<Texts>, eval: impl Into<Texts>) -> Self {
         Self {
             model: ModelSection {
                 path: model.into(),
@@ -583,6 +662,7 @@ impl Recipe {
                 batch_size: default_batch_size(),
                 max_train_windows: None,
                 eval_windows: default_eval_windows(),
+                long: None,
             },
             adapters: AdaptersSection::default(),
             loss: LossSection::default(),

@@ -48,6 +48,60 @@ fn default_round_trips_through_yaml() {
 }
 
 #[test]
+fn stream_check_and_training_window_are_typed() {
+    let r = parse(
+        &format!("{MINIMAL}adapters:\n  eab:\n    window: 64\nverify:\n  stream:\n    max_ppl_increase: 0.02\n    cache: 1024\n"),
+        &["verify.stream.tokens=4096"],
+    )
+    .unwrap();
+    assert_eq!(r.adapters.eab.window, Some(64));
+    let st = &r.verify.stream;
+    assert_eq!(
+        (st.max_ppl_increase, st.cache, st.sink_tokens, st.tokens),
+        (Some(0.02), 1024, 0, 4096)
+    );
+    assert_eq!(
+        parse(MINIMAL, &[]).unwrap().verify.stream.max_ppl_increase,
+        None
+    );
+    for (over, needle) in [
+        ("verify.stream.cache=0", "verify.stream.cache must be >= 1"),
+        (
+            "verify.stream.sink_tokens=256",
+            "verify.stream.sink_tokens must be below verify.stream.cache (256)",
+        ),
+        (
+            "verify.stream.tokens=256",
+            "verify.stream.tokens must be above verify.stream.cache (256)",
+        ),
+        (
+            "verify.stream.max_ppl_increase=-1",
+            "verify.stream.max_ppl_increase must be >= 0",
+        ),
+        (
+            "adapters.eab.window=128",
+            "adapters.eab.window must be below data.seq_len (128)",
+        ),
+        ("adapters.eab.window=0", "adapters.eab.window must be >= 1"),
+    ] {
+        let msg = fails(MINIMAL, &[over]);
+        assert!(msg.contains(needle), "{over}: {msg}");
+    }
+    let msg = fails(
+        MINIMAL,
+        &[
+            "adapters.eab.enabled=false",
+            "adapters.eab.mask_first_token=false",
+            "adapters.eab.window=8",
+        ],
+    );
+    assert!(
+        msg.contains("adapters.eab.window needs adapters.eab.enabled"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn verify_quant_check_is_typed() {
     let r = parse(
         &format!("{MINIMAL}verify:\n  quant:\n    max_gap: 0.25\n    a: 6\n    act_scale: token\n"),
@@ -386,4 +440,67 @@ fn load_reads_a_file() {
     let path = dir.path().join("r.yaml");
     std::fs::write(&path, MINIMAL).unwrap();
     assert_eq!(load(&path, &["train.seed=3".into()]).unwrap().train.seed, 3);
+}
+
+#[test]
+fn texts_take_one_path_or_a_list() {
+    let r = parse(
+        "model:\n  path: m\ndata:\n  train: [a.txt, b.txt]\n  eval: e.txt\n  batch_size: 1\n  long:\n    seq_len: 64\n    windows: 2\n    every: 5\nverify:\n  text:\n    - x.txt\n    - y.txt\n  long:\n    seq_len: 256\n    windows: 1\n",
+        &[],
+    )
+    .unwrap();
+    let paths = |t: &Texts| {
+        t.paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paths(&r.data.train), ["a.txt", "b.txt"]);
+    assert_eq!(paths(&r.data.eval), ["e.txt"]);
+    assert_eq!(paths(r.verify.text.as_ref().unwrap()), ["x.txt", "y.txt"]);
+    assert_eq!(
+        r.data.long,
+        Some(LongWindows {
+            seq_len: 64,
+            windows: 2,
+            every: 5
+        })
+    );
+    assert_eq!(
+        r.verify.long,
+        Some(VerifyWindows {
+            seq_len: 256,
+            windows: 1
+        })
+    );
+    // Both forms survive the saved recipe, and an override can turn one into a list.
+    assert_eq!(parse(&r.to_yaml(), &[]).unwrap(), r);
+    let r = parse(MINIMAL, &["data.eval=[e.txt, f.txt]", "verify.text=v.txt"]).unwrap();
+    assert_eq!(paths(&r.data.eval), ["e.txt", "f.txt"]);
+    assert_eq!(paths(r.verify.text.as_ref().unwrap()), ["v.txt"]);
+    assert_eq!(r.data.train, Texts::One("t.txt".into()));
+
+    let msg = fails(MINIMAL, &["data.train=[]"]);
+    assert!(
+        msg.contains("data.train must be a file or a non-empty list of files"),
+        "{msg}"
+    );
+    let msg = fails(MINIMAL, &["verify.text=[]"]);
+    assert!(
+        msg.contains("verify.text must be a file or a non-empty list of files"),
+        "{msg}"
+    );
+    let msg = fails(MINIMAL, &["data.long={seq_len: 64, windows: 1, every: 2}"]);
+    assert!(
+        msg.contains("data.batch_size must be 1 when data.long is set"),
+        "{msg}"
+    );
+    let msg = fails(
+        MINIMAL,
+        &[
+            "data.batch_size=1",
+            "data.long={seq_len: 64, windows: 1, every: 0}",
+        ],
+    );
+    assert!(msg.contains("data.long.every"), "{msg}");
 }
