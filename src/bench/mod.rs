@@ -95,6 +95,7 @@ impl Shape {
             sliding_window: None,
             bos_token_id: Some(1),
             eos_token_id: None,
+            ..Default::default()
         }
     }
 

@@ -166,7 +166,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
     let peft = matches!(plan.format, ExportFormat::Peft | ExportFormat::Both);
     if peft {
         check_peft(&plan.adapter, &adapters, &ckpt.config)?;
-        if let Some(w) = ckpt.config.sliding_window {
+        if let Some(w) = ckpt.config.window() {
             eprintln!("warning: sliding_window {w}: transformers hides the PEFT prefix from queries {w} or more tokens after it, eabfit never hides the slot; the peft export matches eabfit on sequences shorter than {w} tokens");
         }
     }
