@@ -175,12 +175,9 @@ impl Config {
                 "use_sliding_window true is not supported for {name} (windowed attention in the layers past max_window_layers); only full attention is"
             ));
         }
-        if let Some(t) = self
-            .layer_types
-            .iter()
-            .flatten()
-            .find(|t| *t != "full_attention" && !(family == Family::Mistral && *t == "sliding_attention"))
-        {
+        if let Some(t) = self.layer_types.iter().flatten().find(|t| {
+            *t != "full_attention" && !(family == Family::Mistral && *t == "sliding_attention")
+        }) {
             return Err(format!(
                 "layer_types `{t}` is not supported for {name} (full_attention)"
             ));

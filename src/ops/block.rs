@@ -225,7 +225,7 @@ fn backward(
         }
     };
     let rows = |y: &Tensor| y.reshape((b * t, ())); // (B*T, ...)
-    // MLP
+                                                    // MLP
     let dy_rows = rows(&dy)?;
     let d_act = dy_rows.matmul(&w.down_proj)?; // (B*T, F)
     let (dg, du) = swiglu::backward(&s.gate, &s.up, &d_act)?;
@@ -261,7 +261,11 @@ fn backward(
     };
     let rope = Some((&cx.cos, &cx.sin));
     // Back through RoPE and the head norm to the biased projection rows (B*T, n*hd).
-    let unsplit = |g: &Tensor, slots: usize, name: &str, qk_norm: &Option<Tensor>, rows_kept: &Option<Tensor>| {
+    let unsplit = |g: &Tensor,
+                   slots: usize,
+                   name: &str,
+                   qk_norm: &Option<Tensor>,
+                   rows_kept: &Option<Tensor>| {
         let (Some(nw), Some(u)) = (qk_norm, rows_kept) else {
             return heads::merge(g, slots, rope, None);
         };
