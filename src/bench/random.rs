@@ -13,7 +13,7 @@ pub fn param_counts(cfg: &Config) -> (usize, usize) {
     let per_layer_matmul = attn + 3 * d * f;
     let head = cfg.vocab_size * d;
     let matmul = cfg.num_hidden_layers * per_layer_matmul + head;
-    let norms = (2 * cfg.num_hidden_layers + 1) * d;
+    let norms = (2 * cfg.num_hidden_layers + 1) * d + cfg.num_hidden_layers * cfg.bias_and_head_norm_params();
     let embed = cfg.vocab_size * d;
     let total = cfg.num_hidden_layers * per_layer_matmul
         + norms
@@ -34,17 +34,32 @@ pub fn random_weights(
     let randn = |shape: (usize, usize)| -> Result<Tensor> {
         Ok(Tensor::randn(0f32, 0.02f32, shape, device)?.to_dtype(dtype)?)
     };
-    let ones = || -> Result<Tensor> { Ok(Tensor::ones(d, dtype, device)?) };
+    let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+    let bias = |n: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 0.02f32, n, device)?.to_dtype(dtype)?)
+    };
     let mut w = HashMap::new();
     w.insert("model.embed_tokens.weight".to_string(), randn((v, d))?);
-    w.insert("model.norm.weight".to_string(), ones()?);
+    w.insert("model.norm.weight".to_string(), ones(d)?);
     if !cfg.tie_word_embeddings {
         w.insert("lm_head.weight".to_string(), randn((v, d))?);
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        w.insert(format!("{p}.input_layernorm.weight"), ones()?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), ones()?);
+        w.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
+        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
+        if cfg.qkv_bias() {
+            w.insert(format!("{p}.self_attn.q_proj.bias"), bias(h * hd)?);
+            w.insert(format!("{p}.self_attn.k_proj.bias"), bias(kv * hd)?);
+            w.insert(format!("{p}.self_attn.v_proj.bias"), bias(kv * hd)?);
+        }
+        if cfg.o_bias() {
+            w.insert(format!("{p}.self_attn.o_proj.bias"), bias(d)?);
+        }
+        if cfg.qk_norm() {
+            w.insert(format!("{p}.self_attn.q_norm.weight"), ones(hd)?);
+            w.insert(format!("{p}.self_attn.k_norm.weight"), ones(hd)?);
+        }
         w.insert(format!("{p}.self_attn.q_proj.weight"), randn((h * hd, d))?);
         w.insert(format!("{p}.self_attn.k_proj.weight"), randn((kv * hd, d))?);
         w.insert(format!("{p}.self_attn.v_proj.weight"), randn((kv * hd, d))?);

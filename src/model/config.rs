@@ -145,6 +145,15 @@ impl Config {
         self.family() == Family::Qwen3
     }
 
+    /// Parameters of one layer's biases and head norms (Qwen's; none in a plain LLaMA).
+    pub fn bias_and_head_norm_params(&self) -> usize {
+        let (h, kv, hd) = (self.num_attention_heads, self.n_kv_heads(), self.head_dim());
+        let qkv = if self.qkv_bias() { (h + 2 * kv) * hd } else { 0 };
+        let o = if self.o_bias() { self.hidden_size } else { 0 };
+        let norms = if self.qk_norm() { 2 * hd } else { 0 };
+        qkv + o + norms
+    }
+
     /// The attention window: Mistral's (and LLaMA's, when set) `sliding_window`; Qwen's only
     /// with `use_sliding_window`, which [`Config::validate`] refuses.
     pub fn window(&self) -> Option<usize> {
