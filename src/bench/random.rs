@@ -13,7 +13,8 @@ pub fn param_counts(cfg: &Config) -> (usize, usize) {
     let per_layer_matmul = attn + 3 * d * f;
     let head = cfg.vocab_size * d;
     let matmul = cfg.num_hidden_layers * per_layer_matmul + head;
-    let norms = (2 * cfg.num_hidden_layers + 1) * d + cfg.num_hidden_layers * cfg.bias_and_head_norm_params();
+    let norms = (2 * cfg.num_hidden_layers + 1) * d
+        + cfg.num_hidden_layers * cfg.bias_and_head_norm_params();
     let embed = cfg.vocab_size * d;
     let total = cfg.num_hidden_layers * per_layer_matmul
         + norms

@@ -148,7 +148,11 @@ impl Config {
     /// Parameters of one layer's biases and head norms (Qwen's; none in a plain LLaMA).
     pub fn bias_and_head_norm_params(&self) -> usize {
         let (h, kv, hd) = (self.num_attention_heads, self.n_kv_heads(), self.head_dim());
-        let qkv = if self.qkv_bias() { (h + 2 * kv) * hd } else { 0 };
+        let qkv = if self.qkv_bias() {
+            (h + 2 * kv) * hd
+        } else {
+            0
+        };
         let o = if self.o_bias() { self.hidden_size } else { 0 };
         let norms = if self.qk_norm() { 2 * hd } else { 0 };
         qkv + o + norms
