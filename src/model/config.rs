@@ -92,9 +92,11 @@ pub enum Family {
 impl Family {
     pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
 
-    /// A config without `model_type` (older LLaMA checkpoints) is a LLaMA.
+    /// A config without `model_type` (older LLaMA checkpoints) is a LLaMA; an `eabfit export`
+    /// with slots (`eab_llama`, ...) is its base family.
     pub fn of(model_type: Option<&str>) -> Result<Self, String> {
-        match model_type.unwrap_or("llama") {
+        let t = model_type.unwrap_or("llama");
+        match t.strip_prefix("eab_").unwrap_or(t) {
             "llama" => Ok(Self::Llama),
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
