@@ -171,10 +171,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
         }
     }
     let hf = matches!(plan.format, ExportFormat::Hf | ExportFormat::Both);
-    let family = match Family::of(
-        ckpt.config.model_type.as_deref(),
-        ckpt.config.sliding_window,
-    ) {
+    let family = match Family::of(ckpt.config.model_type.as_deref(), ckpt.config.window()) {
         Ok(f) => Some(f),
         // Only an export with slots needs transformers code of its own.
         Err(e) if hf && !slot_layers.is_empty() => {
