@@ -8,7 +8,7 @@ use crate::train::{train, Summary};
 use crate::verify::{verify, VerifyPlan};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde_norway::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +23,7 @@ fn flow(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Sequence(xs) => format!("[{}]", xs.iter().map(flow).collect::<Vec<_>>().join(",")),
-        other => serde_yaml::to_string(other)
+        other => serde_norway::to_string(other)
             .unwrap_or_default()
             .trim()
             .to_string(),
@@ -71,7 +71,8 @@ pub fn points(r: &Recipe) -> Vec<Point> {
 /// The recipe of one point: the grid's recipe with the point's overrides, its own out_dir
 /// under the grid's, and its run name under the shared TensorBoard folder.
 fn point_recipe(r: &Recipe, p: &Point, origin: &str) -> Result<Recipe> {
-    let mut value = serde_yaml::to_value(r).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
+    let mut value =
+        serde_norway::to_value(r).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
     let mut ov = p.overrides.clone();
     ov.push((
         "train.out_dir".into(),
@@ -83,7 +84,8 @@ fn point_recipe(r: &Recipe, p: &Point, origin: &str) -> Result<Recipe> {
     if let Value::Mapping(m) = &mut value {
         m.remove("ablate");
     }
-    let text = serde_yaml::to_string(&value).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
+    let text =
+        serde_norway::to_string(&value).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
     recipe::parse_str(&text, &format!("{origin} (point {})", p.name), &[])
 }
 

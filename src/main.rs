@@ -44,7 +44,7 @@ enum Command {
     Tokenize(eabfit::corpus::TokenizeArgs),
     /// Train a LLaMA/Mistral-family model from scratch on a token corpus, with or without EAB slots
     Pretrain(eabfit::pretrain::PretrainArgs),
-    /// One sequence's logits as JSON (the reference of scripts/peft_compare.py)
+    /// One sequence's logits as JSON (the reference of scripts/lib/peft_compare.py)
     #[command(hide = true)]
     Logits(eabfit::export::LogitsArgs),
 }

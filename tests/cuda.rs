@@ -3,7 +3,7 @@
 //! `bench` command's CUDA paths; and every op of `eabfit::ops` on CUDA against the CPU (forward
 //! and the gradient of every input, f32 within 1e-4 relative, bf16 within 3%; the head
 //! split/merge kernels, forward only, within 1%). Built only with `--features cuda`; needs a CUDA device 0 (run
-//! on the GPU machine through scripts/gpu-test.sh).
+//! on the GPU machine through `scripts/gpu.sh test`).
 #![cfg(feature = "cuda")]
 
 mod common;

@@ -803,11 +803,11 @@ const TINY_RECIPE: &str = include_str!("../recipes/tiny-debug.yaml");
 fn mutate_recipe(rng: &mut StdRng) -> String {
     match rng.gen_range(0..4) {
         0 | 1 => {
-            let mut v: Value = serde_yaml::from_str(TINY_RECIPE).unwrap();
+            let mut v: Value = serde_norway::from_str(TINY_RECIPE).unwrap();
             for _ in 0..rng.gen_range(1..=3) {
                 mutate_json(rng, &mut v);
             }
-            serde_yaml::to_string(&v).unwrap()
+            serde_norway::to_string(&v).unwrap()
         }
         2 => {
             let mut lines: Vec<String> = TINY_RECIPE.lines().map(String::from).collect();

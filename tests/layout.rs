@@ -191,7 +191,7 @@ fn use_tree(t: &[String], i: &mut usize, prefix: Vec<String>, leaves: &mut Vec<U
                     leaves.push(UseLeaf { path, name: alias });
                     return;
                 }
-                if !t.get(*i).is_some_and(|s| s == "::") {
+                if t.get(*i).is_none_or(|s| s != "::") {
                     let name = path.last().cloned();
                     leaves.push(UseLeaf { path, name });
                     return;

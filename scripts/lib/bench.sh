@@ -14,6 +14,9 @@
 # (eabfit bench exits 3 on CUDA out-of-memory); PyTorch then runs at the batch eabfit got (or, if
 # eabfit fitted none, the first of BENCH_BATCHES that fits). A train case that fits at no batch
 # is retried once at half the sequence length with batches "2 1" (both tools), time allowing.
+# PyTorch runs twice per case: eager, then compiled (torch.compile of each decoder layer and of
+# the KL loss, 3+ warm-up steps for the compilations; BENCH_TORCH_COMPILE=0 skips it), and the
+# table gives eabfit's ratio to each.
 # Last, time allowing, the first train case that fitted again with `--attention blocked` (the
 # composite the fused kernel replaced; BENCH_AB_ATTENTION=0 skips it) and with --release-pool
 # --event-tracking (candle's allocator defaults, which eabfit turns off).
@@ -40,6 +43,8 @@ batches=${BENCH_BATCHES:-4 2 1}
 cases=${BENCH_CASES:-llama2-7b:train:2048:4,2,1 llama-1b:train:2048:8,4,2,1 llama2-7b:forward:2048:4 llama-1b:forward:2048:4 llama2-7b:train:4096:1}
 device=${BENCH_DEVICE:-cuda}
 run_timeout=${BENCH_RUN_TIMEOUT:-180}
+# The compiled PyTorch anchor (torch.compile of each decoder layer and the loss) beside eager.
+compiled=${BENCH_TORCH_COMPILE:-1}
 min_run_s=${BENCH_MIN_RUN_S:-30}
 mkdir -p "$out/logs" "$out/json"
 results=$out/results.jsonl
@@ -153,14 +158,23 @@ bench_case() {
   done
   [ ${#extra[@]} -eq 0 ] || return 0   # knob variants: eabfit only
   local tb=${CASE_FIT:-$bl}
-  for b in $tb; do
-    local jf=$out/json/torch-$slug-b$b.json
-    rm -f "$jf"
-    run_one "$case" torch "$b" "torch-$slug-b$b" "$py" scripts/lib/bench_torch.py --shape "$shape" \
-      --mode "$mode" --seq "$seq" --batch "$b" --steps "$steps" --warmup "$warmup" \
-      --device "$device" --json "$jf"
-    record "$case" torch "$RUN_STATUS" "$b" "$RUN_SMI" "$( [ $RUN_STATUS = ok ] && echo "$jf" || echo -)" ""
-    [ "$RUN_STATUS" = oom ] || break
+  local tool flag wu
+  for tool in torch torch-compiled; do
+    flag=; wu=$warmup
+    if [ $tool = torch-compiled ]; then
+      [ "$compiled" = 1 ] || continue
+      # Compilation and the adapter on/off recompile happen in the first steps: warm up longer.
+      flag=--compile; wu=$(( warmup > 3 ? warmup : 3 ))
+    fi
+    for b in $tb; do
+      local jf=$out/json/$tool-$slug-b$b.json
+      rm -f "$jf"
+      run_one "$case" $tool "$b" "$tool-$slug-b$b" "$py" scripts/lib/bench_torch.py --shape "$shape" \
+        --mode "$mode" --seq "$seq" --batch "$b" --steps "$steps" --warmup "$wu" \
+        --device "$device" --json "$jf" $flag
+      record "$case" $tool "$RUN_STATUS" "$b" "$RUN_SMI" "$( [ $RUN_STATUS = ok ] && echo "$jf" || echo -)" ""
+      [ "$RUN_STATUS" = oom ] || break
+    done
   done
 }
 
@@ -195,23 +209,26 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def f(x, fmt):
     return "" if x is None else format(x, fmt)
-ok_torch = {}
+ok_torch, ok_compiled = {}, {}
 for r in rows:
-    if r["tool"] == "torch" and r["status"] == "ok":
-        ok_torch[r["case"]] = r["report"]
-print("| case | tool | batch | status | tokens/s | ms/step | peak alloc GiB | nvidia-smi peak GiB | MFU | eabfit/torch tokens/s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+    if r["tool"] in ("torch", "torch-compiled") and r["status"] == "ok":
+        (ok_torch if r["tool"] == "torch" else ok_compiled)[r["case"]] = r["report"]
+print("| case | tool | batch | status | tokens/s | ms/step | peak alloc GiB | nvidia-smi peak GiB | MFU | eabfit/torch tokens/s | eabfit/compiled tokens/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     rep = r["report"] or {}
-    ratio = ""
-    t = ok_torch.get(r["case"].split(" --")[0].rstrip())
+    ratio, ratio_c = "", ""
+    key = r["case"].split(" --")[0].rstrip()
+    t, tc = ok_torch.get(key), ok_compiled.get(key)
     if r["tool"] == "eabfit" and rep and t:
         ratio = f(rep["tokens_per_s"] / t["tokens_per_s"], ".3f")
-    print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+    if r["tool"] == "eabfit" and rep and tc:
+        ratio_c = f(rep["tokens_per_s"] / tc["tokens_per_s"], ".3f")
+    print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
         r["case"], r["tool"], r["batch"] if r["batch"] is not None else "", r["status"],
         f(rep.get("tokens_per_s"), ",.0f"), f(rep.get("ms_per_step"), ".1f"),
         f(rep.get("peak_alloc_gib"), ".1f"), f(r["smi_peak_gib"], ".1f"),
-        f(rep["mfu"] * 100, ".1f") + "%" if rep.get("mfu") is not None else "", ratio))
+        f(rep["mfu"] * 100, ".1f") + "%" if rep.get("mfu") is not None else "", ratio, ratio_c))
 phased = [r for r in rows if r["tool"] == "eabfit" and r["report"] and r["report"].get("phases_ms")]
 if phased:
     names = []
@@ -250,9 +267,11 @@ for r in rows:
                     "peak_gib": rep.get("peak_alloc_gib", rep.get("peak_gib")),
                     "ms_per_step": rep.get("ms_per_step")}
 for c in cases.values():
-    e, t = c.get("eabfit", {}), c.get("torch", {})
+    e, t, tc = c.get("eabfit", {}), c.get("torch", {}), c.get("torch-compiled", {})
     if e.get("tokens_per_s") and t.get("tokens_per_s"):
         c["ratio"] = e["tokens_per_s"] / t["tokens_per_s"]
+    if e.get("tokens_per_s") and tc.get("tokens_per_s"):
+        c["ratio_compiled"] = e["tokens_per_s"] / tc["tokens_per_s"]
 print(json.dumps({"date": datetime.datetime.utcnow().strftime("%Y-%m-%d"),
                   "cases": list(cases.values())}, indent=1))
 EOF

@@ -33,7 +33,7 @@ mod random;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-pub use random::{param_counts, random_weights};
+pub use random::{param_counts, random_weights, Shape};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,88 +41,6 @@ use std::time::Instant;
 
 /// Dense bf16 peak of one H200 (SXM), FLOP/s.
 pub const H200_BF16_PEAK: f64 = 989e12;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Shape {
-    /// LLaMA-2-7B: hidden 4096, ffn 11008, 32 layers, 32/32 heads, vocab 32000, untied
-    #[value(name = "llama2-7b")]
-    Llama2_7b,
-    /// LLaMA-3.2-1B-like: hidden 2048, ffn 8192, 16 layers, 32/8 heads, vocab 128256, tied
-    #[value(name = "llama-1b")]
-    Llama1b,
-    /// SmolLM2-135M: hidden 576, ffn 1536, 30 layers, 9/3 heads, vocab 49152, tied
-    #[value(name = "smollm2-135m")]
-    Smollm2_135m,
-    /// Qwen2.5-7B: hidden 3584, ffn 18944, 28 layers, 28/4 heads, vocab 152064, untied,
-    /// q/k/v biases
-    #[value(name = "qwen2.5-7b")]
-    Qwen2_5_7b,
-    /// Qwen3-8B: hidden 4096, ffn 12288, 36 layers, 32/8 heads of 128, vocab 151936, untied,
-    /// q/k head norms
-    #[value(name = "qwen3-8b")]
-    Qwen3_8b,
-    /// A few-KB model for CPU smoke tests
-    #[value(name = "tiny")]
-    Tiny,
-}
-
-impl Shape {
-    pub fn name(self) -> &'static str {
-        match self {
-            Shape::Llama2_7b => "llama2-7b",
-            Shape::Llama1b => "llama-1b",
-            Shape::Smollm2_135m => "smollm2-135m",
-            Shape::Qwen2_5_7b => "qwen2.5-7b",
-            Shape::Qwen3_8b => "qwen3-8b",
-            Shape::Tiny => "tiny",
-        }
-    }
-
-    /// The model config; `max_position_embeddings` covers `seq` (it only sizes the RoPE table).
-    pub fn config(self, seq: usize) -> Config {
-        // (hidden, ffn, layers, heads, kv heads, vocab, tied, rope theta)
-        let (d, f, l, h, kv, v, tied, theta) = match self {
-            Shape::Llama2_7b => (4096, 11008, 32, 32, 32, 32000, false, 10_000.0),
-            Shape::Llama1b => (2048, 8192, 16, 32, 8, 128_256, true, 500_000.0),
-            Shape::Smollm2_135m => (576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
-            Shape::Qwen2_5_7b => (3584, 18944, 28, 28, 4, 152_064, false, 1_000_000.0),
-            Shape::Qwen3_8b => (4096, 12288, 36, 32, 8, 151_936, false, 1_000_000.0),
-            Shape::Tiny => (64, 128, 2, 4, 2, 512, false, 10_000.0),
-        };
-        let (family, eps) = match self {
-            Shape::Qwen2_5_7b => ("qwen2", 1e-6),
-            Shape::Qwen3_8b => ("qwen3", 1e-6),
-            _ => ("llama", 1e-5),
-        };
-        Config {
-            model_type: Some(family.into()),
-            hidden_size: d,
-            intermediate_size: f,
-            num_hidden_layers: l,
-            num_attention_heads: h,
-            num_key_value_heads: Some(kv),
-            head_dim: None,
-            rms_norm_eps: eps,
-            rope_theta: theta,
-            vocab_size: v,
-            max_position_embeddings: seq.max(4096),
-            tie_word_embeddings: tied,
-            rope_scaling: None,
-            sliding_window: None,
-            bos_token_id: Some(1),
-            eos_token_id: None,
-            ..Default::default()
-        }
-    }
-
-    fn default_seq(self) -> usize {
-        match self {
-            Shape::Tiny => 32,
-            _ => 2048,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -78,10 +78,13 @@ impl Ctx<'_> {
                  - eabfit loads this folder directly:\n\n```sh\neabfit generate --model THIS_FOLDER --prompt \"...\"\n\
                  eabfit ppl --model THIS_FOLDER --text FILE\n```\n\n\
                  - transformers runs it with the code beside the weights (`{}`, `{}`: {}'s classes with \
-                 only the attention changed; model_type `{}`), eager attention, `generate()` and the KV cache included:\n\n\
-                 ```python\nfrom transformers import AutoModelForCausalLM\n\
-                 model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\", trust_remote_code=True)\n```\n\n\
-                 Without `trust_remote_code` transformers refuses the folder. Loading it with `{}` by \
+                 only the attention changed; model_type `{}`), under `sdpa` (the default), `eager` or \
+                 `flash_attention_2`, batched `generate()` and the KV cache included:\n\n\
+                 ```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\
+                 model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\", trust_remote_code=True)\n\
+                 tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\", trust_remote_code=True)\n```\n\n\
+                 Without `trust_remote_code` transformers refuses the folder (AutoTokenizer reads the \
+                 model's configuration too; the tokenizer itself runs no custom code). Loading it with `{}` by \
                  name drops the slots (transformers warns about unexpected keys) and computes a \
                  different, wrong model; so do runtimes without a KV slot (llama.cpp, vLLM).\n\n",
                 remote_code::CONFIGURATION_FILE,

@@ -1,5 +1,5 @@
 //! `eabfit logits` (hidden): one sequence's logits as JSON, the reference the transformers
-//! round-trip scripts (`scripts/peft_compare.py`, `scripts/remote_code_compare.py`) hold against.
+//! round-trip scripts (`scripts/lib/peft_compare.py`, `scripts/lib/remote_code_compare.py`) hold against.
 
 use crate::adapters::{AdapterSet, Adapters};
 use crate::fsio::write_atomic;
@@ -10,7 +10,7 @@ use serde_json::json;
 use std::path::PathBuf;
 
 /// `eabfit logits` (hidden): one sequence's logits as JSON, the reference that
-/// `scripts/peft_compare.py` holds transformers + PEFT against.
+/// `scripts/lib/peft_compare.py` holds transformers + PEFT against.
 #[derive(Debug, clap::Args)]
 pub struct LogitsArgs {
     #[command(flatten)]

@@ -190,7 +190,7 @@ impl PretrainRecipe {
 
     /// The resolved recipe, saved with every run and checkpoint.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("a recipe holds only string-keyed YAML data")
+        serde_norway::to_string(self).expect("a recipe holds only string-keyed YAML data")
     }
 
     /// The model's config.json for a vocabulary of `vocab_size` with the corpus's BOS and

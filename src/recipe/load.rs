@@ -1,4 +1,4 @@
-//! Loading a recipe: text -> `serde_yaml::Value` -> `a.b.c=value` overrides -> the typed
+//! Loading a recipe: text -> `serde_norway::Value` -> `a.b.c=value` overrides -> the typed
 //! recipe -> its rules, every problem an [`Error::Usage`] naming the file, line and field path
 //! with the nearest valid name.
 
@@ -51,8 +51,8 @@ pub fn parse_typed<T: Typed>(text: &str, origin: &str, overrides: &[String]) -> 
         })
     };
 
-    let mut value: Value = serde_yaml::from_str(text).map_err(|e| match e.location() {
-        // The location leads the message, so drop serde_yaml's own copy of it.
+    let mut value: Value = serde_norway::from_str(text).map_err(|e| match e.location() {
+        // The location leads the message, so drop serde_norway's own copy of it.
         Some(l) => {
             let own = format!(" at line {} column {}", l.line(), l.column());
             usage(
@@ -140,7 +140,7 @@ fn shown(raw: &str) -> String {
 
 fn parse_override(raw: &str) -> Result<(String, Value), String> {
     let (path, value) = raw.split_once('=').ok_or("expected `dotted.path=value`")?;
-    let value = serde_yaml::from_str(value).map_err(|e| format!("value is not YAML: {e}"))?;
+    let value = serde_norway::from_str(value).map_err(|e| format!("value is not YAML: {e}"))?;
     Ok((path.trim().to_string(), value))
 }
 
@@ -205,7 +205,7 @@ pub fn leaf_paths<T: Typed>() -> Vec<String> {
             _ => out.push(prefix),
         }
     }
-    let defaults = serde_yaml::to_value(T::skeleton()).expect("a recipe serializes");
+    let defaults = serde_norway::to_value(T::skeleton()).expect("a recipe serializes");
     let mut paths = Vec::new();
     walk(&defaults, String::new(), &mut paths);
     paths

@@ -1,7 +1,7 @@
 //! The typed training recipe: one YAML file whose sections follow the pipeline, every
 //! field defaulted except the model and data paths.
 //!
-//! Loading goes text -> `serde_yaml::Value` -> `a.b.c=value` overrides -> `Recipe` ->
+//! Loading goes text -> `serde_norway::Value` -> `a.b.c=value` overrides -> `Recipe` ->
 //! [`Recipe::validate`]. A recipe is written by hand and a typo in it should cost seconds,
 //! not a failed run, so every problem becomes an [`Error::Usage`] (exit 2) that starts
 //! with the file path, then `line:column` when the file has the key, then the dotted
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use crate::Error;
 
@@ -585,7 +585,7 @@ impl Recipe {
 
     /// The resolved recipe, saved with every run so that it can be replayed as is.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("a recipe holds only string-keyed YAML data")
+        serde_norway::to_string(self).expect("a recipe holds only string-keyed YAML data")
     }
 }
 

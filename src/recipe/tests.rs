@@ -311,7 +311,7 @@ fn bad_overrides_are_blamed_on_the_override() {
 
 #[test]
 fn apply_overrides_refuses_to_replace_a_non_mapping_section() {
-    let mut value: Value = serde_yaml::from_str("optim: 3").unwrap();
+    let mut value: Value = serde_norway::from_str("optim: 3").unwrap();
     let err = apply_overrides(&mut value, &[("optim.lr".into(), Value::from(0.1))]).unwrap_err();
     assert_eq!(err, "optim is not a mapping, cannot set `optim.lr`");
 }
