@@ -185,7 +185,8 @@ def main():
 
     def cache_lengths(model):
         with torch.no_grad():
-            cache = model(torch.tensor([prompt], device=device), use_cache=True).cache
+            out = model(torch.tensor([prompt], device=device), use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values  # the name before 5.25
         return [layer.keys.shape[-2] for layer in cache.layers]
 
     family = {"eab_llama": "LlamaForCausalLM", "eab_mistral": "MistralForCausalLM", "eab_qwen2": "Qwen2ForCausalLM",
