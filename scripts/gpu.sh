@@ -14,6 +14,9 @@
 #   bench           eabfit vs PyTorch + transformers + PEFT (BENCH_*)   lib/bench.sh
 #   train-7b        train / verify / export on a random LLaMA-2-7B      lib/train-7b.sh
 #                   (TRAIN_STEPS, 6 here; the export is removed after)
+#   train-70b       the layer split: info / ppl / generate / train on a  lib/train-70b.sh
+#                   random LLaMA-2-70B over several GPUs (LAYERS, MAP,
+#                   TRAIN_STEPS; on nvidia-h200-x2 LAYERS=60 for the disk)
 #   oom             CUDA out-of-memory messages of bench, scan, train   lib/oom.sh
 #   remote-code     the hf export in transformers with remote code      lib/remote-code.sh
 #   peft            the peft export in transformers + PEFT               lib/peft.sh
@@ -52,6 +55,7 @@ esac
 script_of() {
   case "$1" in
     test) echo cuda-tests.sh ;; bench) echo bench.sh ;; train-7b) echo train-7b.sh ;;
+    train-70b) echo train-70b.sh ;;
     oom) echo oom.sh ;; remote-code) echo remote-code.sh ;; peft) echo peft.sh ;;
     pretrain) echo pretrain.sh ;; pretrain-pair) echo pretrain-pair.sh ;;
     pretrain-sweep) echo pretrain-sweep.sh ;; pretrain-speed) echo pretrain-speed.sh ;;
@@ -135,7 +139,7 @@ for arg in "$@"; do
   rc=$?
   [ $rc = 0 ] || status=1
   echo "$name exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$out/$name.txt"
-  grep -E "^test result|PASS|FAIL|tokens/s|^trained|passed|failed" "$out/$name.txt" | tail -n 8
+  grep -E "^test result|PASS|FAIL|tokens/s|^trained|peak device memory|passed|failed" "$out/$name.txt" | tail -n 8
   tar -czf "$out/$name.tgz" -C "$dir" --exclude=eabfit --exclude='*.safetensors' \
     --exclude=checkpoints --exclude=final . 2>/dev/null
 done

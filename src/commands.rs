@@ -20,8 +20,7 @@ pub struct InfoArgs {
 
 pub fn info(args: &InfoArgs) -> Result<()> {
     let ckpt = args.model.open()?;
-    let device = args.model.device()?;
-    let dtype = args.model.dtype(&device)?;
+    let (placement, dtype) = args.model.placement(&ckpt)?;
     let c = &ckpt.config;
     let t = &ckpt.tokenizer;
     let tok_name =
@@ -78,7 +77,15 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         }
     );
     println!("stored dtype    {}", ckpt.stored_dtype);
-    println!("load dtype      {dtype:?} on {}", args.model.device);
+    let map = placement.map(c.num_hidden_layers);
+    let on = match &args.model.device_map {
+        Some(_) => format!("device map {}", map.to_spec()),
+        None => args.model.device.clone(),
+    };
+    println!("load dtype      {dtype:?} on {on}");
+    if placement.is_split() {
+        print!("{}", map.plan(crate::checkpoint::sizes(c, dtype), &[]));
+    }
     println!(
         "parameters      {} ({:.1} M)",
         ckpt.param_count(),
@@ -448,6 +455,7 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
             VerifyPlan {
                 model: args.model.model_spec()?,
                 device: args.model.device.clone(),
+                device_map: None,
                 dtype: None,
                 text: text_path(&None)?,
                 seq_len: 512,
@@ -466,6 +474,9 @@ pub fn verify_cmd(args: &VerifyArgs) -> Result<()> {
     }
     if args.model.device != "cpu" {
         plan.device = args.model.device.clone();
+    }
+    if let Some(m) = &args.model.device_map {
+        plan.device_map = Some(m.clone());
     }
     if let Some(d) = &args.model.dtype {
         plan.dtype = Some(d.clone());

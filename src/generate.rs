@@ -233,12 +233,12 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
     let ckpt = args.model.open()?;
-    let device = args.model.device()?;
+    let base = args.model.base(&ckpt)?;
     let adapters = match &args.adapter {
-        Some(d) => AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
+        Some(d) => AdapterSet::load(d, &ckpt.config, &base.device)?.adapters(),
         None => Adapters::none(),
     };
-    let model = ckpt.load_model(args.model.dtype(&device)?, &device, &adapters)?;
+    let model = base.model(&adapters)?;
     let tok = &ckpt.tokenizer;
     let (prompt, templated) = prompt_ids(tok, &args.prompt, args.raw)?;
     let stop = stop_ids(tok, ckpt.config.eos_token_id.as_ref());

@@ -19,7 +19,8 @@
 //! Beside that flow: the paper's measurements ([`scan`], [`intervene`], [`plot`]), quantization
 //! ([`quant`], [`quant_eval`], [`plot_gaps`]), [`generate`], [`ablate`] (many training runs),
 //! [`bench`], and training from scratch ([`corpus`] -> [`pretrain`]). Small shared rooms:
-//! [`model_args`] (the `--model/--device/--dtype` flags), [`device`], [`assets`] (the fetched
+//! [`model_args`] (the `--model/--device/--device-map/--dtype` flags), [`device`],
+//! [`device_map`] (layers over several devices), [`assets`] (the fetched
 //! defaults), [`fsio`] (atomic writes), [`memory`], [`error`]; [`commands`] runs the commands
 //! that read a model without training it. No module imports one that imports it back
 //! (`tests/layout.rs` checks it).
@@ -33,6 +34,7 @@ pub mod commands;
 pub mod corpus;
 pub mod data;
 pub mod device;
+pub mod device_map;
 pub mod error;
 pub mod export;
 pub mod fsio;

@@ -3,6 +3,7 @@
 
 use crate::Result;
 use candle_core::Device;
+use std::collections::BTreeMap;
 
 /// Sets up a CUDA device the way PyTorch runs one, before anything is allocated on it:
 /// freed memory stays in the pool (PyTorch's caching allocator; handing it back to the driver
@@ -28,6 +29,80 @@ pub fn configure(device: &Device, release_pool: bool, event_tracking: bool) -> R
     }
     #[cfg(not(feature = "cuda"))]
     let _ = (device, release_pool, event_tracking);
+    Ok(())
+}
+
+/// Free bytes of every CUDA device of the machine, by ordinal; empty without the `cuda`
+/// feature or without a GPU (what `--device-map auto` splits by).
+pub fn cuda_free_memory() -> Result<Vec<(usize, u64)>> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let n = match CudaContext::device_count() {
+            Ok(n) => n.max(0) as usize,
+            // No driver or no device: the CPU is all there is.
+            Err(_) => return Ok(vec![]),
+        };
+        (0..n)
+            .map(|i| {
+                let ctx =
+                    CudaContext::new(i).map_err(|e| crate::Error::Msg(format!("cuda:{i}: {e}")))?;
+                let (free, _) = ctx
+                    .mem_get_info()
+                    .map_err(|e| crate::Error::Msg(format!("cuda:{i}: cuMemGetInfo: {e}")))?;
+                Ok((i, free as u64))
+            })
+            .collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(vec![])
+}
+
+/// Lets every pair of the given CUDA devices read each other's memory, so that a layer split's
+/// activation copies go GPU to GPU (candle's `to_device` copies with cuMemcpyPeerAsync, which
+/// otherwise stages through the host, or fails with CUDA_ERROR_INVALID_CONTEXT: candle issue
+/// #3524). Pairs the hardware cannot connect are left to that fallback.
+pub fn enable_peer_access(devices: &[Device]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctxs: Vec<_> = devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Cuda(c) => Some(c.cuda_stream().context().clone()),
+                _ => None,
+            })
+            .collect();
+        for a in &ctxs {
+            for b in &ctxs {
+                if a.ordinal() == b.ordinal() {
+                    continue;
+                }
+                let mut can: std::ffi::c_int = 0;
+                // Safety: valid device handles and an out pointer to a local.
+                let r =
+                    unsafe { sys::cuDeviceCanAccessPeer(&mut can, a.cu_device(), b.cu_device()) };
+                if r != sys::CUresult::CUDA_SUCCESS || can == 0 {
+                    continue;
+                }
+                a.bind_to_thread()
+                    .map_err(|e| crate::Error::Msg(format!("cuda:{}: {e}", a.ordinal())))?;
+                // Safety: b's context outlives the call (held in `ctxs`); flags must be 0.
+                let r = unsafe { sys::cuCtxEnablePeerAccess(b.cu_ctx(), 0) };
+                if r != sys::CUresult::CUDA_SUCCESS
+                    && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+                {
+                    return Err(crate::Error::Msg(format!(
+                        "cuCtxEnablePeerAccess(cuda:{} -> cuda:{}): {r:?}",
+                        a.ordinal(),
+                        b.ordinal()
+                    )));
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = devices;
     Ok(())
 }
 
@@ -82,6 +157,57 @@ impl CudaMemory {
     pub fn peak_gib(&self) -> Option<f64> {
         self.peak().map(|b| b as f64 / (1u64 << 30) as f64)
     }
+}
+
+/// The memory pools of the devices a (possibly split) model runs on, by device name.
+pub struct Pools(Vec<(String, CudaMemory)>);
+
+impl Pools {
+    pub fn of(devices: &[(String, Device)]) -> Self {
+        Self(
+            devices
+                .iter()
+                .map(|(n, d)| (n.clone(), CudaMemory::of(d)))
+                .collect(),
+        )
+    }
+
+    pub fn reset_peak(&self) {
+        for (_, m) in &self.0 {
+            m.reset_peak();
+        }
+    }
+
+    /// Bytes in use now, summed over the devices.
+    pub fn used_now(&self) -> Option<u64> {
+        self.0
+            .iter()
+            .filter_map(|(_, m)| m.used_now())
+            .reduce(|a, b| a + b)
+    }
+
+    /// Each CUDA device's high-water mark in GiB (empty off CUDA).
+    pub fn peak_gib(&self) -> BTreeMap<String, f64> {
+        self.0
+            .iter()
+            .filter_map(|(n, m)| m.peak_gib().map(|g| (n.clone(), g)))
+            .collect()
+    }
+
+    pub fn event_tracking(&self) -> bool {
+        self.0.iter().any(|(_, m)| m.event_tracking)
+    }
+}
+
+/// "cuda:0 71.2 GiB, cuda:1 73.9 GiB": the peaks of a split, or `None` for one device.
+pub fn per_device(peaks: &BTreeMap<String, f64>) -> Option<String> {
+    (peaks.len() > 1).then(|| {
+        let each: Vec<String> = peaks
+            .iter()
+            .map(|(n, g)| format!("{n} {g:.1} GiB"))
+            .collect();
+        each.join(", ")
+    })
 }
 
 /// The end of a run's closing line: ", peak device memory X GiB", or nothing off CUDA.

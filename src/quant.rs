@@ -236,7 +236,9 @@ pub fn quantized_model(base: &Base, adapters: &Adapters, bits: u32) -> Result<Mo
                 .ok_or_else(|| Error::tensor(&name, "missing from the checkpoint"))?;
             let merged = match adapters.lora.get(&prefix) {
                 Some(l) => {
-                    let delta = (l.b.matmul(&l.a)? * l.scale)?.to_dtype(w.dtype())?; // (out, in)
+                    let delta = (l.b.matmul(&l.a)? * l.scale)?
+                        .to_dtype(w.dtype())?
+                        .to_device(w.device())?; // (out, in)
                     (w + delta)?
                 }
                 None => w.clone(),
@@ -250,7 +252,12 @@ pub fn quantized_model(base: &Base, adapters: &Adapters, bits: u32) -> Result<Mo
         lora: HashMap::new(),
         ..adapters
     };
-    Ok(Model::load(vb, &base.config, &slots_only)?)
+    Ok(Model::load_placed(
+        vb,
+        &base.config,
+        &slots_only,
+        &base.placement,
+    )?)
 }
 
 /// Statistics of one projection input, means over windows.

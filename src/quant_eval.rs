@@ -351,8 +351,8 @@ fn windows_of(
 pub fn quant_cmd(args: &QuantArgs) -> Result<()> {
     let settings = args.settings()?;
     let ckpt = args.model.open()?;
-    let device = args.model.device()?;
-    let base = ckpt.base(args.model.dtype(&device)?, &device)?;
+    let base = args.model.base(&ckpt)?;
+    let device = base.device.clone();
     let adapters = match &args.adapter {
         Some(dir) => Some(AdapterSet::load(dir, &ckpt.config, &device)?.adapters()),
         None => None,

@@ -9,12 +9,11 @@
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use crate::checkpoint::{Base, Checkpoint};
 use crate::data::{read_text, Windows};
-use crate::device::{parse_device, parse_dtype};
 use crate::fsio::replace_dir;
 use crate::fsio::write_atomic;
 use crate::killpoint::point;
 use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
-use crate::memory::{peak_suffix, CudaMemory};
+use crate::memory::{peak_suffix, per_device, Pools};
 use crate::metrics::{log_layers, LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
@@ -55,9 +54,13 @@ pub struct Summary {
     pub massive_dims: Vec<usize>,
     pub rule: Rule,
     pub tokens_per_s: f64,
-    /// CUDA: high-water mark of the device memory pool over the run, GiB.
+    /// CUDA: high-water mark of the device memory pool over the run, GiB (the largest over
+    /// the GPUs of a split model).
     #[serde(default)]
     pub peak_gib: Option<f64>,
+    /// CUDA: each GPU's high-water mark, GiB, by device name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peak_gib_per_device: BTreeMap<String, f64>,
     pub wall_s: f64,
     pub final_losses: BTreeMap<String, f64>,
 }
@@ -94,9 +97,17 @@ struct Setup {
 
 fn setup(r: &Recipe) -> Result<Setup> {
     let ckpt = Checkpoint::open(&r.model.path)?;
-    let device = parse_device(&r.model.device)?;
-    let dtype = parse_dtype(r.model.dtype.map(|d| d.name()), &device)?;
-    let base = ckpt.base(dtype, &device)?;
+    let (placement, dtype) = crate::model_args::placement(
+        "model.device_map",
+        &r.model.device,
+        r.model.device_map.as_deref(),
+        r.model.dtype.map(|d| d.name()),
+        &ckpt.config,
+    )?;
+    // The teacher and the student share these weights; inputs, outputs and the adapters
+    // live on the head's device.
+    let base = ckpt.base_placed(dtype, &placement)?;
+    let device = base.device.clone();
     let teacher = base.model(&Adapters::none())?;
     let train_text = read_text(&r.data.train)?;
     let train = Windows::new(
@@ -455,8 +466,9 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
-    let mem = CudaMemory::of(&device);
-    mem.reset_peak();
+    // One pool per GPU: a split model reports each device's peak.
+    let pools = Pools::of(&s.base.placement.named_devices());
+    pools.reset_peak();
     let start = std::time::Instant::now();
     let mut tokens_done = 0usize;
     let mut last = state
@@ -548,13 +560,17 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
     }
     bar.finish_and_clear();
     log.close()?;
-    let peak_gib = mem.peak_gib();
+    let peaks = pools.peak_gib();
+    let peak_gib = peaks.values().cloned().reduce(f64::max);
     let tps = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
     println!(
         "trained {tokens_done} tokens in {:.1} s: {tps:.0} tokens/s{}",
         start.elapsed().as_secs_f64(),
         peak_suffix(peak_gib)
     );
+    if let Some(each) = per_device(&peaks) {
+        println!("peak device memory per GPU: {each}");
+    }
     save_adapters(&out_dir.join("final"), &set)?;
     let step0 = state.step0.clone().unwrap_or(base_figures.clone());
     let summary = Summary {
@@ -567,6 +583,7 @@ fn run(recipe: &Recipe, resume: Option<&Path>) -> Result<(PathBuf, Summary)> {
         rule: s.base_scan.rule,
         tokens_per_s: tps,
         peak_gib,
+        peak_gib_per_device: peaks,
         wall_s: start.elapsed().as_secs_f64(),
         final_losses: state.final_losses.clone(),
     };

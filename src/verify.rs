@@ -4,7 +4,6 @@
 use crate::adapters::{AdapterSet, Adapters};
 use crate::checkpoint::Checkpoint;
 use crate::data::{read_text, Windows};
-use crate::device::{parse_device, parse_dtype};
 use crate::fsio::write_atomic;
 use crate::loss::kl_to_teacher;
 use crate::plot::LayerSeries;
@@ -21,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub struct VerifyPlan {
     pub model: String,
     pub device: String,
+    /// Replaces `device` when set (see [`crate::device_map`]).
+    pub device_map: Option<String>,
     pub dtype: Option<String>,
     pub adapter: PathBuf,
     pub text: PathBuf,
@@ -41,6 +42,7 @@ impl VerifyPlan {
         Self {
             model: r.model.path.clone(),
             device: r.model.device.clone(),
+            device_map: r.model.device_map.clone(),
             dtype: r.model.dtype.map(|d| d.name().to_string()),
             adapter: r.train.out_dir.join("best"),
             text: r.verify.text.clone().unwrap_or_else(|| r.data.eval.clone()),
@@ -162,8 +164,15 @@ type Scans = (ScanReport, ScanReport, f64, Option<QuantGap>);
 
 fn scan_both(plan: &VerifyPlan) -> Result<Scans> {
     let ckpt = Checkpoint::open(&plan.model)?;
-    let device = parse_device(&plan.device)?;
-    let base = ckpt.base(parse_dtype(plan.dtype.as_deref(), &device)?, &device)?;
+    let (placement, dtype) = crate::model_args::placement(
+        "device map",
+        &plan.device,
+        plan.device_map.as_deref(),
+        plan.dtype.as_deref(),
+        &ckpt.config,
+    )?;
+    let base = ckpt.base_placed(dtype, &placement)?;
+    let device = base.device.clone();
     let set = AdapterSet::load(&plan.adapter, &ckpt.config, &device)?;
     let (teacher, student) = (base.model(&Adapters::none())?, base.model(&set.adapters())?);
     let text = read_text(&plan.text)?;

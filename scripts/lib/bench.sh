@@ -6,10 +6,15 @@
 # scripts/cuda-build.sh or scripts/gpu.sh pack):
 #   scripts/gpu.sh bench                     # task `bench`; results under $OUT (default ./bench-out)
 #
-# Cases (BENCH_CASES, "shape:mode:seq[:batches]" words, batches comma-separated), default: the
-# cases of issue 10:
+# Cases (BENCH_CASES, "shape:mode:seq[:batches[:split]]" words, batches comma-separated), default:
+# the cases of issue 10:
 #   llama2-7b:train:2048:4,2,1 llama-1b:train:2048:8,4,2,1 llama2-7b:forward:2048:4
 #   llama-1b:forward:2048:4 llama2-7b:train:4096:1
+# A fifth field splits the layers over the host's GPUs: `auto` gives eabfit `--device-map auto`
+# and PyTorch transformers + accelerate `device_map="auto"` (bench_torch.py --device-map auto);
+# an explicit map (cuda:0=0-39/cuda:1=40-79, `/` for `,`) goes to eabfit as it is and to
+# PyTorch as auto. The layer-split case of issue 22, on nvidia-h200-x2 or larger:
+#   BENCH_CASES="llama2-70b:train:2048:1:auto llama2-70b:forward:2048:1:auto" scripts/gpu.sh bench
 # For each case eabfit tries the case's batches (else BENCH_BATCHES, default "4 2 1") until one fits
 # (eabfit bench exits 3 on CUDA out-of-memory); PyTorch then runs at the batch eabfit got (or, if
 # eabfit fitted none, the first of BENCH_BATCHES that fits). A train case that fits at no batch
@@ -116,7 +121,9 @@ run_one() {
   local limit=$(( left - 5 < run_timeout ? left - 5 : run_timeout ))
   local smi_file=$work/$name.smi
   if [ $has_smi = 1 ]; then
-    nvidia-smi -i 0 --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$smi_file" 2>/dev/null &
+    # A split samples every GPU (the peak reported is the largest one's), else GPU 0.
+    local which=(-i 0); [ -z "${RUN_SPLIT:-}" ] || which=()
+    nvidia-smi "${which[@]}" --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$smi_file" 2>/dev/null &
     smi_pid=$!
   fi
   log "$case $tool b$batch (timeout ${limit}s): $*"
@@ -136,20 +143,23 @@ run_one() {
 }
 
 # bench_case SHAPE MODE SEQ "BATCHES" [EXTRA eabfit ARGS...]: eabfit down the batches, then torch
-# at eabfit's batch. Sets CASE_FIT (the batch eabfit ran at, or empty).
+# at eabfit's batch. Sets CASE_FIT (the batch eabfit ran at, or empty). RUN_SPLIT (a device map)
+# runs both tools split over the GPUs.
 bench_case() {
   local shape=$1 mode=$2 seq=$3 bl=$4; shift 4
   local extra=("$@")
   local tag=${extra[*]:+ ${extra[*]}}
-  local case="$shape $mode t$seq${tag}"
-  local slug=$shape-$mode-t$seq${extra[*]:+-knobs}
+  local case="$shape $mode t$seq${RUN_SPLIT:+ split ${RUN_SPLIT}}${tag}"
+  local slug=$shape-$mode-t$seq${RUN_SPLIT:+-split}${extra[*]:+-knobs}
+  local place=(--device "$device") tplace=(--device "$device")
+  if [ -n "${RUN_SPLIT:-}" ]; then place=(--device-map "$RUN_SPLIT"); tplace=(--device-map auto); fi
   CASE_FIT=
   local b status=none
   for b in $bl; do
     local jf=$out/json/eabfit-$slug-b$b.json
     rm -f "$jf"
     run_one "$case" eabfit "$b" "eabfit-$slug-b$b" "$bin" bench --shape "$shape" --mode "$mode" \
-      --seq "$seq" --batch "$b" --steps "$steps" --warmup "$warmup" --device "$device" \
+      --seq "$seq" --batch "$b" --steps "$steps" --warmup "$warmup" "${place[@]}" \
       --json "$jf" "${extra[@]}"
     status=$RUN_STATUS
     record "$case" eabfit "$status" "$b" "$RUN_SMI" "$( [ $status = ok ] && echo "$jf" || echo -)" "${extra[*]}"
@@ -163,6 +173,8 @@ bench_case() {
     flag=; wu=$warmup
     if [ $tool = torch-compiled ]; then
       [ "$compiled" = 1 ] || continue
+      # accelerate's hooks around each layer of a split model are left to eager mode.
+      [ -z "${RUN_SPLIT:-}" ] || continue
       # Compilation and the adapter on/off recompile happen in the first steps: warm up longer.
       flag=--compile; wu=$(( warmup > 3 ? warmup : 3 ))
     fi
@@ -171,7 +183,7 @@ bench_case() {
       rm -f "$jf"
       run_one "$case" $tool "$b" "$tool-$slug-b$b" "$py" scripts/lib/bench_torch.py --shape "$shape" \
         --mode "$mode" --seq "$seq" --batch "$b" --steps "$steps" --warmup "$wu" \
-        --device "$device" --json "$jf" $flag
+        "${tplace[@]}" --json "$jf" $flag
       record "$case" $tool "$RUN_STATUS" "$b" "$RUN_SMI" "$( [ $RUN_STATUS = ok ] && echo "$jf" || echo -)" ""
       [ "$RUN_STATUS" = oom ] || break
     done
@@ -181,9 +193,12 @@ bench_case() {
 declare -A fit
 retry=()
 for c in $cases; do
-  IFS=: read -r shape mode seq cb <<< "$c"
+  IFS=: read -r shape mode seq cb split <<< "$c"
   bl=${cb//,/ }
+  RUN_SPLIT=${split//\//,}
   bench_case "$shape" "$mode" "$seq" "${bl:-$batches}"
+  RUN_SPLIT=
+  [ -z "$split" ] || continue   # no half-length retry or knob variants for a split case
   fit[$c]=$CASE_FIT
   if [ -z "$CASE_FIT" ] && [ "$mode" = train ] && [ "$seq" -ge "${BENCH_RETRY_MIN_SEQ:-1024}" ]; then retry+=("$shape:$mode:$(( seq / 2 ))"); fi
 done

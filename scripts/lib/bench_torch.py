@@ -16,6 +16,12 @@ train:   teacher logits (no adapters, no grad) + student logits, KL(teacher || s
          trainable tensors.
 forward: student forward under inference_mode, full logits cast to fp32.
 
+--device-map auto: the layer split as transformers + accelerate do it for
+from_pretrained(device_map="auto"): the model is built on the meta device, accelerate's
+get_balanced_memory + infer_auto_device_map place whole decoder layers over the visible GPUs,
+each tensor is then made (random) on its device, and dispatch_model hooks move activations
+between them. The prefix of each layer lives on that layer's GPU. Peak memory is reported per GPU.
+
 FLOP model as in eabfit's src/bench.rs: N = parameters of every per-token matmul (projections +
 lm_head, counted even when tied); train 6N per token (teacher 2N + student forward 2N + backward
 2N: frozen weights need activation gradients only), forward 2N; MFU against 989e12 (H200 dense
@@ -23,6 +29,7 @@ bf16). Peak memory: torch.cuda.max_memory_allocated over the steps (weights incl
 
   python scripts/lib/bench_torch.py --shape llama2-7b --mode train --seq 2048 --batch 4
   python scripts/lib/bench_torch.py --shape tiny --device cpu --dtype f32 --steps 2 --warmup 1
+  python scripts/lib/bench_torch.py --shape llama2-70b --mode train --seq 2048 --device-map auto
 
 Exit codes: 0 ok, 3 out of memory (so a script can retry smaller), 1 other errors.
 """
@@ -38,6 +45,7 @@ H200_BF16_PEAK = 989e12
 # (hidden, ffn, layers, heads, kv heads, vocab, tied, rope theta): as eabfit's bench::Shape.
 SHAPES = {
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000, False, 10000.0),
+    "llama2-70b": (8192, 28672, 80, 64, 8, 32000, False, 10000.0),
     "llama-1b": (2048, 8192, 16, 32, 8, 128256, True, 500000.0),
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True, 100000.0),
     "tiny": (64, 128, 2, 4, 2, 512, False, 10000.0),
@@ -63,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--mode", choices=["train", "forward"], default="train")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="split the layers over every visible GPU (accelerate); replaces --device")
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
                    help="default bf16 on cuda, f32 on cpu")
     p.add_argument("--seq", type=int, default=None, help="default 2048 (32 for tiny)")
@@ -84,6 +94,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.seq is None:
         a.seq = 32 if a.shape == "tiny" else 2048
+    if a.device_map:
+        a.device = "cuda"
     if a.dtype is None:
         a.dtype = "bf16" if a.device.startswith("cuda") else "f32"
     return a
@@ -103,6 +115,8 @@ def build(a, torch):
         bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )
     cfg._attn_implementation = a.attn
+    if a.device_map:
+        return cfg, split_model(cfg, dtype, torch), dtype, None
     device = torch.device(a.device)
     # Built directly on the device in the target dtype: no fp32 copy, no host round trip.
     prev = torch.get_default_dtype()
@@ -117,6 +131,50 @@ def build(a, torch):
     model.requires_grad_(False)
     model.train()  # no dropout in Llama; train() as a training run would have it
     return cfg, model, dtype, device
+
+
+def split_model(cfg, dtype, torch):
+    """LlamaForCausalLM over every visible GPU, placed as from_pretrained(device_map="auto")
+    places it, with random weights made on each tensor's own GPU."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    no_split = ["LlamaDecoderLayer"]
+    max_memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype,
+                                       no_split_module_classes=no_split)
+    if any(d in ("cpu", "disk") for d in device_map.values()):
+        raise SystemExit(f"error: out of memory: accelerate offloads to the host ({device_map})")
+
+    def device_of(name):
+        while name not in device_map:
+            name = name.rpartition(".")[0]  # "" (the whole model) is the last resort
+        return device_map[name]
+
+    for name, p in model.named_parameters():
+        dev = device_of(name)
+        if name.endswith("norm.weight"):
+            value = torch.ones(p.shape, dtype=dtype, device=dev)
+        else:
+            value = (torch.randn(p.shape, dtype=torch.float32, device=dev) * 0.02).to(dtype)
+        set_module_tensor_to_device(model, name, dev, value=value)
+    # Buffers (RoPE's inv_freq) were built for real on the host: moved, values kept.
+    for name, b in model.named_buffers():
+        set_module_tensor_to_device(model, name, device_of(name), value=b)
+    model = dispatch_model(model, device_map=device_map)
+    model.requires_grad_(False)
+    model.train()
+    layers = [device_of(f"model.layers.{i}") for i in range(cfg.num_hidden_layers)]
+    print(f"torch device map: embed {device_of('model.embed_tokens')}, layers "
+          + ", ".join(f"{d}: {layers.index(d)}-{len(layers) - 1 - layers[::-1].index(d)}"
+                      for d in dict.fromkeys(layers))
+          + f", head {device_of('lm_head')}", file=sys.stderr)
+    model.layer_devices = [torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+                           for d in layers]
+    return model
 
 
 def _decoder_layers(model):
@@ -134,6 +192,14 @@ def main(argv=None):
     t_setup = time.perf_counter()
     cfg, model, dtype, device = build(a, torch)
     n_layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    if a.device_map:
+        # Inputs go to the embedding's GPU; each prefix to its layer's; every GPU is timed.
+        layer_devices = model.layer_devices
+        device = model.get_input_embeddings().weight.device
+        devices = list(dict.fromkeys([device, *layer_devices, model.lm_head.weight.device]))
+    else:
+        layer_devices = [device] * n_layers
+        devices = [device]
 
     lora_layers = list(range(n_layers)) if a.lora_layers.strip() == "all" else [
         int(x) for x in a.lora_layers.split(",") if x.strip()]
@@ -149,9 +215,9 @@ def main(argv=None):
     prefix = []
     if not a.no_prefix:
         g = torch.Generator(device="cpu").manual_seed(a.seed)
-        for _ in range(n_layers):
-            k = torch.nn.Parameter((torch.randn(kv, hd, generator=g) * 0.02).to(device))
-            v = torch.nn.Parameter((torch.randn(kv, hd, generator=g) * 0.02).to(device))
+        for i in range(n_layers):
+            k = torch.nn.Parameter((torch.randn(kv, hd, generator=g) * 0.02).to(layer_devices[i]))
+            v = torch.nn.Parameter((torch.randn(kv, hd, generator=g) * 0.02).to(layer_devices[i]))
             prefix.append((k, v))
             trainable += [k, v]
     if a.compile:
@@ -191,7 +257,8 @@ def main(argv=None):
 
     def sync():
         if cuda:
-            torch.cuda.synchronize(device)
+            for d in devices:
+                torch.cuda.synchronize(d)
 
     def kl(out, lt):
         ls = F.log_softmax(out.float(), dim=-1)
@@ -221,9 +288,10 @@ def main(argv=None):
 
     step_fn = train_step if a.mode == "train" else forward_step
     sync()
-    weights_alloc = torch.cuda.memory_allocated(device) if cuda else None
+    weights_alloc = sum(torch.cuda.memory_allocated(d) for d in devices) if cuda else None
     if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+        for d in devices:
+            torch.cuda.reset_peak_memory_stats(d)
     setup_s = time.perf_counter() - t_setup
     step_ms, loss = [], None
     for step in range(a.warmup + a.steps):
@@ -234,7 +302,8 @@ def main(argv=None):
         ms = (time.perf_counter() - t0) * 1e3
         if step >= a.warmup:
             step_ms.append(ms)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peaks = {str(d): torch.cuda.max_memory_allocated(d) for d in devices} if cuda else {}
+    peak = max(peaks.values()) if peaks else None
 
     median = statistics.median(step_ms)
     tokens = a.batch * a.seq
@@ -260,14 +329,19 @@ def main(argv=None):
         "step_ms": step_ms, "tokens_per_s": tokens / (median / 1e3),
         "flops_per_step": flops, "mfu": flops / (median / 1e3) / H200_BF16_PEAK,
         "peak_flops": H200_BF16_PEAK, "peak_alloc_gib": gib(peak),
+        "peak_alloc_gib_per_device": {k: gib(v) for k, v in peaks.items()} if len(peaks) > 1 else {},
+        "device_map": a.device_map,
         "weights_alloc_gib": gib(weights_alloc), "loss": loss, "setup_s": setup_s,
         "attn": a.attn, "compiled": a.compile, "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft_version,
     }
     line = json.dumps(report)
     mem = f"  peak {report['peak_alloc_gib']:.1f} GiB" if peak is not None else ""
+    if len(peaks) > 1:
+        mem = "  peak " + ", ".join(f"{k} {gib(v):.1f}" for k, v in peaks.items()) + " GiB"
     lo = f"  loss {loss:.4f}" if loss is not None else ""
-    print(f"torch{' compiled' if a.compile else ''} {a.shape} {a.mode} {a.device} {a.dtype} b{a.batch} x t{a.seq}: "
+    where = "+".join(str(d) for d in devices) if a.device_map else a.device
+    print(f"torch{' compiled' if a.compile else ''} {a.shape} {a.mode} {where} {a.dtype} b{a.batch} x t{a.seq}: "
           f"{median:.1f} ms/step (min {min(step_ms):.1f}, max {max(step_ms):.1f}), "
           f"{report['tokens_per_s']:.0f} tokens/s, MFU {report['mfu'] * 100:.1f}%{mem}{lo}")
     print(line, flush=True)

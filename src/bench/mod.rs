@@ -21,9 +21,8 @@
 //! (also used, as a reference point only, for f32 runs).
 
 use crate::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit, TARGETS};
-use crate::device::{parse_device, parse_dtype};
 use crate::fsio::write_atomic;
-use crate::memory::CudaMemory;
+use crate::memory::Pools;
 use crate::model::{Config, Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -68,6 +67,9 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Layers over several devices (`cuda:0=0-39,cuda:1=40-79` or `auto`); replaces --device
+    #[arg(long)]
+    pub device_map: Option<String>,
     /// f32, bf16 or f16 [default: f32 on CPU, bf16 on CUDA]
     #[arg(long)]
     pub dtype: Option<String>,
@@ -135,6 +137,8 @@ pub struct BenchReport {
     pub shape: &'static str,
     pub mode: Mode,
     pub device: String,
+    /// The layer split, in `--device-map` syntax, when the model is spread over devices.
+    pub device_map: Option<String>,
     pub dtype: String,
     pub batch: usize,
     pub seq: usize,
@@ -162,8 +166,10 @@ pub struct BenchReport {
     pub mfu: f64,
     pub peak_flops: f64,
     /// CUDA only: high-water mark of bytes in use in the device's memory pool over the steps
-    /// (weights included), GiB.
+    /// (weights included), GiB; the largest over the devices of a split.
     pub peak_alloc_gib: Option<f64>,
+    /// CUDA, split models: each device's high-water mark, GiB.
+    pub peak_alloc_gib_per_device: BTreeMap<String, f64>,
     /// Memory in use by the model weights and adapters before the first step, GiB (CUDA only).
     pub weights_alloc_gib: Option<f64>,
     /// KL of the last timed step (train mode).
@@ -245,6 +251,7 @@ impl Phases {
 }
 
 struct Bench {
+    /// Where inputs and outputs live (the head's device).
     device: Device,
     cfg: Config,
     batch: usize,
@@ -325,8 +332,6 @@ impl Bench {
 /// Runs the benchmark described by `args` and returns its report (prints nothing).
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     let setup_start = Instant::now();
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
     let seq = args.seq.unwrap_or(args.shape.default_seq());
     if seq < 2 || args.batch == 0 || args.steps == 0 {
         return Err(Error::Usage(
@@ -335,18 +340,35 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     }
     let cfg = args.shape.config(seq);
     cfg.validate().map_err(Error::Usage)?;
+    let (placement, dtype) = crate::model_args::placement(
+        "--device-map",
+        &args.device,
+        args.device_map.as_deref(),
+        args.dtype.as_deref(),
+        &cfg,
+    )?;
+    let device = placement.home().clone();
+    let devices = placement.named_devices();
+    let sync = || -> Result<()> {
+        for (_, d) in &devices {
+            d.synchronize()?;
+        }
+        Ok(())
+    };
     let lora_layers = if args.lora_rank > 0 {
         parse_layers(&args.lora_layers, cfg.num_hidden_layers)?
     } else {
         vec![]
     };
     let lora_targets = parse_targets(&args.lora_targets)?;
-    crate::memory::configure(&device, args.release_pool, args.event_tracking)?;
-    let cuda = CudaMemory::of(&device);
+    for (_, d) in &devices {
+        crate::memory::configure(d, args.release_pool, args.event_tracking)?;
+    }
+    let pools = Pools::of(&devices);
     crate::ops::attention::force_blocked(args.attention == AttentionPath::Blocked);
     let _ = device.set_seed(args.seed); // CUDA only; the CPU generator cannot be seeded
 
-    let weights = random_weights(&cfg, dtype, &device)?;
+    let weights = random_weights(&cfg, dtype, &placement)?;
     let mut meta = AdapterMeta::for_config(&cfg, &format!("random:{}", args.shape.name()));
     if !args.no_eab {
         meta.eab_layers = (0..cfg.num_hidden_layers).collect();
@@ -371,7 +393,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     let trainable_params: usize = set.vars.values().map(|v| v.elem_count()).sum();
     let load = |adapters: &Adapters| -> Result<Model> {
         let vb = VarBuilder::from_tensors(weights.clone(), dtype, &device);
-        Ok(Model::load(vb, &cfg, adapters)?)
+        Ok(Model::load_placed(vb, &cfg, adapters, &placement)?)
     };
     let (teacher, student) = match args.mode {
         Mode::Train => (Some(load(&Adapters::none())?), load(&set.adapters())?),
@@ -399,9 +421,9 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         student,
         opt,
     };
-    device.synchronize()?;
-    let weights_alloc = cuda.used_now();
-    cuda.reset_peak();
+    sync()?;
+    let weights_alloc = pools.used_now();
+    pools.reset_peak();
     let setup_s = setup_start.elapsed().as_secs_f64();
 
     let mut phases = BTreeMap::new();
@@ -411,7 +433,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         let warm = step < args.warmup;
         // The last warm-up step is timed phase by phase (a synchronisation after each).
         let mut ph = Phases::new(warm && step + 1 == args.warmup);
-        device.synchronize()?;
+        sync()?;
         let start = Instant::now();
         match args.mode {
             Mode::Train => {
@@ -423,7 +445,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             }
             Mode::Forward => b.forward_step(step, &mut ph)?,
         }
-        device.synchronize()?;
+        sync()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if warm {
             if ph.on {
@@ -433,7 +455,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             step_ms.push(ms);
         }
     }
-    let peak_alloc = cuda.peak();
+    let peaks = pools.peak_gib();
+    let peak_alloc = peaks.values().copied().reduce(f64::max);
 
     let mut sorted = step_ms.clone();
     sorted.sort_by(f64::total_cmp);
@@ -460,7 +483,16 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         tool: "eabfit",
         shape: args.shape.name(),
         mode: args.mode,
-        device: args.device.clone(),
+        device: match &args.device_map {
+            Some(_) => {
+                let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
+                names.join("+")
+            }
+            None => args.device.clone(),
+        },
+        device_map: placement
+            .is_split()
+            .then(|| placement.map(cfg.num_hidden_layers).to_spec()),
         dtype: format!("{dtype:?}").to_lowercase(),
         batch: args.batch,
         seq,
@@ -487,13 +519,18 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         executed_flops_per_step: executed,
         mfu: flops / secs / H200_BF16_PEAK,
         peak_flops: H200_BF16_PEAK,
-        peak_alloc_gib: peak_alloc.map(gib),
+        peak_alloc_gib: peak_alloc,
+        peak_alloc_gib_per_device: if peaks.len() > 1 {
+            peaks
+        } else {
+            BTreeMap::new()
+        },
         weights_alloc_gib: weights_alloc.map(gib),
         loss,
         phases_ms: phases,
         keep_pool: !args.release_pool,
         attention: args.attention,
-        event_tracking: cuda.event_tracking,
+        event_tracking: pools.event_tracking(),
         recompute: args.recompute,
         setup_s,
     })
@@ -501,9 +538,19 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
 
 /// One human line for a report.
 pub fn summary_line(r: &BenchReport) -> String {
-    let mem = r
-        .peak_alloc_gib
-        .map_or(String::new(), |g| format!("  peak {g:.1} GiB"));
+    let mem = match r.peak_alloc_gib_per_device.is_empty() {
+        true => r
+            .peak_alloc_gib
+            .map_or(String::new(), |g| format!("  peak {g:.1} GiB")),
+        false => {
+            let each: Vec<String> = r
+                .peak_alloc_gib_per_device
+                .iter()
+                .map(|(n, g)| format!("{n} {g:.1}"))
+                .collect();
+            format!("  peak {} GiB", each.join(", "))
+        }
+    };
     let loss = r.loss.map_or(String::new(), |l| format!("  loss {l:.4}"));
     format!(
         "bench {} {} {} {} b{} x t{}: {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, MFU {:.1}%{mem}{loss}",

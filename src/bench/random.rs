@@ -1,9 +1,10 @@
 //! The model a benchmark times: the configurations it knows ([`Shape`]), random weights of
 //! one, and the parameter counts its FLOP model uses.
 
+use crate::device_map::Placement;
 use crate::model::Config;
 use crate::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -13,6 +14,10 @@ pub enum Shape {
     /// LLaMA-2-7B: hidden 4096, ffn 11008, 32 layers, 32/32 heads, vocab 32000, untied
     #[value(name = "llama2-7b")]
     Llama2_7b,
+    /// LLaMA-2-70B: hidden 8192, ffn 28672, 80 layers, 64/8 heads, vocab 32000, untied (two
+    /// GPUs or more: --device-map)
+    #[value(name = "llama2-70b")]
+    Llama2_70b,
     /// LLaMA-3.2-1B-like: hidden 2048, ffn 8192, 16 layers, 32/8 heads, vocab 128256, tied
     #[value(name = "llama-1b")]
     Llama1b,
@@ -36,6 +41,7 @@ impl Shape {
     pub fn name(self) -> &'static str {
         match self {
             Shape::Llama2_7b => "llama2-7b",
+            Shape::Llama2_70b => "llama2-70b",
             Shape::Llama1b => "llama-1b",
             Shape::Smollm2_135m => "smollm2-135m",
             Shape::Qwen2_5_7b => "qwen2.5-7b",
@@ -49,6 +55,7 @@ impl Shape {
         // (hidden, ffn, layers, heads, kv heads, vocab, tied, rope theta)
         let (d, f, l, h, kv, v, tied, theta) = match self {
             Shape::Llama2_7b => (4096, 11008, 32, 32, 32, 32000, false, 10_000.0),
+            Shape::Llama2_70b => (8192, 28672, 80, 64, 8, 32000, false, 10_000.0),
             Shape::Llama1b => (2048, 8192, 16, 32, 8, 128_256, true, 500_000.0),
             Shape::Smollm2_135m => (576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
             Shape::Qwen2_5_7b => (3584, 18944, 28, 28, 4, 152_064, false, 1_000_000.0),
@@ -106,51 +113,69 @@ pub fn param_counts(cfg: &Config) -> (usize, usize) {
     (total, matmul)
 }
 
-/// Random base weights in the Hugging Face layout, built on `device`: N(0, 0.02) projections
-/// and embedding (generated in f32, then cast), unit norms.
+/// Random base weights in the Hugging Face layout, each built on the device `placement` gives
+/// its tensor: N(0, 0.02) projections and embedding (generated in f32, then cast), unit norms.
 pub fn random_weights(
     cfg: &Config,
     dtype: DType,
-    device: &Device,
+    placement: &Placement,
 ) -> Result<HashMap<String, Tensor>> {
     let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (h, kv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
-    let randn = |shape: (usize, usize)| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 0.02f32, shape, device)?.to_dtype(dtype)?)
-    };
-    let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
-    let bias = |n: usize| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 0.02f32, n, device)?.to_dtype(dtype)?)
-    };
+    let on = |name: &str| placement.device(placement.slot_of_tensor(name));
     let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), randn((v, d))?);
-    w.insert("model.norm.weight".to_string(), ones(d)?);
+    let mut randn = |name: String, shape: (usize, usize)| -> Result<()> {
+        let t = Tensor::randn(0f32, 0.02f32, shape, on(&name))?.to_dtype(dtype)?;
+        w.insert(name, t);
+        Ok(())
+    };
+    randn("model.embed_tokens.weight".into(), (v, d))?;
     if !cfg.tie_word_embeddings {
-        w.insert("lm_head.weight".to_string(), randn((v, d))?);
+        randn("lm_head.weight".into(), (v, d))?;
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        w.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
+        randn(format!("{p}.self_attn.q_proj.weight"), (h * hd, d))?;
+        randn(format!("{p}.self_attn.k_proj.weight"), (kv * hd, d))?;
+        randn(format!("{p}.self_attn.v_proj.weight"), (kv * hd, d))?;
+        randn(format!("{p}.self_attn.o_proj.weight"), (d, h * hd))?;
+        randn(format!("{p}.mlp.gate_proj.weight"), (f, d))?;
+        randn(format!("{p}.mlp.up_proj.weight"), (f, d))?;
+        randn(format!("{p}.mlp.down_proj.weight"), (d, f))?;
+    }
+    let mut norms = vec!["model.norm.weight".to_string()];
+    for i in 0..cfg.num_hidden_layers {
+        norms.push(format!("model.layers.{i}.input_layernorm.weight"));
+        norms.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+    }
+    for n in norms {
+        let t = Tensor::ones(d, dtype, on(&n))?;
+        w.insert(n, t);
+    }
+    // Qwen's biases (N(0, 0.02)) and unit head norms, each on its layer's device.
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}.self_attn");
+        let mut extra = vec![];
         if cfg.qkv_bias() {
-            w.insert(format!("{p}.self_attn.q_proj.bias"), bias(h * hd)?);
-            w.insert(format!("{p}.self_attn.k_proj.bias"), bias(kv * hd)?);
-            w.insert(format!("{p}.self_attn.v_proj.bias"), bias(kv * hd)?);
+            extra.push((format!("{p}.q_proj.bias"), h * hd, false));
+            extra.push((format!("{p}.k_proj.bias"), kv * hd, false));
+            extra.push((format!("{p}.v_proj.bias"), kv * hd, false));
         }
         if cfg.o_bias() {
-            w.insert(format!("{p}.self_attn.o_proj.bias"), bias(d)?);
+            extra.push((format!("{p}.o_proj.bias"), d, false));
         }
         if cfg.qk_norm() {
-            w.insert(format!("{p}.self_attn.q_norm.weight"), ones(hd)?);
-            w.insert(format!("{p}.self_attn.k_norm.weight"), ones(hd)?);
+            extra.push((format!("{p}.q_norm.weight"), hd, true));
+            extra.push((format!("{p}.k_norm.weight"), hd, true));
         }
-        w.insert(format!("{p}.self_attn.q_proj.weight"), randn((h * hd, d))?);
-        w.insert(format!("{p}.self_attn.k_proj.weight"), randn((kv * hd, d))?);
-        w.insert(format!("{p}.self_attn.v_proj.weight"), randn((kv * hd, d))?);
-        w.insert(format!("{p}.self_attn.o_proj.weight"), randn((d, h * hd))?);
-        w.insert(format!("{p}.mlp.gate_proj.weight"), randn((f, d))?);
-        w.insert(format!("{p}.mlp.up_proj.weight"), randn((f, d))?);
-        w.insert(format!("{p}.mlp.down_proj.weight"), randn((d, f))?);
+        for (name, n, unit) in extra {
+            let t = if unit {
+                Tensor::ones(n, dtype, on(&name))?
+            } else {
+                Tensor::randn(0f32, 0.02f32, n, on(&name))?.to_dtype(dtype)?
+            };
+            w.insert(name, t);
+        }
     }
     Ok(w)
 }

@@ -10,6 +10,7 @@ mod tokenizer;
 pub use tokenizer::Tok;
 
 use crate::adapters::{slot_names, Adapters, EabSlot};
+use crate::device_map::{Placement, Sizes};
 use crate::model::{Config, Model};
 use crate::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -141,6 +142,13 @@ impl Checkpoint {
     /// Every weight, on `device` in `dtype`, read once: models built from one [`Base`] (the
     /// frozen teacher and the adapted student) share its storage.
     pub fn base(&self, dtype: DType, device: &Device) -> Result<Base> {
+        self.base_placed(dtype, &Placement::single(device))
+    }
+
+    /// [`Checkpoint::base`] with each tensor read straight onto the device `placement` gives
+    /// its layer (or the embedding's, or the head's): a split model never sits whole on one
+    /// device.
+    pub fn base_placed(&self, dtype: DType, placement: &Placement) -> Result<Base> {
         // An export's slot tensors stay f32, like every adapter.
         let slots = self
             .eab
@@ -163,6 +171,7 @@ impl Checkpoint {
                 st.tensors()
                     .into_iter()
                     .map(|(name, _)| {
+                        let device = placement.device(placement.slot_of_tensor(&name));
                         let t = st
                             .load(&name, device)
                             .and_then(|t| t.to_dtype(dtype_of(&name)));
@@ -173,7 +182,10 @@ impl Checkpoint {
             }
             Weights::InMemory(ts) => ts
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype_of(k))?)))
+                .map(|(k, v)| {
+                    let device = placement.device(placement.slot_of_tensor(k));
+                    Ok((k.clone(), v.to_device(device)?.to_dtype(dtype_of(k))?))
+                })
                 .collect::<Result<_>>()?,
         };
         check_finite(&self.source, &tensors)?;
@@ -184,7 +196,8 @@ impl Checkpoint {
         Ok(Base {
             tensors,
             dtype,
-            device: device.clone(),
+            device: placement.home().clone(),
+            placement: placement.clone(),
             config: self.config.clone(),
             eab,
             source: self.source.clone(),
@@ -246,11 +259,28 @@ impl Checkpoint {
     }
 }
 
+/// Estimated bytes of a model's embedding, of one layer, and of its final norm + head, in
+/// `dtype`: what `--device-map auto` splits by.
+pub fn sizes(c: &Config, dtype: DType) -> Sizes {
+    let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let attn = d * hd * (2 * c.num_attention_heads + 2 * c.n_kv_heads());
+    let b = dtype.size_in_bytes() as u64;
+    let embed = (c.vocab_size * d) as u64 * b;
+    Sizes {
+        embed,
+        layer: (attn + 3 * d * f + 2 * d) as u64 * b,
+        head: embed + d as u64 * b,
+    }
+}
+
 /// A checkpoint's weights in memory, ready to build any number of models that share them.
 pub struct Base {
     pub tensors: HashMap<String, Tensor>,
     pub dtype: DType,
+    /// Where models of this base take inputs and return outputs: the head's device.
     pub device: Device,
+    /// Which device holds which tensor.
+    pub placement: Placement,
     pub config: Config,
     /// The EAB slots (f32) and mask_first_token of an `eabfit export`; `None` for other sources.
     pub eab: Option<Adapters>,
@@ -273,7 +303,8 @@ impl Base {
 
     pub fn model(&self, adapters: &Adapters) -> Result<Model> {
         let vb = VarBuilder::from_tensors(self.tensors.clone(), self.dtype, &self.device);
-        Model::load(vb, &self.config, &self.effective_adapters(adapters))
+        let adapters = self.effective_adapters(adapters);
+        Model::load_placed(vb, &self.config, &adapters, &self.placement)
             .map_err(|e| Error::file(&self.source, e))
     }
 }

@@ -31,8 +31,8 @@ pub struct LogitsArgs {
 
 pub fn logits_cmd(args: &LogitsArgs) -> Result<()> {
     let ckpt = args.model.open()?;
-    let device = args.model.device()?;
-    let base = ckpt.base(args.model.dtype(&device)?, &device)?;
+    let base = args.model.base(&ckpt)?;
+    let device = base.device.clone();
     let adapters = match &args.adapter {
         Some(d) => AdapterSet::load(d, &ckpt.config, &device)?.adapters(),
         None => Adapters::none(),

@@ -106,12 +106,7 @@ pub fn export_cmd(args: &ExportArgs) -> Result<()> {
     if args.max_shard_size == 0 {
         return Err(Error::Usage("--max-shard-size must be at least 1".into()));
     }
-    let model = ModelArgs {
-        model: args.model.clone(),
-        device: "cpu".into(),
-        dtype: None,
-    }
-    .model_spec()?;
+    let model = ModelArgs::on_cpu(args.model.clone()).model_spec()?;
     let plan = ExportPlan {
         model,
         adapter: args.adapter.clone(),

@@ -133,8 +133,10 @@ impl Attention {
         // The slot is key 0 of every KV head, ahead of the tokens; position-free, never rotated.
         let (k, v, mask) = match &slot {
             Some(slot) => {
+                // The slot lives where it trains; a split model's layer may sit elsewhere.
                 let lead = |x: &Tensor| -> CResult<Tensor> {
-                    x.to_dtype(k.dtype())?
+                    x.to_device(k.device())?
+                        .to_dtype(k.dtype())?
                         .unsqueeze(0)?
                         .unsqueeze(2)?
                         .broadcast_as((b, kv, 1, hd)) // (B, KV, 1, hd)

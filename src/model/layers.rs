@@ -41,9 +41,12 @@ impl Linear {
             y = y.broadcast_add(bias)?;
         }
         if let Some(l) = &self.lora {
-            // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal).
-            let xa = x2.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?; // (B*T, r)
-            let delta = (xa.matmul(&l.b.t()?)? * l.scale)?; // (B*T, out)
+            // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal), and on
+            // the device that trains them: a split model brings them to this layer's device
+            // at every pass (a copy made at load would miss the optimizer's updates).
+            let (a, b) = (l.a.to_device(x.device())?, l.b.to_device(x.device())?);
+            let xa = x2.to_dtype(a.dtype())?.matmul(&a.t()?)?; // (B*T, r)
+            let delta = (xa.matmul(&b.t()?)? * l.scale)?; // (B*T, out)
             let delta = delta.to_dtype(y.dtype())?;
             y = (y + delta)?;
         }

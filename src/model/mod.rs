@@ -29,6 +29,7 @@ pub use config::{Config, Family, RopeScaling};
 pub use layers::Linear;
 pub use taps::{ActHook, AttnStats, Edit, LinearInput, Output, Taps};
 
+use crate::device_map::Placement;
 use crate::ops::acc;
 use crate::ops::attention as attn_op;
 use crate::ops::block as block_op;
@@ -49,15 +50,29 @@ pub struct Model {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Tensor,
-    rope: Rope,
+    /// One RoPE table per device of the placement (by slot).
+    ropes: Vec<Rope>,
     cfg: Config,
     mask_first_token: bool,
-    device: Device,
+    placement: Placement,
 }
 
 impl Model {
     /// `vb` is rooted at the checkpoint's top level (tensors `model.*` and `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> CResult<Self> {
+        let placement = Placement::single(vb.device());
+        Self::load_placed(vb, cfg, adapters, &placement)
+    }
+
+    /// [`Model::load`] with the embedding, each layer, and the final norm + head on the devices
+    /// `placement` gives them. Inputs and outputs live on the head's device
+    /// ([`Model::device`]); activations cross between devices at layer boundaries.
+    pub fn load_placed(
+        vb: VarBuilder,
+        cfg: &Config,
+        adapters: &Adapters,
+        placement: &Placement,
+    ) -> CResult<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         // The mask is shared by all layers: one without a slot would give query 0 nothing to
         // attend to (an all -inf row), and its NaN would reach every logit.
@@ -70,38 +85,53 @@ impl Model {
                 );
             }
         }
+        let p = placement;
+        fn on<'a>(vb: VarBuilder<'a>, p: &Placement, slot: usize) -> VarBuilder<'a> {
+            vb.set_device(p.device(slot).clone())
+        }
         let m = vb.pp("model");
-        let embed_tokens = m
-            .pp("embed_tokens")
+        let embed_tokens = on(m.pp("embed_tokens"), p, p.embed())
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp("layers").pp(i), cfg, i, adapters))
+            .map(|i| Block::load(on(m.pp("layers").pp(i), p, p.layer(i)), cfg, i, adapters))
             .collect::<CResult<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::load(
+            on(m.pp("norm"), p, p.head()),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+        )?;
         // Tied checkpoints usually omit lm_head.weight; some untied ones still carry a copy.
         let lm_head = if !cfg.tie_word_embeddings || vb.contains_tensor("lm_head.weight") {
-            vb.pp("lm_head")
-                .get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            on(vb.pp("lm_head"), p, p.head()).get((cfg.vocab_size, cfg.hidden_size), "weight")?
         } else {
-            embed_tokens.clone()
+            // Tied, with embedding and head on two devices: the head reads its own copy.
+            p.transfer(&embed_tokens, p.embed(), p.head())?
         };
+        let ropes = (0..p.slots())
+            .map(|s| Rope::new(cfg, vb.dtype(), p.device(s)))
+            .collect::<CResult<Vec<_>>>()?;
         Ok(Self {
-            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            ropes,
             embed_tokens,
             layers,
             norm,
             lm_head,
             cfg: cfg.clone(),
             mask_first_token: adapters.mask_first_token,
-            device: vb.device().clone(),
+            placement: p.clone(),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// Where the model takes its inputs and returns its outputs (logits, taps): the head's
+    /// device.
     pub fn device(&self) -> &Device {
-        &self.device
+        self.placement.home()
+    }
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
@@ -117,8 +147,15 @@ impl Model {
         &self.lm_head
     }
 
-    /// The masks the layers of this model need for T tokens after `start` cached ones.
-    fn masks(&self, t: usize, start: usize) -> CResult<Masks> {
+    /// The masks the layers of this model need for T tokens after `start` cached ones, one set
+    /// per device slot.
+    fn masks(&self, t: usize, start: usize) -> CResult<Vec<Masks>> {
+        (0..self.placement.slots())
+            .map(|s| self.masks_on(t, start, self.placement.device(s)))
+            .collect()
+    }
+
+    fn masks_on(&self, t: usize, start: usize, device: &Device) -> CResult<Masks> {
         let mut m = Masks {
             plain: None,
             slot: None,
@@ -128,29 +165,30 @@ impl Model {
         };
         let (dt, n) = (self.dtype(), start + t);
         if self.layers.iter().any(|l| l.self_attn.slot.is_some()) {
-            m.slot = Some(attn_op::mask(t, n + 1, &m.spec(1), dt, &self.device)?);
+            m.slot = Some(attn_op::mask(t, n + 1, &m.spec(1), dt, device)?);
         }
         if self.layers.iter().any(|l| l.self_attn.slot.is_none()) {
-            m.plain = Some(attn_op::mask(t, n, &m.spec(0), dt, &self.device)?);
+            m.plain = Some(attn_op::mask(t, n, &m.spec(0), dt, device)?);
         }
         Ok(m)
     }
 
-    /// The shared inputs of the block op for T tokens from position 0 (without, with a slot),
-    /// or `None` when this pass does not use it (see [`Taps::block_op`]).
+    /// The shared inputs of the block op for T tokens from position 0 (without, with a slot)
+    /// on device slot `slot`, or `None` when this pass does not use it (see [`Taps::block_op`]).
     #[allow(clippy::type_complexity)]
     fn block_contexts(
         &self,
         taps: &Taps,
         t: usize,
         masks: &Masks,
+        slot: usize,
     ) -> CResult<
         Option<(
             Option<Arc<block_op::Context>>,
             Option<Arc<block_op::Context>>,
         )>,
     > {
-        let auto = self.device.is_cuda()
+        let auto = self.placement.device(slot).is_cuda()
             && self.dtype() == DType::BF16
             && matches!(self.cfg.head_dim(), 64 | 128);
         let plain_taps = taps.hook.is_none()
@@ -161,8 +199,9 @@ impl Model {
         if !(taps.block_op.unwrap_or(auto) && plain_taps) {
             return Ok(None);
         }
-        let cos = self.rope.cos.narrow(0, 0, t)?.contiguous()?; // (T, hd/2)
-        let sin = self.rope.sin.narrow(0, 0, t)?.contiguous()?;
+        let rope = &self.ropes[slot];
+        let cos = rope.cos.narrow(0, 0, t)?.contiguous()?; // (T, hd/2)
+        let sin = rope.sin.narrow(0, 0, t)?.contiguous()?;
         let cx = |mask: &Option<attn_op::Mask>| {
             mask.as_ref().map(|m| {
                 Arc::new(block_op::Context {
@@ -185,9 +224,11 @@ impl Model {
         Ok(())
     }
 
+    /// input_ids (B, T), on any device -> (B, T, D) on the embedding's device.
     fn embed(&self, input_ids: &Tensor) -> CResult<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        crate::ops::embedding::embed(&self.embed_tokens, input_ids)?.reshape((
+        let ids = input_ids.to_device(self.embed_tokens.device())?;
+        crate::ops::embedding::embed(&self.embed_tokens, &ids)?.reshape((
             b,
             t,
             self.cfg.hidden_size,
@@ -200,10 +241,12 @@ impl Model {
     pub fn forward_trunk(&self, input_ids: &Tensor, taps: &Taps) -> CResult<(Tensor, Output)> {
         let t = input_ids.dim(1)?;
         self.check_len(t)?;
+        let p = &self.placement;
         let mut x = self.embed(input_ids)?;
+        let mut at = p.embed();
         let masks = self.masks(t, 0)?;
         let mut out = Output {
-            logits: Tensor::zeros((), DType::F32, &self.device)?,
+            logits: Tensor::zeros((), DType::F32, self.device())?,
             hidden: vec![],
             attn: vec![],
             first_kv: vec![],
@@ -211,9 +254,17 @@ impl Model {
         if taps.recompute && (taps.attn || taps.first_kv || !taps.edits.is_empty()) {
             candle_core::bail!("recompute combines with the hidden-state tap only");
         }
-        let contexts = self.block_contexts(taps, t, &masks)?;
+        let contexts = (0..p.slots())
+            .map(|s| self.block_contexts(taps, t, &masks[s], s))
+            .collect::<CResult<Vec<_>>>()?;
+        // What the taps keep goes to the head's device, where the caller reads it.
+        let home = |x: &Tensor, from: usize| p.transfer(x, from, p.head());
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some((plain, with_slot)) = &contexts {
+            let s = p.layer(i);
+            x = p.transfer(&x, at, s)?;
+            at = s;
+            let (rope, masks) = (&self.ropes[s], &masks[s]);
+            if let Some((plain, with_slot)) = &contexts[s] {
                 let grads = taps.weight_grads.as_ref();
                 if let Some(w) = layer.op_weights(self.cfg.rms_norm_eps, i, grads) {
                     let slot = layer.self_attn.slot.as_ref();
@@ -221,28 +272,40 @@ impl Model {
                     let cx = cx
                         .clone()
                         .ok_or_else(|| candle_core::Error::Msg("block context not built".into()))?;
-                    x = block_op::block(&x, Arc::new(w), cx, slot.map(|s| (&s.k, &s.v)))?;
+                    let dev = p.device(s);
+                    let slot = slot
+                        .map(|e| CResult::Ok((e.k.to_device(dev)?, e.v.to_device(dev)?)))
+                        .transpose()?;
+                    x = block_op::block(&x, Arc::new(w), cx, slot.as_ref().map(|(k, v)| (k, v)))?;
                     if taps.hidden {
-                        out.hidden.push(x.clone());
+                        out.hidden.push(home(&x, s)?);
                     }
                     continue;
                 }
             }
             if taps.recompute && layer.lora_free() {
-                x = layer.recomputed(&x, &self.rope, &masks)?;
+                x = layer.recomputed(&x, rope, masks)?;
                 if taps.hidden {
-                    out.hidden.push(x.clone());
+                    out.hidden.push(home(&x, s)?);
                 }
                 continue;
             }
-            let (h, attn) = layer.forward(&x, &self.rope, &masks, taps, None)?;
+            let (h, attn) = layer.forward(&x, rope, masks, taps, None)?;
             x = apply_edits(&h, i, &taps.edits)?;
             if taps.hidden {
-                out.hidden.push(x.clone());
+                out.hidden.push(home(&x, s)?);
             }
-            out.attn.extend(attn.stats);
-            out.first_kv.extend(attn.first_kv);
+            if let Some(st) = attn.stats {
+                out.attn.push(AttnStats {
+                    first_token: home(&st.first_token, s)?,
+                    slot: st.slot.map(|t| home(&t, s)).transpose()?,
+                });
+            }
+            if let Some((k, v)) = attn.first_kv {
+                out.first_kv.push((home(&k, s)?, home(&v, s)?));
+            }
         }
+        let x = p.transfer(&x, at, p.head())?;
         Ok((self.norm.forward(&x)?, out))
     }
 
@@ -266,14 +329,20 @@ impl Model {
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> CResult<Tensor> {
         let (t, start) = (input_ids.dim(1)?, cache.len());
         self.check_len(start + t)?;
+        let p = &self.placement;
         let mut x = self.embed(input_ids)?;
+        let mut at = p.embed();
         let masks = self.masks(t, start)?;
         let mut layers = Vec::with_capacity(self.layers.len());
+        // Each layer's keys and values stay on that layer's device.
         for (i, layer) in self.layers.iter().enumerate() {
+            let s = p.layer(i);
+            x = p.transfer(&x, at, s)?;
+            at = s;
             let (h, attn) = layer.forward(
                 &x,
-                &self.rope,
-                &masks,
+                &self.ropes[s],
+                &masks[s],
                 &Taps::default(),
                 cache.layers.get(i),
             )?;
@@ -281,6 +350,7 @@ impl Model {
             layers.push(attn.kv);
         }
         cache.layers = layers;
+        let x = p.transfer(&x, at, p.head())?;
         self.head(&self.norm.forward(&x)?)
     }
 

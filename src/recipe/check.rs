@@ -10,6 +10,9 @@ impl Recipe {
     /// dotted path of the field at fault, which `parse_str` uses to find its line.
     pub fn validate(&self) -> Result<(), String> {
         check_device("model.device", &self.model.device)?;
+        if let Some(m) = &self.model.device_map {
+            crate::device_map::Spec::parse(m).map_err(|e| format!("model.device_map: {e}"))?;
+        }
 
         let data = &self.data;
         at_least_one("data.seq_len", data.seq_len)?;

@@ -50,6 +50,10 @@ pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Layers over several devices, replacing `device`: `cuda:0=0-39,cuda:1=40-79` or
+    /// `auto` (see [`crate::device_map`]).
+    #[serde(default)]
+    pub device_map: Option<String>,
     /// `None` leaves the choice to the device (f32 on CPU, bf16 on CUDA).
     #[serde(default)]
     pub dtype: Option<Dtype>,
@@ -561,6 +565,7 @@ impl Recipe {
             model: ModelSection {
                 path: model.into(),
                 device: default_device(),
+                device_map: None,
                 dtype: None,
             },
             data: DataSection {
