@@ -27,9 +27,23 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.token_text(i)));
     println!("source          {}", ckpt.source.display());
     println!("format          {}", ckpt.format);
+    let extras = [
+        (c.qkv_bias(), "q/k/v biases"),
+        (c.o_bias(), "o bias"),
+        (c.qk_norm(), "q/k head norms"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, what)| *what)
+    .collect::<Vec<_>>();
     println!(
-        "architecture    {} (LLaMA-family decoder)",
-        c.model_type.as_deref().unwrap_or("llama")
+        "architecture    {} (LLaMA-family decoder{})",
+        c.family().name(),
+        if extras.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", extras.join(", "))
+        }
     );
     println!("layers          {}", c.num_hidden_layers);
     println!("hidden          {}", c.hidden_size);
@@ -52,7 +66,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
     );
     println!(
         "sliding window  {}",
-        c.sliding_window.map_or("none".into(), |w| w.to_string())
+        c.window().map_or("none".into(), |w| w.to_string())
     );
     println!(
         "lm_head         {}",

@@ -545,8 +545,8 @@ fn recompute_gives_the_same_loss_and_gradients() {
 
 /// The decoder block as one op with a hand-written backward (`ops::block`, on by default for
 /// CUDA bf16) gives the per-op pass's loss and gradients: GQA, the slot with and without the
-/// hidden first token, Mistral's window, and LoRA's layer on the per-op path between blocks on
-/// the op's.
+/// hidden first token, Mistral's window, Qwen2's biases and Qwen3's head norms, and LoRA's layer
+/// on the per-op path between blocks on the op's.
 #[test]
 fn block_op_gives_the_same_loss_and_gradients() {
     for (arch, mask) in [
@@ -554,6 +554,8 @@ fn block_op_gives_the_same_loss_and_gradients() {
         (Arch::Llama, true),
         (Arch::Mistral, false),
         (Arch::Llama3, true),
+        (Arch::Qwen2, true),
+        (Arch::Qwen3, false),
     ] {
         same_as_plain_pass(
             arch,

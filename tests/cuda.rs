@@ -532,10 +532,11 @@ fn ops_on_cuda_match_cpu() {
 
 /// `ops::heads` on CUDA bf16 (its kernels) against the CPU f32 composite (reshape, transpose,
 /// candle's RoPE, cat): split with and without RoPE and slot, merge with and without both,
+/// and Qwen's steps before RoPE (a bias; a per-head RMSNorm, with merge running its backward),
 /// head_dim 64 and 128, T odd; bf16 within 1% relative.
 #[test]
 fn heads_kernels_match_the_composite() {
-    use eabfit::ops::heads::{merge, split};
+    use eabfit::ops::heads::{merge, split, Pre};
     let dev = gpu();
     for (b, t, n, hd) in [(2, 37, 3, 64), (1, 130, 2, 128)] {
         let x = rnd(&[b * t, n * hd], 1);
@@ -543,8 +544,11 @@ fn heads_kernels_match_the_composite() {
         let slot = rnd(&[n, hd], 3);
         let ang = (rnd(&[t, hd / 2], 4) * 3.0).unwrap();
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let bias = rnd(&[n * hd], 5);
+        let nw = (rnd(&[hd], 6) * 0.3 + 1.0).unwrap();
         let on = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         let (xg, gg, sg, cg, ng) = (on(&x), on(&g), on(&slot), on(&cos), on(&sin));
+        let (bg, nwg) = (on(&bias), on(&nw));
         let check = |what: &str, gpu: Tensor, cpu: Tensor| {
             assert_eq!(gpu.dims(), cpu.dims(), "{what}");
             let gpu = gpu
@@ -557,14 +561,26 @@ fn heads_kernels_match_the_composite() {
             assert!(e < 1e-2, "heads hd {hd} {what}: rel {e}");
         };
         for (rope, with_slot) in [(false, false), (true, false), (true, true), (false, true)] {
-            let what = format!("split rope {rope} slot {with_slot}");
             let r_cpu = rope.then_some((&cos, &sin));
             let r_gpu = rope.then_some((&cg, &ng));
-            check(
-                &what,
-                split(&xg, b, n, r_gpu, with_slot.then_some(&sg)).unwrap(),
-                split(&x, b, n, r_cpu, with_slot.then_some(&slot)).unwrap(),
-            );
+            for (with_bias, normed) in [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let what =
+                    format!("split rope {rope} slot {with_slot} bias {with_bias} norm {normed}");
+                let pre_cpu = Pre {
+                    bias: with_bias.then_some(&bias),
+                    norm: normed.then_some((&nw, 1e-6)),
+                };
+                let pre_gpu = Pre {
+                    bias: with_bias.then_some(&bg),
+                    norm: normed.then_some((&nwg, 1e-6)),
+                };
+                check(
+                    &what,
+                    split(&xg, b, n, r_gpu, with_slot.then_some(&sg), pre_gpu).unwrap(),
+                    split(&x, b, n, r_cpu, with_slot.then_some(&slot), pre_cpu).unwrap(),
+                );
+            }
             let slots = with_slot as usize;
             let gs = g.narrow(2, 1 - slots, t + slots).unwrap();
             let gsg = gg
@@ -574,8 +590,15 @@ fn heads_kernels_match_the_composite() {
                 .unwrap();
             check(
                 &format!("merge rope {rope} slots {slots}"),
-                merge(&gsg, slots, r_gpu).unwrap(),
-                merge(&gs, slots, r_cpu).unwrap(),
+                merge(&gsg, slots, r_gpu, None).unwrap(),
+                merge(&gs, slots, r_cpu, None).unwrap(),
+            );
+            // The norm's backward reads the pre-norm rows: x with its bias, as the block op keeps them.
+            let u = x.broadcast_add(&bias).unwrap();
+            check(
+                &format!("merge rope {rope} slots {slots} norm"),
+                merge(&gsg, slots, r_gpu, Some((&on(&u), &nwg, 1e-6))).unwrap(),
+                merge(&gs, slots, r_cpu, Some((&u, &nw, 1e-6))).unwrap(),
             );
         }
     }
@@ -586,13 +609,24 @@ fn heads_kernels_match_the_composite() {
 /// the head) against the CPU's f32 per-op path, within what bf16 alone costs there: the hold
 /// loss plus a hidden-state term, and the gradient of every adapter tensor (slots in every layer
 /// with position 0 hidden; LoRA on layer 1, which stays on the per-op path between two block
-/// ops).
+/// ops). LLaMA, Qwen2 (q/k/v biases in the split kernel) and Qwen3 (head norms: the _norm
+/// split and merge kernels).
 #[test]
 fn block_op_and_kernels_on_cuda_match_cpu() {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        eprintln!("{arch:?}");
+        block_op_on_cuda_matches_cpu(arch);
+    }
+}
+
+fn block_op_on_cuda_matches_cpu(arch: Arch) {
     use candle_nn::VarBuilder;
     use eabfit::model::{Config, Taps};
     use eabfit::ops::kl::kl_through_head;
-    let mut json = common::config(Arch::Llama);
+    let mut json = common::config(arch);
+    if arch == Arch::Qwen3 {
+        json["head_dim"] = 64.into();
+    }
     json["hidden_size"] = 128.into();
     json["intermediate_size"] = 256.into();
     json["num_attention_heads"] = 2.into();

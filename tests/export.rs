@@ -122,8 +122,11 @@ fn hf_export_round_trips_through_eabfit() {
         (Arch::Llama, true),
         (Arch::Llama3, false),
         (Arch::Mistral, true),
+        (Arch::Qwen2, true),
+        (Arch::Qwen3, false),
     ] {
         let tiny = tiny(arch, 41);
+        let hd = tiny.config["head_dim"].as_u64().unwrap_or(8);
         let work = tempfile::tempdir().unwrap();
         let adapter = work.path().join("adapter");
         make_adapter(&tiny, &adapter, mask, &all_layers(), 7);
@@ -174,7 +177,7 @@ fn hf_export_round_trips_through_eabfit() {
         assert_eq!(eab["layers"], serde_json::json!([0, 1, 2]));
         assert_eq!(eab["mask_first_token"], mask);
         assert_eq!(eab["n_kv_heads"], 2);
-        assert_eq!(eab["head_dim"], 8);
+        assert_eq!(eab["head_dim"], hd);
         assert_eq!(eab["format_version"], 1);
         // Every field of the source is kept, but model_type: the export's own, for its code.
         for (k, v) in tiny.config.as_object().unwrap() {
@@ -188,7 +191,7 @@ fn hf_export_round_trips_through_eabfit() {
         let ts = tensors(&out);
         for l in 0..3 {
             let (k, v) = slot_names(l);
-            assert_eq!(ts[&k].dims(), &[2, 8]);
+            assert_eq!(ts[&k].dims(), &[2, hd as usize]);
             assert_eq!(ts[&v].dtype(), DType::F32);
         }
         for f in ["tokenizer.json", "tokenizer_config.json", "README.md"] {

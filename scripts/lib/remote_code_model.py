@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """A random-weight Hugging Face folder of a given shape, for scripts/lib/remote-code.sh.
 
-    python scripts/lib/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral, tiny-llama3
+    python scripts/lib/remote_code_model.py OUT SHAPE      # SHAPE: smollm2, mistral, tiny, tiny-mistral, tiny-llama3,
+                                                           #        tiny-qwen2, tiny-qwen3
 
 Writes config.json + model.safetensors (transformers' own init, seed 0), a word-level tokenizer
 over w0..w{V-1} (no BOS added, no EOS, so greedy decoding runs its full length), train.txt
 (random words) and prompt.txt (12 words). The Mistral shapes have a sliding window (16 and 5)
-shorter than the 48-token test sequence.
+shorter than the 48-token test sequence. The Qwen shapes get random q/k/v biases (Qwen2) and
+q/k head norms (Qwen3; head_dim apart from hidden / heads) instead of transformers' zero biases
+and unit norms, which would hide them.
 """
 
 import json
@@ -15,7 +18,8 @@ import random
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 SHAPES = {
     # SmolLM2-135M's configuration.
@@ -36,6 +40,15 @@ SHAPES = {
     "tiny-mistral": (MistralConfig, MistralForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
                      sliding_window=5)),
+    # Qwen2.5's layout (q/k/v biases, tied head, theta 1e6) with a window it switches off.
+    "tiny-qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                   sliding_window=8)),
+    # Qwen3's: q/k head norms, head_dim 32 with hidden 64 and 4 heads, untied head.
+    "tiny-qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
+                   max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 
@@ -48,6 +61,12 @@ def main():
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = None, None, None
     torch.manual_seed(0)
     model = model_cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1.0, 0.3)
     model.generation_config.bos_token_id = model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     model.save_pretrained(out, safe_serialization=True)

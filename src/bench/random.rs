@@ -24,6 +24,14 @@ pub enum Shape {
     /// SmolLM2-135M: hidden 576, ffn 1536, 30 layers, 9/3 heads, vocab 49152, tied
     #[value(name = "smollm2-135m")]
     Smollm2_135m,
+    /// Qwen2.5-7B: hidden 3584, ffn 18944, 28 layers, 28/4 heads, vocab 152064, untied,
+    /// q/k/v biases
+    #[value(name = "qwen2.5-7b")]
+    Qwen2_5_7b,
+    /// Qwen3-8B: hidden 4096, ffn 12288, 36 layers, 32/8 heads of 128, vocab 151936, untied,
+    /// q/k head norms
+    #[value(name = "qwen3-8b")]
+    Qwen3_8b,
     /// A few-KB model for CPU smoke tests
     #[value(name = "tiny")]
     Tiny,
@@ -36,6 +44,8 @@ impl Shape {
             Shape::Llama2_70b => "llama2-70b",
             Shape::Llama1b => "llama-1b",
             Shape::Smollm2_135m => "smollm2-135m",
+            Shape::Qwen2_5_7b => "qwen2.5-7b",
+            Shape::Qwen3_8b => "qwen3-8b",
             Shape::Tiny => "tiny",
         }
     }
@@ -48,17 +58,24 @@ impl Shape {
             Shape::Llama2_70b => (8192, 28672, 80, 64, 8, 32000, false, 10_000.0),
             Shape::Llama1b => (2048, 8192, 16, 32, 8, 128_256, true, 500_000.0),
             Shape::Smollm2_135m => (576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
+            Shape::Qwen2_5_7b => (3584, 18944, 28, 28, 4, 152_064, false, 1_000_000.0),
+            Shape::Qwen3_8b => (4096, 12288, 36, 32, 8, 151_936, false, 1_000_000.0),
             Shape::Tiny => (64, 128, 2, 4, 2, 512, false, 10_000.0),
         };
+        let (family, eps) = match self {
+            Shape::Qwen2_5_7b => ("qwen2", 1e-6),
+            Shape::Qwen3_8b => ("qwen3", 1e-6),
+            _ => ("llama", 1e-5),
+        };
         Config {
-            model_type: Some("llama".into()),
+            model_type: Some(family.into()),
             hidden_size: d,
             intermediate_size: f,
             num_hidden_layers: l,
             num_attention_heads: h,
             num_key_value_heads: Some(kv),
             head_dim: None,
-            rms_norm_eps: 1e-5,
+            rms_norm_eps: eps,
             rope_theta: theta,
             vocab_size: v,
             max_position_embeddings: seq.max(4096),
@@ -67,6 +84,7 @@ impl Shape {
             sliding_window: None,
             bos_token_id: Some(1),
             eos_token_id: None,
+            ..Default::default()
         }
     }
 
@@ -85,7 +103,8 @@ pub fn param_counts(cfg: &Config) -> (usize, usize) {
     let per_layer_matmul = attn + 3 * d * f;
     let head = cfg.vocab_size * d;
     let matmul = cfg.num_hidden_layers * per_layer_matmul + head;
-    let norms = (2 * cfg.num_hidden_layers + 1) * d;
+    let norms = (2 * cfg.num_hidden_layers + 1) * d
+        + cfg.num_hidden_layers * cfg.bias_and_head_norm_params();
     let embed = cfg.vocab_size * d;
     let total = cfg.num_hidden_layers * per_layer_matmul
         + norms
@@ -132,6 +151,31 @@ pub fn random_weights(
     for n in norms {
         let t = Tensor::ones(d, dtype, on(&n))?;
         w.insert(n, t);
+    }
+    // Qwen's biases (N(0, 0.02)) and unit head norms, each on its layer's device.
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}.self_attn");
+        let mut extra = vec![];
+        if cfg.qkv_bias() {
+            extra.push((format!("{p}.q_proj.bias"), h * hd, false));
+            extra.push((format!("{p}.k_proj.bias"), kv * hd, false));
+            extra.push((format!("{p}.v_proj.bias"), kv * hd, false));
+        }
+        if cfg.o_bias() {
+            extra.push((format!("{p}.o_proj.bias"), d, false));
+        }
+        if cfg.qk_norm() {
+            extra.push((format!("{p}.q_norm.weight"), hd, true));
+            extra.push((format!("{p}.k_norm.weight"), hd, true));
+        }
+        for (name, n, unit) in extra {
+            let t = if unit {
+                Tensor::ones(n, dtype, on(&name))?
+            } else {
+                Tensor::randn(0f32, 0.02f32, n, on(&name))?.to_dtype(dtype)?
+            };
+            w.insert(name, t);
+        }
     }
     Ok(w)
 }

@@ -1,8 +1,13 @@
-//! GGUF files of the `llama` architecture (LLaMA and Mistral), dequantized at load and renamed
-//! into the Hugging Face layout, so that one model file serves every source.
+//! GGUF files of the `llama`, `mistral`, `qwen2` and `qwen3` architectures, dequantized at load
+//! and renamed into the Hugging Face layout, so that one model file serves every source.
+//!
+//! llama.cpp's converter interleaves the RoPE pairs of LLaMA's q/k rows (its `llama` RoPE) but
+//! stores Qwen's as transformers has them (its NEOX RoPE), so only the former are unpermuted.
+//! A tensor or setting the decoder would not compute (an unknown tensor name, RoPE scaling,
+//! partial rotary, experts) is refused by name rather than dropped.
 
 use super::{gguf_check, Checkpoint, Format, Tok, Weights};
-use crate::model::Config;
+use crate::model::{Config, Family};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -25,11 +30,12 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| err("missing metadata `general.architecture`".into()))?;
-    if arch != "llama" && arch != "mistral" {
-        return Err(err(format!(
-            "unsupported GGUF architecture `{arch}` (eabfit reads llama and mistral)"
-        )));
-    }
+    let family = Family::of(Some(&arch)).map_err(|_| {
+        err(format!(
+            "unsupported GGUF architecture `{arch}` (eabfit reads {})",
+            Family::SUPPORTED
+        ))
+    })?;
     let u = |k: &str| -> Result<usize> {
         let key = format!("{arch}.{k}");
         md.get(&key)
@@ -54,6 +60,19 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         .first()
         .ok_or_else(|| err("tensor `token_embd.weight` has no dimensions".into()))?;
     let tie = !content.tensor_infos.contains_key("output.weight");
+    refuse_unsupported(md, &arch, n_heads, u("attention.key_length").ok(), hidden).map_err(err)?;
+    // Biases of layer 0 stand for every layer: a layer without them fails at load, naming the
+    // missing tensor. (Qwen2 has q/k/v biases whatever this says, and never an o bias.)
+    let has = |t: &str| content.tensor_infos.contains_key(&format!("blk.0.{t}"));
+    let attention_bias = match family {
+        Family::Qwen2 if has("attn_output.bias") => {
+            return Err(err(
+                "tensor `blk.0.attn_output.bias`: qwen2 has no output projection bias".into(),
+            ))
+        }
+        Family::Qwen2 => None,
+        _ => Some(has("attn_q.bias") || has("attn_output.bias")),
+    };
     let config = Config {
         model_type: Some(arch.clone()),
         hidden_size: hidden,
@@ -76,6 +95,8 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
             .map(Into::into),
+        attention_bias,
+        ..Default::default()
     };
     config
         .validate()
@@ -86,9 +107,11 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     let mut weights = HashMap::new();
     let mut stored = String::new();
     for name in content.tensor_infos.keys() {
-        let Some(hf_name) = hf_name(name) else {
-            continue;
-        };
+        let hf_name = hf_name(name).ok_or_else(|| {
+            err(format!(
+                "tensor `{name}` is not one eabfit computes with (a {arch} decoder without it would run a different model)"
+            ))
+        })?;
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
@@ -99,9 +122,12 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
             .dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-        let heads = if name.ends_with("attn_q.weight") {
+        let permuted = matches!(family, Family::Llama | Family::Mistral);
+        let heads = if !permuted {
+            None
+        } else if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
             Some(n_heads)
-        } else if name.ends_with("attn_k.weight") {
+        } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
             Some(n_kv)
         } else {
             None
@@ -129,7 +155,43 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// GGUF tensor name -> Hugging Face name; `None` for tensors the model does not use.
+/// Metadata of settings the decoder does not compute: RoPE scaling (llama.cpp keeps LLaMA-3's
+/// in a `rope_freqs` tensor, refused as an unknown tensor), a rotary part smaller than the
+/// head, mixture-of-experts layers.
+fn refuse_unsupported(
+    md: &HashMap<String, gguf_file::Value>,
+    arch: &str,
+    heads: usize,
+    key_length: Option<usize>,
+    hidden: usize,
+) -> std::result::Result<(), String> {
+    let get = |k: &str| md.get(&format!("{arch}.{k}"));
+    if let Some(kind) = get("rope.scaling.type").and_then(|v| v.to_string().ok()) {
+        if kind != "none" {
+            return Err(format!(
+                "metadata `{arch}.rope.scaling.type` `{kind}` is not supported (no RoPE scaling in a GGUF)"
+            ));
+        }
+    }
+    let head_dim = key_length.unwrap_or(hidden / heads.max(1));
+    if let Some(rot) = get("rope.dimension_count").and_then(|v| v.to_u32().ok()) {
+        if rot as usize != head_dim {
+            return Err(format!(
+                "metadata `{arch}.rope.dimension_count` {rot} is not the head dim {head_dim} (partial rotary is not supported)"
+            ));
+        }
+    }
+    if let Some(n) = get("expert_count").and_then(|v| v.to_u32().ok()) {
+        if n > 0 {
+            return Err(format!(
+                "metadata `{arch}.expert_count` {n}: mixture-of-experts layers are not supported"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// GGUF tensor name -> Hugging Face name; `None` for a tensor the model does not compute with.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -149,6 +211,12 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_output.bias" => "self_attn.o_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
@@ -159,7 +227,11 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// llama.cpp stores q/k rows with RoPE pairs interleaved (Meta layout); the Hugging Face layout
 /// (and our rotate-half RoPE) wants the two halves of each head apart.
+/// A bias (out) goes through as one column.
 fn unpermute(w: &Tensor, heads: usize, hd: usize) -> candle_core::Result<Tensor> {
+    if w.rank() == 1 {
+        return unpermute(&w.unsqueeze(1)?, heads, hd)?.squeeze(1);
+    }
     let (out, inp) = w.dims2()?;
     w.reshape((heads, hd / 2, 2, inp))? // (heads, hd/2, 2, in): pairs interleaved
         .transpose(1, 2)? // (heads, 2, hd/2, in): halves apart

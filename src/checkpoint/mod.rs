@@ -249,7 +249,7 @@ impl Checkpoint {
         let c = &self.config;
         let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
         let attn = d * hd * (2 * c.num_attention_heads + 2 * c.n_kv_heads());
-        let layer = attn + 3 * d * f + 2 * d;
+        let layer = attn + 3 * d * f + 2 * d + c.bias_and_head_norm_params();
         let head = if c.tie_word_embeddings {
             0
         } else {

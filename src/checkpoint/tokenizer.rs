@@ -6,7 +6,9 @@ use candle_core::quantized::gguf_file;
 use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 pub struct Tok {
@@ -196,21 +198,13 @@ impl Tok {
             .build()
             .map_err(|e| err(format!("cannot build BPE: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
         let pre = md
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        // SmolLM's pre-tokenizer splits every digit before the GPT-2 regex.
-        if pre == "smollm" {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                PreTokenizerWrapper::ByteLevel(byte_level),
-            ])));
-        } else {
-            inner.with_pre_tokenizer(Some(byte_level));
-        }
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre).map_err(err)?));
+        let byte_level = ByteLevel::new(false, true, true);
         inner.with_decoder(Some(byte_level));
         // Control (3) and user-defined (4) tokens must match whole, never through merges.
         if let Some(types) = md
@@ -244,6 +238,43 @@ impl Tok {
                 .and_then(|v| v.to_string().ok())
                 .cloned(),
         })
+    }
+}
+
+/// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names, as the model's tokenizer.json has
+/// it; an unknown name is refused (another split would give other token ids).
+fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> {
+    // GPT-2's own regex, inside ByteLevel.
+    let gpt2 = ByteLevel::new(false, true, true);
+    // LLaMA-3 and Qwen2 split with their own regex first, then map bytes without one; they
+    // differ in digits: runs of up to three (llama-bpe) or one at a time (qwen2).
+    let split_then_bytes = |digits: &str| -> std::result::Result<PreTokenizerWrapper, String> {
+        let re = format!(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        );
+        let split = Split::new(
+            SplitPattern::Regex(re),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("pre-tokenizer `{pre}`: {e}"))?;
+        Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+        ])))
+    };
+    match pre {
+        "" | "default" | "gpt2" | "gpt-2" => Ok(PreTokenizerWrapper::ByteLevel(gpt2)),
+        // SmolLM's splits every digit before the GPT-2 regex.
+        "smollm" => Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(gpt2),
+        ]))),
+        "qwen2" => split_then_bytes(""),
+        "llama-bpe" => split_then_bytes("{1,3}"),
+        other => Err(format!(
+            "metadata `tokenizer.ggml.pre` `{other}` is not supported (default, gpt2, smollm, qwen2, llama-bpe)"
+        )),
     }
 }
 

@@ -107,7 +107,7 @@ impl Ctx<'_> {
                  key is never rotated. `prompt_embeddings` is [1, num_layers * 2 * n_kv_heads * head_dim]: \
                  per layer the key, then the value, each [n_kv_heads, head_dim].\n\n"
             );
-            if let Some(w) = c.sliding_window {
+            if let Some(w) = c.window() {
                 s += &format!(
                     "Sliding window {w}: transformers hides the prefix from queries {w} or more positions \
                      after it; eabfit never hides the slot. Outputs match eabfit on sequences shorter than {w} tokens.\n\n"

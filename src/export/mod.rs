@@ -161,15 +161,12 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
     let peft = matches!(plan.format, ExportFormat::Peft | ExportFormat::Both);
     if peft {
         check_peft(&plan.adapter, &adapters, &ckpt.config)?;
-        if let Some(w) = ckpt.config.sliding_window {
+        if let Some(w) = ckpt.config.window() {
             eprintln!("warning: sliding_window {w}: transformers hides the PEFT prefix from queries {w} or more tokens after it, eabfit never hides the slot; the peft export matches eabfit on sequences shorter than {w} tokens");
         }
     }
     let hf = matches!(plan.format, ExportFormat::Hf | ExportFormat::Both);
-    let family = match Family::of(
-        ckpt.config.model_type.as_deref(),
-        ckpt.config.sliding_window,
-    ) {
+    let family = match Family::of(ckpt.config.model_type.as_deref(), ckpt.config.window()) {
         Ok(f) => Some(f),
         // Only an export with slots needs transformers code of its own.
         Err(e) if hf && !slot_layers.is_empty() => {

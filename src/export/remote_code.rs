@@ -2,10 +2,13 @@
 //! `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` runs the slots, and a
 //! load without `trust_remote_code` fails with transformers' own error instead of silently
 //! giving the base model: config.json gets a `model_type` transformers does not know
-//! (`eab_llama`, `eab_mistral`) and an `auto_map` naming the two files written here.
+//! (`eab_llama`, `eab_mistral`, `eab_qwen2`, `eab_qwen3`) and an `auto_map` naming the two files
+//! written here.
 //!
-//! Both files come from templates in `templates/` (valid Python themselves, LLaMA and Mistral
-//! alike): `__Family__` / `__family__` become the family's class prefix / module name.
+//! Both files come from templates in `templates/` (valid Python themselves, every family
+//! alike): `__Family__` / `__family__` become the family's class prefix / module name. Qwen2's
+//! biases live in transformers' own projections; Qwen3's head norms are its attention's
+//! `q_norm` / `k_norm`, which the template applies wherever the base class has them.
 
 use crate::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -21,21 +24,26 @@ const MODEL_TYPE_PREFIX: &str = "eab_";
 pub enum Family {
     Llama,
     Mistral,
+    Qwen2,
+    Qwen3,
 }
 
 impl Family {
     /// The family of a config's `model_type` (an earlier export's `eab_*` included); the
     /// message names the field. A LLaMA with a window is refused: transformers' LLaMA has none.
-    pub fn of(model_type: Option<&str>, sliding_window: Option<usize>) -> Result<Self> {
+    /// `window` is the one the model runs ([`crate::model::Config::window`]).
+    pub fn of(model_type: Option<&str>, window: Option<usize>) -> Result<Self> {
         let base = model_type.map(|t| t.strip_prefix(MODEL_TYPE_PREFIX).unwrap_or(t));
-        match (base, sliding_window) {
+        match (base, window) {
             (Some("mistral"), _) => Ok(Self::Mistral),
+            (Some("qwen2"), None) => Ok(Self::Qwen2),
+            (Some("qwen3"), None) => Ok(Self::Qwen3),
             (None | Some("llama"), None) => Ok(Self::Llama),
             (None | Some("llama"), Some(w)) => Err(Error::Msg(format!(
                 "config.json: `sliding_window` {w} with model_type llama: transformers' LLaMA has no window, so its code would run a different model; set model_type to mistral"
             ))),
             (Some(other), _) => Err(Error::Msg(format!(
-                "config.json: model_type `{other}`: the hf export's transformers code covers llama and mistral"
+                "config.json: model_type `{other}` with sliding_window {window:?}: the hf export's transformers code covers llama, mistral, and qwen2/qwen3 without a window"
             ))),
         }
     }
@@ -45,6 +53,8 @@ impl Family {
         match self {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
         }
     }
 
@@ -52,6 +62,8 @@ impl Family {
         match self {
             Self::Llama => "Llama",
             Self::Mistral => "Mistral",
+            Self::Qwen2 => "Qwen2",
+            Self::Qwen3 => "Qwen3",
         }
     }
 
@@ -136,15 +148,17 @@ mod tests {
             Family::of(Some("eab_mistral"), None).unwrap(),
             Family::Mistral
         );
-        let e = Family::of(Some("qwen2"), None).unwrap_err().to_string();
-        assert!(e.contains("model_type `qwen2`"), "{e}");
+        assert_eq!(Family::of(Some("qwen2"), None).unwrap(), Family::Qwen2);
+        assert_eq!(Family::of(Some("eab_qwen3"), None).unwrap(), Family::Qwen3);
+        let e = Family::of(Some("gemma"), None).unwrap_err().to_string();
+        assert!(e.contains("model_type `gemma`"), "{e}");
         let e = Family::of(Some("llama"), Some(8)).unwrap_err().to_string();
         assert!(e.contains("sliding_window"), "{e}");
     }
 
     #[test]
     fn rendering_leaves_no_placeholder() {
-        for f in [Family::Llama, Family::Mistral] {
+        for f in [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3] {
             for (name, src) in f.files() {
                 assert!(
                     !src.contains("__Family__") && !src.contains("__family__"),

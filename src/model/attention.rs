@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with an optional EAB slot ahead of the keys, through the fused
 //! attention op.
 
-use super::layers::{Linear, Rope};
+use super::layers::{Linear, RmsNorm, Rope};
 use super::taps::{AttnStats, LinearInput, Taps};
 use super::{Adapters, CResult, Config, EabSlot};
 use crate::ops::attention::{self, Spec};
@@ -14,6 +14,9 @@ pub struct Attention {
     pub(super) k_proj: Linear,
     pub(super) v_proj: Linear,
     pub(super) o_proj: Linear,
+    /// Qwen3's RMSNorm over each query and key head (head_dim), before RoPE.
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
     pub(super) slot: Option<EabSlot>,
     pub(super) n_heads: usize,
     pub(super) n_kv: usize,
@@ -43,11 +46,19 @@ impl Attention {
             cfg.head_dim(),
             cfg.hidden_size,
         );
+        let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
+        let norm = |name: &str| -> CResult<Option<RmsNorm>> {
+            cfg.qk_norm()
+                .then(|| RmsNorm::load(vb.pp(name), hd, cfg.rms_norm_eps))
+                .transpose()
+        };
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), d, h * hd, adapters)?,
-            k_proj: Linear::load(vb.pp("k_proj"), d, kv * hd, adapters)?,
-            v_proj: Linear::load(vb.pp("v_proj"), d, kv * hd, adapters)?,
-            o_proj: Linear::load(vb.pp("o_proj"), h * hd, d, adapters)?,
+            q_proj: Linear::load(vb.pp("q_proj"), d, h * hd, qkv_bias, adapters)?,
+            k_proj: Linear::load(vb.pp("k_proj"), d, kv * hd, qkv_bias, adapters)?,
+            v_proj: Linear::load(vb.pp("v_proj"), d, kv * hd, qkv_bias, adapters)?,
+            o_proj: Linear::load(vb.pp("o_proj"), h * hd, d, o_bias, adapters)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
             slot: adapters.slots.get(layer).cloned().flatten(),
             n_heads: h,
             n_kv: kv,
@@ -69,16 +80,16 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let x = &taps.linear_input(self.layer, LinearInput::Qkv, x.clone())?;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?; // (B, H, T, hd)
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, kv, hd))?
-            .transpose(1, 2)?; // (B, KV, T, hd)
+        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> CResult<Tensor> {
+            let y = proj.forward(x)?.reshape((b, t, n, hd))?; // (B, T, n, hd)
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            y.transpose(1, 2) // (B, n, T, hd)
+        };
+        let q = heads(&self.q_proj, h, &self.q_norm)?; // (B, H, T, hd)
+        let k = heads(&self.k_proj, kv, &self.k_norm)?; // (B, KV, T, hd)
         let v = self
             .v_proj
             .forward(x)?

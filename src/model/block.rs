@@ -95,15 +95,21 @@ impl Block {
             &self.input_layernorm.weight,
             &self.post_attention_layernorm.weight,
         ];
+        let (a, m) = (&self.self_attn, &self.mlp);
+        // Biases and head norms train with the weights (pretraining) or not at all.
+        let extras = self.linears().into_iter().filter_map(|l| l.bias.as_ref());
+        let head_norms = [&a.q_norm, &a.k_norm].into_iter().flatten();
+        let extras = extras.chain(head_norms.map(|n| &n.weight));
         let trains = self.linears().iter().any(|l| l.weight.track_op())
-            || norms.iter().any(|w| w.track_op());
+            || norms.into_iter().chain(extras).any(|w| w.track_op());
         // Trained weights need somewhere for their gradients: no `grads`, no block op.
         let trained = if trains {
             Some((format!("model.layers.{layer}."), grads?.clone()))
         } else {
             None
         };
-        let (a, m) = (&self.self_attn, &self.mlp);
+        let detach = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
+        let head_norm = |n: &Option<RmsNorm>| n.as_ref().map(|n| n.weight.detach());
         Some(block_op::Weights {
             input_layernorm: self.input_layernorm.weight.detach(),
             post_attention_layernorm: self.post_attention_layernorm.weight.detach(),
@@ -115,6 +121,12 @@ impl Block {
             gate_proj: m.gate_proj.weight.detach(),
             up_proj: m.up_proj.weight.detach(),
             down_proj: m.down_proj.weight.detach(),
+            q_bias: detach(&a.q_proj.bias),
+            k_bias: detach(&a.k_proj.bias),
+            v_bias: detach(&a.v_proj.bias),
+            o_bias: detach(&a.o_proj.bias),
+            q_norm: head_norm(&a.q_norm),
+            k_norm: head_norm(&a.k_norm),
             heads: a.n_heads,
             kv_heads: a.n_kv,
             head_dim: a.head_dim,

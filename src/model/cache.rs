@@ -66,7 +66,7 @@ impl StreamCache {
                 cfg.max_position_embeddings
             ));
         }
-        if let Some(w) = cfg.sliding_window.filter(|&w| w < capacity) {
+        if let Some(w) = cfg.window().filter(|&w| w < capacity) {
             return Err(format!(
                 "--cache {capacity} is longer than the model's sliding_window {w}, which already bounds what a query sees: use --cache {w} or less"
             ));

@@ -7,10 +7,11 @@ use crate::ops::{linear::linear, norm::rms_norm, rope::rope};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-/// A bias-free projection `y = x W^T`, plus `scale * (x A^T) B^T` when a LoRA adapter is attached.
+/// A projection `y = x W^T (+ b)`, plus `scale * (x A^T) B^T` when a LoRA adapter is attached.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(super) weight: Tensor,
+    pub(super) bias: Option<Tensor>,
     pub(super) lora: Option<Lora>,
 }
 
@@ -19,11 +20,13 @@ impl Linear {
         vb: VarBuilder,
         in_dim: usize,
         out_dim: usize,
+        bias: bool,
         adapters: &Adapters,
     ) -> CResult<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
         let lora = adapters.lora.get(&vb.prefix()).cloned();
-        Ok(Self { weight, lora })
+        Ok(Self { weight, bias, lora })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -34,6 +37,9 @@ impl Linear {
         let (b, t, d) = x.dims3()?;
         let x2 = x.reshape((b * t, d))?; // (B*T, in)
         let mut y = linear(&x2, &self.weight)?; // (B*T, out)
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
         if let Some(l) = &self.lora {
             // Adapters stay f32 (bf16 LoRA updates lose most of their low-rank signal), and on
             // the device that trains them: a split model brings them to this layer's device

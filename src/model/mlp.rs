@@ -24,9 +24,9 @@ impl Mlp {
     ) -> CResult<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(vb.pp("gate_proj"), d, f, adapters)?,
-            up_proj: Linear::load(vb.pp("up_proj"), d, f, adapters)?,
-            down_proj: Linear::load(vb.pp("down_proj"), f, d, adapters)?,
+            gate_proj: Linear::load(vb.pp("gate_proj"), d, f, false, adapters)?,
+            up_proj: Linear::load(vb.pp("up_proj"), d, f, false, adapters)?,
+            down_proj: Linear::load(vb.pp("down_proj"), f, d, false, adapters)?,
             layer,
         })
     }

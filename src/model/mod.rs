@@ -1,4 +1,6 @@
-//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral), differentiable end to end.
+//! One LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2/2.5, Qwen3), differentiable end to end.
+//! Qwen is a few fields of the same decoder: Qwen2's q/k/v biases ([`Config::qkv_bias`]) and
+//! Qwen3's per-head RMSNorm of queries and keys before RoPE ([`Config::qk_norm`]).
 //!
 //! Unlike candle-transformers' `llama.rs` it returns logits for every position, runs RMSNorm,
 //! RoPE, attention and the frozen projections through `crate::ops` (fused forwards with real
@@ -23,7 +25,7 @@ mod taps;
 
 pub use adapters::{Adapters, EabSlot, Lora};
 pub use cache::{KvCache, StreamCache};
-pub use config::{Config, RopeScaling};
+pub use config::{Config, Family, RopeScaling};
 pub use layers::Linear;
 pub use taps::{ActHook, AttnStats, Edit, LinearInput, Output, Taps};
 
@@ -157,7 +159,7 @@ impl Model {
         let m = Masks {
             plain: None,
             slot: None,
-            window: self.cfg.sliding_window,
+            window: self.cfg.window(),
             hide_first: self.mask_first_token,
             start,
             lead: 0,
@@ -181,7 +183,8 @@ impl Model {
     /// This model with every query limited to the last `w` tokens (Mistral's sliding window,
     /// or a narrower one than its own): training the slot to be the sink a rolling cache needs.
     pub fn with_sliding_window(mut self, w: usize) -> Self {
-        self.cfg.sliding_window = Some(self.cfg.sliding_window.map_or(w, |own| own.min(w)));
+        self.cfg.sliding_window = Some(self.cfg.window().map_or(w, |own| own.min(w)));
+        self.cfg.use_sliding_window = Some(true);
         self
     }
 

@@ -9,8 +9,11 @@
 //! gate and up projections) and the backward runs the chain rule by hand on detached tensors,
 //! through the same ops the model calls:
 //!
-//!   y = h + W_d swiglu(W_g n2, W_u n2),  n2 = norm(h),   h = x + W_o attn(q, k, v),
-//!   q, k, v = rope(W_q n1), rope(W_k n1), W_v n1,         n1 = norm(x).
+//!   y = h + W_d swiglu(W_g n2, W_u n2),  n2 = norm(h),   h = x + W_o attn(q, k, v) + b_o,
+//!   q, k, v = rope(qn(W_q n1 + b_q)), rope(kn(W_k n1 + b_k)), W_v n1 + b_v,  n1 = norm(x),
+//!
+//! where the biases b (Qwen2's q/k/v, `attention_bias`'s o) and the per-head norms qn, kn
+//! (Qwen3) are there when the checkpoint has them (identity otherwise).
 //!
 //! Only the input gradients of frozen projections are formed (x^T dy for a frozen weight never
 //! is). When the block trains its weights (pretraining), the backward also forms every weight's
@@ -39,6 +42,15 @@ pub struct Weights {
     pub gate_proj: Tensor,
     pub up_proj: Tensor,
     pub down_proj: Tensor,
+    /// Biases (out) of q, k, v and o, where the checkpoint has them.
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub o_bias: Option<Tensor>,
+    /// RMSNorm weights (head_dim) over each query and key head before RoPE (`q_norm`,
+    /// `k_norm`), with `eps`.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -87,6 +99,9 @@ pub struct Context {
 
 /// The forward's tensors the backward reads.
 struct Saved {
+    /// The pre-norm q and k rows (B*T, n*hd) when the heads are normed: their backward reads them.
+    q_rows: Option<Tensor>,
+    k_rows: Option<Tensor>,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -106,6 +121,29 @@ struct WeightInputs {
     act: Tensor,
 }
 
+/// n1 (B*T, D) through a projection, as split wants it: its rows (B*T, n*hd) and what split
+/// does before RoPE. A normed projection goes in with its bias added, and those rows come back
+/// a second time for the backward.
+fn project<'a>(
+    n1: &Tensor,
+    proj: &Tensor,
+    bias: &'a Option<Tensor>,
+    qk_norm: &'a Option<Tensor>,
+    eps: f64,
+) -> CResult<(Tensor, heads::Pre<'a>, Option<Tensor>)> {
+    let pre = heads::Pre {
+        bias: bias.as_ref(),
+        norm: qk_norm.as_ref().map(|n| (n, eps)),
+    };
+    let y = linear::linear(n1, proj)?; // (B*T, n*hd)
+    if pre.norm.is_none() {
+        return Ok((y, pre, None));
+    }
+    let rows = heads::biased(&y, pre)?;
+    let pre = heads::Pre { bias: None, ..pre };
+    Ok((rows.clone(), pre, Some(rows)))
+}
+
 /// x (B, T, D) -> (B, T, D); `slot`: the layer's (k', v'), each (KV, hd), any float dtype.
 fn forward(
     x: &Tensor,
@@ -118,11 +156,18 @@ fn forward(
     let n1 = norm::forward(x, &w.input_layernorm, w.eps)?.reshape((b * t, d))?; // (B*T, D)
     let (sk, sv) = (slot.map(|s| s.0), slot.map(|s| s.1));
     let rope = Some((&cx.cos, &cx.sin));
-    let q = heads::split(&linear::linear(&n1, &w.q_proj)?, b, h, rope, None)?; // (B, H, T, hd)
-    let k = heads::split(&linear::linear(&n1, &w.k_proj)?, b, kv, rope, sk)?; // (B, KV, S, hd)
-    let v = heads::split(&linear::linear(&n1, &w.v_proj)?, b, kv, None, sv)?; // (B, KV, S, hd)
+    let (yq, pre_q, q_rows) = project(&n1, &w.q_proj, &w.q_bias, &w.q_norm, w.eps)?;
+    let (yk, pre_k, k_rows) = project(&n1, &w.k_proj, &w.k_bias, &w.k_norm, w.eps)?;
+    let (yv, pre_v, _) = project(&n1, &w.v_proj, &w.v_bias, &None, w.eps)?;
+    let q = heads::split(&yq, b, h, rope, None, pre_q)?; // (B, H, T, hd)
+    let k = heads::split(&yk, b, kv, rope, sk, pre_k)?; // (B, KV, S, hd)
+    let v = heads::split(&yv, b, kv, None, sv, pre_v)?; // (B, KV, S, hd)
     let (attn_out, attn) = attention::forward_saved(&q, &k, &v, &cx.mask)?; // (B, T, H, hd)
     let o = linear::linear(&attn_out.reshape((b * t, h * hd))?, &w.o_proj)?; // (B*T, D)
+    let o = match &w.o_bias {
+        Some(bias) => o.broadcast_add(bias)?,
+        None => o,
+    };
     let hres = (x + o.reshape((b, t, d))?)?;
     let n2 = norm::forward(&hres, &w.post_attention_layernorm, w.eps)?.reshape((b * t, d))?;
     let gate = linear::linear(&n2, &w.gate_proj)?; // (B*T, F)
@@ -130,6 +175,8 @@ fn forward(
     let act = swiglu::forward(&gate, &up)?;
     let y = (&hres + linear::linear(&act, &w.down_proj)?.reshape((b, t, d))?)?;
     let saved = Saved {
+        q_rows,
+        k_rows,
         q,
         k,
         v,
@@ -170,6 +217,13 @@ fn backward(
             None => Ok(()),
         }
     };
+    // A bias's gradient: the rows of its output's gradient summed.
+    let bias_grad = |name: &str, bias: &Option<Tensor>, dout: &Tensor| -> CResult<()> {
+        match (&w.trained, bias) {
+            (Some((prefix, sink)), Some(_)) => sink.add(format!("{prefix}{name}"), dout.sum(0)?),
+            _ => Ok(()),
+        }
+    };
     let rows = |y: &Tensor| y.reshape((b * t, ())); // (B*T, ...)
                                                     // MLP
     let dy_rows = rows(&dy)?;
@@ -192,6 +246,7 @@ fn backward(
     // attention
     let dh_rows = rows(&dh)?;
     wg("self_attn.o_proj.weight", &dh_rows, &rows(&s.attn_out)?)?;
+    bias_grad("self_attn.o_proj.bias", &w.o_bias, &dh_rows)?;
     let d_attn = dh_rows.matmul(&w.o_proj)?.reshape((b, t, h, hd))?; // (B, T, H, hd)
     let (dq, dk, dv) =
         attention::backward(&s.q, &s.k, &s.v, &s.attn_out, &d_attn, &cx.mask, &s.attn)?; // (B, H, T, hd), (B, KV, S, hd) x 2
@@ -205,9 +260,29 @@ fn backward(
         None
     };
     let rope = Some((&cx.cos, &cx.sin));
-    let dq = heads::merge(&dq, 0, rope)?; // (B*T, H*hd)
-    let dk = heads::merge(&dk, slots, rope)?; // (B*T, KV*hd)
-    let dv = heads::merge(&dv, slots, None)?;
+    // Back through RoPE and the head norm to the biased projection rows (B*T, n*hd).
+    let unsplit = |g: &Tensor,
+                   slots: usize,
+                   name: &str,
+                   qk_norm: &Option<Tensor>,
+                   rows_kept: &Option<Tensor>| {
+        let (Some(nw), Some(u)) = (qk_norm, rows_kept) else {
+            return heads::merge(g, slots, rope, None);
+        };
+        if let Some((prefix, sink)) = &w.trained {
+            // The norm weight's gradient wants the gradient at the norm's output too.
+            let dn = heads::merge(g, slots, rope, None)?.reshape(((), hd))?; // (B*T*n, hd)
+            let dw = norm::backward_dw(&u.reshape(((), hd))?, nw, &dn, w.eps)?;
+            sink.add(format!("{prefix}{name}"), dw)?;
+        }
+        heads::merge(g, slots, rope, Some((u, nw, w.eps)))
+    };
+    let dq = unsplit(&dq, 0, "self_attn.q_norm.weight", &w.q_norm, &s.q_rows)?; // (B*T, H*hd)
+    let dk = unsplit(&dk, slots, "self_attn.k_norm.weight", &w.k_norm, &s.k_rows)?; // (B*T, KV*hd)
+    let dv = heads::merge(&dv, slots, None, None)?;
+    bias_grad("self_attn.q_proj.bias", &w.q_bias, &dq)?;
+    bias_grad("self_attn.k_proj.bias", &w.k_bias, &dk)?;
+    bias_grad("self_attn.v_proj.bias", &w.v_bias, &dv)?;
     let d_n1 = ((dq.matmul(&w.q_proj)? + dk.matmul(&w.k_proj)?)? + dv.matmul(&w.v_proj)?)?;
     let d_n1 = d_n1.reshape((b, t, d))?;
     if let Some(wi) = &s.weight_inputs {

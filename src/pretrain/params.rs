@@ -222,10 +222,7 @@ impl Params {
         obj.retain(|_, v| !v.is_null());
         obj.insert("hidden_act".into(), "silu".into());
         obj.insert("torch_dtype".into(), "float32".into());
-        let family = Family::of(
-            self.config.model_type.as_deref(),
-            self.config.sliding_window,
-        )?;
+        let family = Family::of(self.config.model_type.as_deref(), self.config.window())?;
         if self.slot_layers.is_empty() {
             obj.insert(
                 "architectures".into(),

@@ -221,6 +221,7 @@ impl PretrainRecipe {
             sliding_window: a.sliding_window,
             bos_token_id: Some(bos),
             eos_token_id: Some(sep.into()),
+            ..Default::default()
         }
     }
 }

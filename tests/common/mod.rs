@@ -1,5 +1,6 @@
-//! Tiny random LLaMA / Mistral checkpoints written by the tests themselves: config.json,
-//! model.safetensors, tokenizer.json and tokenizer_config.json in a temporary folder.
+//! Tiny random LLaMA / Mistral / Qwen2 / Qwen3 checkpoints written by the tests themselves:
+//! config.json, model.safetensors, tokenizer.json and tokenizer_config.json in a temporary
+//! folder, and their GGUF twins.
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
@@ -24,6 +25,12 @@ pub enum Arch {
     Llama3,
     /// Mistral style: sliding window, untied head.
     Mistral,
+    /// Qwen2.5 style: q/k/v biases, tied head, theta 1e6, a `sliding_window` that
+    /// `use_sliding_window: false` switches off.
+    Qwen2,
+    /// Qwen3 style: per-head q/k RMSNorm, head_dim 16 given apart (4 heads x 16 != hidden 32),
+    /// no biases, untied head.
+    Qwen3,
 }
 
 pub struct Tiny {
@@ -41,8 +48,14 @@ impl Tiny {
 }
 
 pub fn config(arch: Arch) -> serde_json::Value {
+    let model_type = match arch {
+        Arch::Llama | Arch::Llama3 => "llama",
+        Arch::Mistral => "mistral",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+    };
     let mut c = json!({
-        "model_type": if arch == Arch::Mistral { "mistral" } else { "llama" },
+        "model_type": model_type,
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 3,
@@ -52,7 +65,7 @@ pub fn config(arch: Arch) -> serde_json::Value {
         "rope_theta": 10000.0,
         "vocab_size": WORDS.len() + 3,
         "max_position_embeddings": 128,
-        "tie_word_embeddings": arch == Arch::Llama3,
+        "tie_word_embeddings": matches!(arch, Arch::Llama3 | Arch::Qwen2),
         "bos_token_id": 1,
         "eos_token_id": 2,
         "hidden_act": "silu",
@@ -62,6 +75,21 @@ pub fn config(arch: Arch) -> serde_json::Value {
         Arch::Llama3 => {
             c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        }
+        Arch::Qwen2 | Arch::Qwen3 => {
+            c["rope_theta"] = json!(1_000_000.0);
+            c["rms_norm_eps"] = json!(1e-6);
+            c["use_sliding_window"] = json!(false);
+            c["sliding_window"] = json!(if arch == Arch::Qwen2 {
+                json!(4)
+            } else {
+                json!(null)
+            });
+            c["max_window_layers"] = json!(2);
+            if arch == Arch::Qwen3 {
+                c["head_dim"] = json!(16);
+                c["attention_bias"] = json!(false);
+            }
         }
         Arch::Llama => {}
     }
@@ -79,7 +107,11 @@ pub fn weights(cfg: &serde_json::Value, seed: u64) -> HashMap<String, Tensor> {
         u("num_attention_heads"),
         u("num_key_value_heads"),
     );
-    let hd = d / h;
+    let hd = cfg["head_dim"].as_u64().map_or(d / h, |x| x as usize);
+    let model_type = cfg["model_type"].as_str().unwrap_or("llama");
+    let attention_bias = cfg["attention_bias"].as_bool().unwrap_or(false);
+    let qkv_bias = model_type == "qwen2" || attention_bias;
+    let o_bias = model_type != "qwen2" && attention_bias;
     let mut w = HashMap::new();
     let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
         let n: usize = shape.iter().product();
@@ -126,6 +158,18 @@ pub fn weights(cfg: &serde_json::Value, seed: u64) -> HashMap<String, Tensor> {
             0.2,
             0.0,
         );
+        if qkv_bias {
+            put(format!("{p}.self_attn.q_proj.bias"), &[h * hd], 0.5, 0.0);
+            put(format!("{p}.self_attn.k_proj.bias"), &[kv * hd], 0.5, 0.0);
+            put(format!("{p}.self_attn.v_proj.bias"), &[kv * hd], 0.5, 0.0);
+        }
+        if o_bias {
+            put(format!("{p}.self_attn.o_proj.bias"), &[d], 0.3, 0.0);
+        }
+        if model_type == "qwen3" {
+            put(format!("{p}.self_attn.q_norm.weight"), &[hd], 0.3, 1.0);
+            put(format!("{p}.self_attn.k_norm.weight"), &[hd], 0.3, 1.0);
+        }
         put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.3, 0.0);
         put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.3, 0.0);
         put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2, 0.0);
@@ -440,4 +484,140 @@ impl TrainRun {
             .output()
             .unwrap()
     }
+}
+
+/// The GGUF twin of a tiny checkpoint, as llama.cpp's converter writes one: its architecture's
+/// metadata keys, blk.N.* tensor names, LLaMA's q/k rows (and biases) with their RoPE pairs
+/// interleaved (Qwen's as they are), f32, and a byte-level BPE vocabulary of the same size with
+/// the architecture's pre-tokenizer.
+pub fn gguf_twin(tiny: &Tiny, path: &Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use gguf_file::Value as V;
+    let cfg = &tiny.config;
+    let arch = cfg["model_type"].as_str().unwrap().to_string();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (d, h, kv, v) = (
+        u("hidden_size"),
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("vocab_size"),
+    );
+    let hd = cfg["head_dim"].as_u64().map_or(d / h, |x| x as usize);
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut md = vec![
+        ("general.architecture".to_string(), V::String(arch.clone())),
+        (key("attention.head_count"), V::U32(h as u32)),
+        (key("attention.head_count_kv"), V::U32(kv as u32)),
+        (key("attention.key_length"), V::U32(hd as u32)),
+        (key("embedding_length"), V::U32(d as u32)),
+        (
+            key("feed_forward_length"),
+            V::U32(u("intermediate_size") as u32),
+        ),
+        (key("block_count"), V::U32(u("num_hidden_layers") as u32)),
+        (
+            key("context_length"),
+            V::U32(u("max_position_embeddings") as u32),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            V::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            key("rope.freq_base"),
+            V::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        (key("rope.dimension_count"), V::U32(hd as u32)),
+    ];
+    // Byte-level tokens: the specials, printable ASCII, then fillers up to the vocabulary size.
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into(), "Ġ".into()];
+    tokens.extend((b'!'..=b'~').map(|c| (c as char).to_string()));
+    tokens.truncate(v - 1);
+    let fill = v - 1 - tokens.len();
+    tokens.extend((0..fill).map(|i| format!("tok{i}")));
+    tokens.push("!\"".into());
+    let pre = if arch.starts_with("qwen") {
+        "qwen2"
+    } else {
+        "default"
+    };
+    let mut types = vec![V::I32(1); v];
+    types[..3].fill(V::I32(3));
+    md.extend([
+        ("tokenizer.ggml.model".to_string(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), V::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            V::Array(tokens.into_iter().map(V::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            V::Array(vec![V::String("! \"".into())]),
+        ),
+        ("tokenizer.ggml.token_type".to_string(), V::Array(types)),
+        ("tokenizer.ggml.bos_token_id".to_string(), V::U32(1)),
+        ("tokenizer.ggml.eos_token_id".to_string(), V::U32(2)),
+    ]);
+    let w: HashMap<String, Tensor> =
+        candle_core::safetensors::load(tiny.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    // HF rotate-half rows -> llama.cpp's interleaved pairs: (heads, 2, hd/2, in) -> (heads, hd/2, 2, in).
+    let permute = |t: &Tensor, heads: usize| -> Tensor {
+        let cols = t.elem_count() / (heads * hd);
+        t.reshape((heads, 2, hd / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape(t.shape())
+            .unwrap()
+    };
+    let llama_rope = arch == "llama" || arch == "mistral";
+    let mut out: Vec<(String, Tensor)> = vec![];
+    for (name, t) in &w {
+        let g = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            _ => {
+                let rest = name.strip_prefix("model.layers.").unwrap();
+                let (layer, tail) = rest.split_once('.').unwrap();
+                let g = match tail {
+                    "input_layernorm.weight" => "attn_norm.weight",
+                    "post_attention_layernorm.weight" => "ffn_norm.weight",
+                    "self_attn.q_proj.weight" => "attn_q.weight",
+                    "self_attn.k_proj.weight" => "attn_k.weight",
+                    "self_attn.v_proj.weight" => "attn_v.weight",
+                    "self_attn.o_proj.weight" => "attn_output.weight",
+                    "self_attn.q_proj.bias" => "attn_q.bias",
+                    "self_attn.k_proj.bias" => "attn_k.bias",
+                    "self_attn.v_proj.bias" => "attn_v.bias",
+                    "self_attn.o_proj.bias" => "attn_output.bias",
+                    "self_attn.q_norm.weight" => "attn_q_norm.weight",
+                    "self_attn.k_norm.weight" => "attn_k_norm.weight",
+                    "mlp.gate_proj.weight" => "ffn_gate.weight",
+                    "mlp.up_proj.weight" => "ffn_up.weight",
+                    "mlp.down_proj.weight" => "ffn_down.weight",
+                    other => panic!("no GGUF name for {other}"),
+                };
+                format!("blk.{layer}.{g}")
+            }
+        };
+        let t = match name.rsplit('.').nth(1) {
+            Some("q_proj") if llama_rope => permute(t, h),
+            Some("k_proj") if llama_rope => permute(t, kv),
+            _ => t.clone(),
+        };
+        out.push((g, t));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let qs: Vec<(String, QTensor)> = out
+        .iter()
+        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }

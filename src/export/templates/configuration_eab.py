@@ -35,10 +35,13 @@ def eab_settings(config):
     layers = eab["layers"]
     if not isinstance(layers, list) or any(not isinstance(i, int) or not 0 <= i < config.num_hidden_layers for i in layers):
         raise ValueError(f"config.json: `eab.layers` {layers!r} must list layers below num_hidden_layers {config.num_hidden_layers}")
-    if (eab["n_kv_heads"], eab["head_dim"]) != (config.num_key_value_heads, config.head_dim):
+    # Qwen2's config has no head_dim attribute unless config.json gives one; its attention falls
+    # back to hidden_size / num_attention_heads, as here.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if (eab["n_kv_heads"], eab["head_dim"]) != (config.num_key_value_heads, head_dim):
         raise ValueError(
             f"config.json: `eab` slots of {eab['n_kv_heads']} x {eab['head_dim']} do not fit the model's "
-            f"{config.num_key_value_heads} KV heads x head_dim {config.head_dim}"
+            f"{config.num_key_value_heads} KV heads x head_dim {head_dim}"
         )
     mask_first_token = bool(eab["mask_first_token"])
     if mask_first_token and sorted(set(layers)) != list(range(config.num_hidden_layers)):

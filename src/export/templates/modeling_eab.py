@@ -62,8 +62,11 @@ class Eab__Family__Attention(__Family__Attention):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, Tq, hd)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, KV, Tq, hd)
+        # Qwen3's attention norms each query and key head before RoPE; the others have no norm.
+        q_norm = getattr(self, "q_norm", nn.Identity())
+        k_norm = getattr(self, "k_norm", nn.Identity())
+        query = q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, H, Tq, hd)
+        key = k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, KV, Tq, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
