@@ -12,10 +12,9 @@ use crate::data::Windows;
 use crate::device::parse_dtype;
 use crate::fsio::replace_dir;
 use crate::fsio::write_atomic;
-use crate::killpoint::point;
-use crate::loss::{kl_to_teacher, lm_loss, ma_penalty, MaTarget};
+use crate::loss::{lm_loss, ma_penalty, MaTarget};
 use crate::memory::{peak_suffix, per_device, Pools};
-use crate::metrics::{log_layers, LogMark, RunLogger};
+use crate::metrics::{LogMark, RunLogger};
 use crate::model::{Model, Taps};
 use crate::ops::kl::kl_through_head;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
@@ -29,21 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Figures of one evaluation on the eval windows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EvalFigures {
-    pub step: usize,
-    pub ppl: f64,
-    /// KL(base || adapted) per position.
-    pub kl: f64,
-    /// The suppression term on the eval windows.
-    pub ma: f64,
-    /// kl + loss.ma.weight * ma: what "best" minimises.
-    pub score: f64,
-    pub massive_count: usize,
-    pub top1: Vec<f64>,
-    pub top1_over_median: Vec<f64>,
-}
+mod eval;
+use eval::{evaluate, log_eval};
+pub use eval::{one_line, EvalFigures};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -322,62 +309,6 @@ fn losses(
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// Perplexity, KL to the base, suppression term and scan figures on the eval windows.
-fn evaluate(
-    r: &Recipe,
-    s: &Setup,
-    model: &Model,
-    step: usize,
-) -> Result<(EvalFigures, ScanReport)> {
-    let mut scanner = Scanner::new(s.ckpt.config.num_hidden_layers, s.base_scan.rule);
-    let (mut kl, mut ma) = (0f64, 0f64);
-    for (w, teacher) in s.eval.ids.iter().zip(&s.teacher_eval_logits) {
-        let ids = Tensor::new(w.as_slice(), &s.base.device)?.unsqueeze(0)?;
-        let out = model.forward(&ids, &scan_taps())?;
-        point("eval");
-        kl += scalar(&kl_to_teacher(&out.logits, teacher, 1.0)?)?;
-        if !s.ma_layers.is_empty() {
-            let hs: Vec<&Tensor> = s.ma_layers.iter().map(|&l| &out.hidden[l]).collect();
-            ma += scalar(&ma_penalty(&hs, r.loss.ma.threshold, &s.ma_target)?)?;
-        }
-        scanner.add(&out, w)?;
-    }
-    let n = s.eval.len() as f64;
-    let report = scanner.finish(
-        &s.ckpt.tokenizer,
-        &r.model.path,
-        s.eval.seq_len,
-        s.eval.bos.is_some(),
-    );
-    let (kl, ma) = (kl / n, ma / n);
-    let figures = EvalFigures {
-        step,
-        ppl: report.ppl,
-        kl,
-        ma,
-        score: kl + r.loss.ma.weight * ma,
-        massive_count: report.massive_count(),
-        top1: report.layers.iter().map(|l| l.top[0]).collect(),
-        top1_over_median: report
-            .layers
-            .iter()
-            .map(|l| l.top[0] / l.median.max(f64::MIN_POSITIVE))
-            .collect(),
-    };
-    Ok((figures, report))
-}
-
-fn log_eval(log: &mut RunLogger, f: &EvalFigures, report: &ScanReport) -> Result<()> {
-    let step = f.step;
-    log.scalar("eval/ppl", f.ppl, step)?;
-    log.scalar("eval/kl", f.kl, step)?;
-    log.scalar("eval/ma", f.ma, step)?;
-    log.scalar("eval/score", f.score, step)?;
-    log.scalar("eval/massive_count", f.massive_count as f64, step)?;
-    log_layers(log, report, step)?;
-    log.flush()
 }
 
 /// Writes a checkpoint folder whole or not at all (an existing one stays until the new one
@@ -679,12 +610,4 @@ fn run(
     let body = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&out_dir, e))?;
     write_atomic(&out_dir.join("summary.json"), body.as_bytes())?;
     Ok(Some((out_dir, summary)))
-}
-
-pub fn one_line(f: &EvalFigures) -> String {
-    let worst = f.top1.iter().cloned().fold(0f64, f64::max);
-    format!(
-        "ppl {:.3}  kl {:.5}  ma {:.4}  massive {}  max top-1 {:.1}  score {:.5}",
-        f.ppl, f.kl, f.ma, f.massive_count, worst, f.score
-    )
 }
