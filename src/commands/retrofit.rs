@@ -1,9 +1,9 @@
 //! The commands that adapt a model and check the result: train, verify, ablate.
 
 use super::RuleArgs;
-use crate::scan::Rule;
 use crate::assets::text_path;
 use crate::model_args::ModelArgs;
+use crate::scan::Rule;
 use crate::{Error, Result};
 use std::path::PathBuf;
 

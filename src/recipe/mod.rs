@@ -582,14 +582,14 @@ impl Recipe {
 
 mod check;
 mod load;
-mod verify;
 #[cfg(test)]
 mod tests;
+mod verify;
 
-pub use verify::{QuantCheck, StreamCheck, VerifySection, VerifyWindows};
 pub(crate) use check::{
     at_least_one, check, check_device, check_run_devices, non_negative, positive,
 };
 pub use load::{
     apply_overrides, field_paths, leaf_paths, load, load_typed, parse_str, parse_typed, Typed,
 };
+pub use verify::{QuantCheck, StreamCheck, VerifySection, VerifyWindows};
