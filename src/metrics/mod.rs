@@ -99,6 +99,19 @@ impl RunLogger {
     /// The logger of a run writing to `out_dir`: TensorBoard folder `root/name` (`name`: the
     /// recipe's, else `out_dir`'s last component), resumed at `mark` when there is one (a
     /// logger that cannot resume starts a new event file, with a warning).
+    /// The main rank's logger of a training run: writes the resolved recipe beside the run's
+    /// checkpoints, then opens (or, from `mark`, resumes) the run's TensorBoard log.
+    pub fn for_main_rank(
+        out_dir: &Path,
+        recipe_yaml: &str,
+        root: &Path,
+        name: Option<&str>,
+        mark: Option<&LogMark>,
+    ) -> Result<Self> {
+        crate::fsio::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+        Self::for_run(root, name, out_dir, mark)
+    }
+
     pub fn for_run(
         root: &Path,
         name: Option<&str>,

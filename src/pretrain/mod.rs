@@ -419,15 +419,13 @@ fn run(
         state.world = rank.world;
     }
     let mut log = match main {
-        true => {
-            write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-            Some(RunLogger::for_run(
-                &r.log.dir,
-                r.log.name.as_deref(),
-                &out_dir,
-                state.log.as_ref(),
-            )?)
-        }
+        true => Some(RunLogger::for_main_rank(
+            &out_dir,
+            &recipe_yaml,
+            &r.log.dir,
+            r.log.name.as_deref(),
+            state.log.as_ref(),
+        )?),
         false => None,
     };
     let (o, total) = (&r.optim, r.train.steps);
