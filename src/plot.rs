@@ -44,18 +44,7 @@ pub fn draw(series: &[LayerSeries], title: &str, out: &Path) -> Result<Vec<Strin
     }
     let (has_font, mut warnings) = font().clone();
     warnings.extend(value_warnings(series));
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let (png, svg) = match ext.as_deref() {
-        Some("png") => (Some(out.to_path_buf()), None),
-        Some("svg") => (None, Some(out.to_path_buf())),
-        _ => (
-            Some(out.with_extension("png")),
-            Some(out.with_extension("svg")),
-        ),
-    };
+    let (png, svg) = crate::plot::targets(out);
     if let Some(path) = png {
         let buf = render_rgb(series, title, SIZE, has_font).map_err(|e| Error::file(&path, e))?;
         write_atomic(&path, |tmp| {
@@ -355,6 +344,22 @@ pub(crate) fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Where a plot named `out` goes: `.png` or `.svg` as named, anything else as both beside it.
+pub(crate) fn targets(out: &Path) -> (Option<PathBuf>, Option<PathBuf>) {
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => (Some(out.to_path_buf()), None),
+        Some("svg") => (None, Some(out.to_path_buf())),
+        _ => (
+            Some(out.with_extension("png")),
+            Some(out.with_extension("svg")),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -70,18 +70,7 @@ pub fn draw_stream(lines: &[StreamLine], title: &str, out: &Path) -> Result<Vec<
         return Err(Error::file(out, "no finite NLL to plot"));
     }
     let (has_font, warnings) = font().clone();
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let (png, svg) = match ext.as_deref() {
-        Some("png") => (Some(out.to_path_buf()), None),
-        Some("svg") => (None, Some(out.to_path_buf())),
-        _ => (
-            Some(out.with_extension("png")),
-            Some(out.with_extension("svg")),
-        ),
-    };
+    let (png, svg) = crate::plot::targets(out);
     if let Some(path) = png {
         write_atomic(&path, |tmp| {
             let root = BitMapBackend::new(tmp, SIZE).into_drawing_area();
