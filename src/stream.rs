@@ -193,7 +193,7 @@ mod tests {
             (4, 7, 8, "--sink-tokens 7"),
             (4, 0, 0, "--chunk"),
         ] {
-            let e = Rolling::new(l, s, c).err().expect("refused");
+            let e = Rolling::new(l, s, c).expect_err("refused");
             assert!(e.is_usage() && e.to_string().contains(needle), "{e}");
         }
         assert!(Rolling::new(4, 3, 1).is_ok());

@@ -490,7 +490,7 @@ fn run(
             let g = step * o.grad_accum + micro;
             let rows = match (&s.long, &r.data.long) {
                 // The same long window on every rank (their mean is that window's gradient).
-                (Some(long), Some(l)) if (g + 1) % l.every == 0 => {
+                (Some(long), Some(l)) if (g + 1).is_multiple_of(l.every) => {
                     vec![&long.ids[(g / l.every) % long.len()]]
                 }
                 _ => batch_ids(&s.train, state.seed, g, r.data.batch_size, rank),
