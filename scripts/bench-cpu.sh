@@ -16,6 +16,6 @@ echo "--- scan, 10 windows x 512 tokens"
 /usr/bin/time -f "scan wall %e s, max RSS %M KB" $eab scan --text $S/hamlet_gut.txt --seq-len 512 --num-seqs 10 | tail -1
 echo "--- train, smollm2 recipe, 5 steps (batch 1 x 128 tokens, KL teacher included)"
 out=$(mktemp -d)
-$eab train recipes/smollm2-135m-eab.yaml train.steps=5 eval.every=1000 train.checkpoint_every=1000 \
+$eab train recipes/smollm2-135m-eab-macbeth.yaml train.steps=5 eval.every=1000 train.checkpoint_every=1000 \
   train.out_dir=$out/run log.dir=$out/tb | grep -E "tokens/s"
 rm -rf "$out"

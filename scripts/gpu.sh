@@ -4,7 +4,8 @@
 #
 # On the build machine (no GPU), first:
 #   scripts/cuda-build.sh                  # .device-bin/eabfit[.xz], the cuda feature
-#   scripts/gpu.sh pack [TEST...]          # + the CUDA test binaries (tests/TEST.rs, default cuda)
+#   scripts/gpu.sh pack [TEST...]          # + the CUDA test binaries (tests/TEST.rs; default
+#                                          #   cuda_model cuda_ops cuda_pretrain)
 #   scripts/gpu.sh pack-tokenizer          # + .device-bin/smollm2-tokenizer (pretrain-* tasks)
 # On the GPU machine:
 #   scripts/gpu.sh TASK[=SECONDS] [TASK[=SECONDS]...]
@@ -14,9 +15,10 @@
 #   bench           eabfit vs PyTorch + transformers + PEFT (BENCH_*)   lib/bench.sh
 #   train-7b        train / verify / export on a random LLaMA-2-7B      lib/train-7b.sh
 #                   (TRAIN_STEPS, 6 here; the export is removed after)
-#   train-70b       the layer split: info / ppl / generate / train on a  lib/train-70b.sh
-#                   random LLaMA-2-70B over several GPUs (LAYERS, MAP,
-#                   TRAIN_STEPS; on nvidia-h200-x2 LAYERS=60 for the disk)
+#   train-70b       the layer split: info / ppl / generate / train /     lib/train-70b.sh
+#                   export on a random LLaMA-2-70B over several GPUs
+#                   (LAYERS, MAP, TRAIN_STEPS, EXPORT; on nvidia-h200-x2
+#                   LAYERS=60 for the disk)
 #   oom             CUDA out-of-memory messages of bench, scan, train   lib/oom.sh
 #   remote-code     the hf export in transformers with remote code      lib/remote-code.sh
 #   peft            the peft export in transformers + PEFT               lib/peft.sh

@@ -39,6 +39,24 @@ fn qwen3_with_bias(seed: u64) -> common::Tiny {
     common::Tiny { dir, config }
 }
 
+/// The tied Qwen2 fixture whose file still carries an `lm_head.weight` of its own (random,
+/// not the embedding): transformers 5.25 then unties them and runs the file's head (it warns
+/// that it will "NOT tie them"), so eabfit must too.
+fn qwen2_tied_with_own_head(seed: u64) -> common::Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(Arch::Qwen2);
+    assert_eq!(config["tie_word_embeddings"], true);
+    let mut w = common::weights(&config, seed);
+    let mut untied = config.clone();
+    untied["tie_word_embeddings"] = false.into();
+    let head = common::weights(&untied, seed + 1)
+        .remove("lm_head.weight")
+        .unwrap();
+    w.insert("lm_head.weight".into(), head);
+    common::write_checkpoint(dir.path(), &config, &w);
+    common::Tiny { dir, config }
+}
+
 fn eabfit_logits(spec: &str, ids: &Tensor) -> Tensor {
     Checkpoint::open(spec)
         .unwrap()
@@ -49,7 +67,8 @@ fn eabfit_logits(spec: &str, ids: &Tensor) -> Tensor {
 }
 
 /// candle-transformers' `qwen2` / `qwen3` on the fixture's folder: its final hidden states
-/// through the fixture's own head (its causal-LM wrapper returns the last position only).
+/// through the fixture's own head, the file's `lm_head.weight` when it has one, else the
+/// embedding (its causal-LM wrapper returns the last position only).
 fn candle_logits(tiny: &common::Tiny, ids: &Tensor) -> Tensor {
     use candle_transformers::models::{qwen2, qwen3};
     let dir = tiny.path();
@@ -88,13 +107,15 @@ fn candle_logits(tiny: &common::Tiny, ids: &Tensor) -> Tensor {
 
 /// Logits of every position of the tiny Qwen2 (q/k/v biases, tied head, a switched-off
 /// window narrower than the sequence), Qwen3 (head norms, head_dim apart from hidden/heads)
-/// and Qwen3 with `attention_bias` against candle-transformers: within 1e-4 of the largest.
+/// Qwen3 with `attention_bias`, and the tied Qwen2 with a head of its own in the file against
+/// candle-transformers: within 1e-4 of the largest.
 #[test]
 fn qwen_logits_match_candle_transformers() {
     let cases = [
         ("qwen2", common::tiny(Arch::Qwen2, 5)),
         ("qwen3", common::tiny(Arch::Qwen3, 6)),
         ("qwen3 attention_bias", qwen3_with_bias(7)),
+        ("qwen2 tied, own lm_head", qwen2_tied_with_own_head(8)),
     ];
     for (what, tiny) in &cases {
         let ids = ids(3, common::WORDS.len() + 3);
@@ -375,6 +396,12 @@ fn unsupported_config_fields_are_refused_by_name() {
         ),
         (
             Arch::Llama,
+            "rope_parameters",
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}),
+            &["partial_rotary_factor 0.25"],
+        ),
+        (
+            Arch::Llama,
             "final_logit_softcapping",
             30.0.into(),
             &["final_logit_softcapping"],
@@ -396,6 +423,12 @@ fn unsupported_config_fields_are_refused_by_name() {
             "rope_scaling",
             serde_json::json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
             &["rope_scaling.rope_type `yarn`"],
+        ),
+        (
+            Arch::Qwen3,
+            "quantization_config",
+            serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]}),
+            &["quantization_config", "`fp8`"],
         ),
     ];
     for (arch, field, value, needles) in cases {

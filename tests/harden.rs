@@ -5,9 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::snapshot;
 use eabfit::adapters::{AdapterMeta, AdapterSet, SlotInit};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -120,26 +120,6 @@ fn a_held_run_folder_is_refused_and_a_killed_runs_lock_is_recovered() {
         .unwrap();
     assert!(third.status.success(), "{}", stderr(&third));
     assert!(out.join("final/adapter.safetensors").is_file());
-}
-
-/// Every file under `dir` (relative path -> bytes).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn hidden_entries(dir: &Path) -> Vec<String> {

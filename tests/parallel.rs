@@ -5,6 +5,7 @@
 //! own error, named, within a time limit.
 
 mod common;
+use common::scalars;
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -108,24 +109,6 @@ fn tensors(file: &Path) -> HashMap<String, Vec<f64>> {
                 .to_vec1::<f64>()
                 .unwrap();
             (k, v)
-        })
-        .collect()
-}
-
-/// (tag, step, value) of every scalar logged but the clock's.
-fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
-    let name = out.file_name().unwrap();
-    std::fs::read_to_string(out.join("tb").join(name).join("scalars.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["tag"] != "train/tokens_per_s")
-        .map(|v| {
-            (
-                v["tag"].as_str().unwrap().to_string(),
-                v["step"].as_u64().unwrap(),
-                v["value"].as_f64().unwrap_or(f64::NAN),
-            )
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 //! run measured, a killed run resumes bit for bit, and the slot variant trains its slots.
 
 mod common;
+use common::{json, scalars};
 
 use serde_json::Value;
 use std::os::unix::process::ExitStatusExt;
@@ -142,30 +143,6 @@ fn read_u32s(p: &Path) -> Vec<u32> {
         .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
         .collect()
 }
-
-fn json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-/// (tag, step, value) of every scalar the run logged, tokens/s left out (it measures time).
-fn scalars(out: &Path) -> Vec<(String, u64, f64)> {
-    let name = out.file_name().unwrap();
-    std::fs::read_to_string(out.join("tb").join(name).join("scalars.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["tag"] != "train/tokens_per_s")
-        .map(|v| {
-            let f = v["value"].as_f64().unwrap_or(f64::NAN);
-            (
-                v["tag"].as_str().unwrap().to_string(),
-                v["step"].as_u64().unwrap(),
-                f,
-            )
-        })
-        .collect()
-}
-
 fn curve(sc: &[(String, u64, f64)], tag: &str) -> Vec<(u64, f64)> {
     sc.iter()
         .filter(|(t, _, _)| t == tag)

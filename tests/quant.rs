@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{bin, planted, row, PLANT_DIM};
+use common::{bin, json, planted, row, PLANT_DIM};
 use eabfit::adapters::{Adapters, EabSlot, Lora};
 use eabfit::checkpoint::{Base, Checkpoint};
 use eabfit::data::Windows;
@@ -21,11 +21,6 @@ use std::sync::Arc;
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().unwrap()
 }
-
-fn json(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn float_setting_is_ppl_exactly_and_the_json_holds_the_fields() {
     let t = common::tiny(common::Arch::Llama, 61);

@@ -8,6 +8,7 @@
 //! itself SIGKILL at the Nth pass of a named point) and through a real SIGKILL from here.
 
 mod common;
+use common::json;
 
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde_json::Value;
@@ -158,11 +159,6 @@ fn resume(out: &Path) -> String {
     assert!(o.status.success(), "resume failed: {stderr}");
     stderr
 }
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{bin, planted, PLANT_DIM};
+use common::{bin, json, planted, PLANT_DIM};
 use eabfit::adapters::Adapters;
 use eabfit::checkpoint::Checkpoint;
 use eabfit::model::{Edit, Taps};
@@ -13,11 +13,6 @@ use std::process::Command;
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().unwrap()
 }
-
-fn json(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn scan_finds_exactly_the_planted_activation() {
     let t = planted(21);

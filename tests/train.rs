@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::bin;
+use common::{bin, json};
 use std::path::Path;
 use std::process::Command;
 
@@ -14,11 +14,6 @@ fn adapters(dir: &Path) -> std::collections::HashMap<String, Vec<f32>> {
         .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
 }
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn a_run_logs_what_it_reports_and_leaves_the_base_alone() {
     let r = common::TrainRun::new(31);

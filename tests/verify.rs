@@ -162,8 +162,7 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let q: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&q_json).unwrap()).unwrap();
+    let q = common::json(&q_json);
     assert!(
         (q["gap"].as_f64().unwrap() - gap).abs() < 1e-9,
         "{q} vs {gap}"
@@ -187,10 +186,7 @@ fn verify_fails_when_massive_activations_remain_and_passes_when_gone() {
     let single = |text: &std::path::Path, out: &str| -> serde_json::Value {
         let o = verify(&t, &fit.join("best"), text, &t.path().join(out));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_str(
-            &std::fs::read_to_string(t.path().join(out).join("verify.json")).unwrap(),
-        )
-        .unwrap()
+        common::json(&t.path().join(out).join("verify.json"))
     };
     let (a, b) = (single(&eval_txt, "v-a"), single(&other_txt, "v-b"));
     let multi = |limit: f64, out: &str| {

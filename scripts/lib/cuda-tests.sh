@@ -2,7 +2,8 @@
 # CUDA test binaries: packed here, run on the GPU machine.
 #
 # On the build machine (no GPU):
-#   scripts/gpu.sh pack [TEST...]        # TEST: names of tests/*.rs, default: cuda
+#   scripts/gpu.sh pack [TEST...]        # TEST: names of tests/*.rs, default: cuda_model
+#                                        #   cuda_ops cuda_pretrain
 #     builds with `scripts/cuda-build.sh --tests --no-run` (the cuda feature; also refreshes
 #     .device-bin/eabfit), then strips each named test executable and xz-compresses it into
 #     .device-bin/tests/NAME.xz (git-ignored). If .device-bin as a whole is then over the
@@ -27,13 +28,13 @@ log() { echo "gpu-test: $*" >&2; }
 if [ "${1:-}" = --pack ]; then
   shift
   names=("$@")
-  [ ${#names[@]} -gt 0 ] || names=(cuda)
+  [ ${#names[@]} -gt 0 ] || names=(cuda_model cuda_ops cuda_pretrain)
   build_log=$(mktemp)
   trap 'rm -f "$build_log"' EXIT
   "$repo/scripts/cuda-build.sh" --tests --no-run 2>&1 | tee "$build_log" >&2
   mkdir -p "$device_bin/tests"
   for name in "${names[@]}"; do
-    # cargo: "  Executable tests/cuda.rs (target-cuda/release/deps/cuda-0123abcd)"
+    # cargo: "  Executable tests/cuda_ops.rs (target-cuda/release/deps/cuda_ops-0123abcd)"
     exe=$(sed -nE "s#^[[:space:]]*Executable tests/$name\.rs \((.*)\)[[:space:]]*\$#\1#p" "$build_log" | tail -n1)
     [ -n "$exe" ] || { log "no test executable for tests/$name.rs in the build output"; exit 1; }
     case "$exe" in /*) ;; *) exe=$repo/$exe ;; esac

@@ -56,7 +56,7 @@ scan_run() {
 }
 
 # retrofit MODEL DIR: issue 14's retrofit of a pretrained model, `eabfit train` with
-# recipes/smollm2-135m-eab.yaml's adapters (slots in every layer, LoRA on layer 1's MLP, KL to
+# recipes/smollm2-135m-eab-macbeth.yaml's adapters (slots in every layer, LoRA on layer 1's MLP, KL to
 # the frozen model) for $RETROFIT_STEPS (60) steps under `timeout $RETROFIT_S`, on held-in files
 # (never the held-out ones), then `eabfit verify` before/after on the held-out text. Logs and
 # runs go to DIR.
@@ -71,11 +71,11 @@ retrofit() {
     log.name=retrofit verify.text="$work/heldout.txt" verify.seq_len="${SCAN_LEN:-1023}"
     verify.windows=16)
   log "retrofit: ${RETROFIT_STEPS:-60} steps on $model"
-  timeout "${RETROFIT_S:-120}" "$bin" train recipes/smollm2-135m-eab.yaml "${over[@]}" \
+  timeout "${RETROFIT_S:-120}" "$bin" train recipes/smollm2-135m-eab-macbeth.yaml "${over[@]}" \
     > "$dir/retrofit-train.txt" 2>&1
   log "retrofit train exit $? in $(( $(date +%s) - t )) s"
   grep -E "^trained|tokens/s" "$dir/retrofit-train.txt" | tail -n 2 | tee -a "$work/logs/summary.txt"
-  timeout "${VERIFY_S:-60}" "$bin" verify recipes/smollm2-135m-eab.yaml "${over[@]}" \
+  timeout "${VERIFY_S:-60}" "$bin" verify recipes/smollm2-135m-eab-macbeth.yaml "${over[@]}" \
     --out "$dir/retrofit-verify" > "$dir/retrofit-verify.txt" 2>&1
   log "retrofit verify exit $?"
   tail -n 14 "$dir/retrofit-verify.txt" | tee -a "$work/logs/summary.txt"

@@ -23,7 +23,7 @@
 #             their last measured rates, or the step of the run furthest ahead when that is
 #             later: give PAIR_S room for the runs behind to catch up), then scans each on 16 held-out windows of 1023 tokens
 #             (plots with matplotlib's DejaVu font), overlays them, writes the curves, and runs
-#             the retrofit: `eabfit train` of recipes/smollm2-135m-eab.yaml's adapters (slots in
+#             the retrofit: `eabfit train` of recipes/smollm2-135m-eab-macbeth.yaml's adapters (slots in
 #             every layer, LoRA on layer 1's MLP, KL to the frozen model) on the default model
 #             for $RETROFIT_STEPS steps, then `eabfit verify` before/after.
 # $OUT (at most 8 files): pair.tgz (logs, scalars, scans, summaries), summary.txt, and with

@@ -16,7 +16,7 @@
 #        tokens of the held-out files, and overlays the two scans;
 #     4. turns both runs' scalars into curves.csv (and curves.png where matplotlib imports);
 #     5. the retrofit (RETROFIT_STEPS > 0, default 60): `eabfit train` of
-#        recipes/smollm2-135m-eab.yaml's adapters (slots in every layer, LoRA on layer 1's MLP,
+#        recipes/smollm2-135m-eab-macbeth.yaml's adapters (slots in every layer, LoRA on layer 1's MLP,
 #        KL to the frozen model) on the default model, on held-in training files, then
 #        `eabfit verify` (massive count and perplexity before/after) on the held-out text,
 #        under `timeout $RETROFIT_S`.

@@ -19,16 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-./profile-out}
 mkdir -p "$out"
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. scripts/lib/device-env.sh
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)
 [ -n "$ncu" ] || { echo "gpu-profile: no ncu" >&2; exit 1; }
-bin=${EABFIT_BIN:-}
-if [ -z "$bin" ]; then
-  bin=$(mktemp -d)/eabfit
-  if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else xz -dc .device-bin/eabfit.xz > "$bin"; fi
-  chmod +x "$bin"
-fi
+bin=$(device_bin "$(mktemp -d)")
 shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(llama2-7b llama-1b)
 mode=${PROFILE_MODE:-train}

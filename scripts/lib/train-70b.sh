@@ -4,7 +4,9 @@
 # --shape llama2-70b, ~129 GiB for 80 layers), then through eabfit with --device-map: `info` (the
 # plan), `ppl` (a split forward, timed), `generate` (KV-cached decoding across the GPUs) and
 # `train recipes/llama2-70b-eab.yaml` (slots in every layer + LoRA r16 on layer 1, KL teacher on
-# the same split weights, T 2048), which prints each GPU's peak memory.
+# the same split weights, T 2048), which prints each GPU's peak memory, then `export --dtype bf16`
+# of the trained adapter with the same map (the streaming merge, each layer on its GPU; its peak
+# host memory printed where /usr/bin/time exists), removed after.
 #
 # Run from the repo root on the GPU machine with .device-bin (scripts/cuda-build.sh) and the
 # Shakespeare texts (.cache/assets/shakespeare) carried:
@@ -12,23 +14,16 @@
 #   LAYERS=60 scripts/gpu.sh train-70b             # on nvidia-h200-x2 (128 GB disk)
 # The checkpoint stays in $WORK between calls while the machine is warm, so a second call skips
 # writing it. Environment: LAYERS (80), MAP (auto; or e.g. cuda:0=0-39,cuda:1=40-79),
-# TRAIN_STEPS (4), SEQ (2048), WORK (/tmp/eabfit-70b), EABFIT_BIN, PYTHON.
+# TRAIN_STEPS (4), SEQ (2048), EXPORT (1; 0 skips the export, as does a disk without room for a
+# second copy of the checkpoint), WORK (/tmp/eabfit-70b), EABFIT_BIN, PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-./train-70b-out}
 mkdir -p "$out"
-py=${PYTHON:-/opt/torch/.venv/bin/python}
-[ -x "$py" ] || py=$(command -v python3)
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-[ -d "$cu13" ] && export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. scripts/lib/device-env.sh
 work=${WORK:-/tmp/eabfit-70b}
 mkdir -p "$work"
-bin=${EABFIT_BIN:-}
-if [ -z "$bin" ]; then
-  bin=$work/eabfit
-  if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else xz -dc .device-bin/eabfit.xz > "$bin"; fi
-  chmod +x "$bin"
-fi
+bin=$(device_bin "$work")
 layers=${LAYERS:-80}
 map=${MAP:-auto}
 seq=${SEQ:-2048}
@@ -61,4 +56,21 @@ over=(model.path="$model" model.device_map="$map" data.train=$text data.eval=$te
       train.checkpoint_every=1000 eval.every=1000 log.dir=$work/tb)
 "$bin" train recipes/llama2-70b-eab.yaml "${over[@]}" 2>&1 | tee "$out/train.log" | grep -vE '^\s' | tail -n 20
 cp "$work/run/summary.json" "$out/summary.json"
+# The export is as large as the checkpoint: only with room for it (and 4 GiB to spare).
+if [ "${EXPORT:-1}" = 1 ]; then
+  need=$(( $(du -sm "$model" | awk '{print $1}') + 4096 ))
+  have=$(df -Pm "$work" | awk 'NR == 2 {print $4}')
+  if [ "$have" -lt "$need" ]; then
+    echo "export: skipped, it needs ~$need MiB of disk and $work has $have MiB (set LAYERS lower)" | tee "$out/export.log"
+  else
+    timer=()
+    [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "export: peak host memory %M KiB, %e s")
+    rc=0
+    ${timer[@]+"${timer[@]}"} "$bin" export --model "$model" --adapter "$work/run/final" \
+      --out "$work/export" --force --dtype bf16 --device-map "$map" 2>&1 | tee "$out/export.log" || rc=$?
+    du -sh "$work/export" 2>/dev/null | tee -a "$out/export.log"
+    rm -rf "$work/export"
+    [ "$rc" = 0 ]
+  fi
+fi
 echo "all done after $(( $(date +%s) - t0 )) s"

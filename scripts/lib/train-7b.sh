@@ -13,18 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-./train-7b-out}
 mkdir -p "$out"
-py=${PYTHON:-/opt/torch/.venv/bin/python}
-[ -x "$py" ] || py=$(command -v python3)
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-[ -d "$cu13" ] && export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. scripts/lib/device-env.sh
 work=${WORK:-/tmp/eabfit-7b}
 mkdir -p "$work"
-bin=${EABFIT_BIN:-}
-if [ -z "$bin" ]; then
-  bin=$work/eabfit
-  if [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else xz -dc .device-bin/eabfit.xz > "$bin"; fi
-  chmod +x "$bin"
-fi
+bin=$(device_bin "$work")
 text=.cache/assets/shakespeare
 model=$work/model
 t0=$(date +%s)

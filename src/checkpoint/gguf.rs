@@ -12,7 +12,7 @@ use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     // Names inside a corrupt file can hold any bytes: escape control characters so that the
@@ -21,7 +21,7 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
     gguf_check::alignment(&mut file).map_err(|e| err(format!("not a readable GGUF: {e}")))?;
-    let content = gguf_file::Content::read(&mut file)
+    let mut content = gguf_file::Content::read(&mut file)
         .map_err(|e| err(format!("not a readable GGUF: {e}")))?;
     gguf_check::tensors(&content, file_len).map_err(err)?;
     let md = &content.metadata;
@@ -104,25 +104,18 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         .map_err(err)?;
     let tokenizer = Tok::from_gguf(path, md)?;
     let hd = config.head_dim();
-    let mut weights = HashMap::new();
+    let permuted = matches!(family, Family::Llama | Family::Mistral);
+    let mut tensors = HashMap::new();
     let mut stored = String::new();
-    for name in content.tensor_infos.keys() {
-        let hf_name = hf_name(name).ok_or_else(|| {
+    for (name, info) in std::mem::take(&mut content.tensor_infos) {
+        let hf_name = hf_name(&name).ok_or_else(|| {
             err(format!(
                 "tensor `{name}` is not one eabfit computes with (a {arch} decoder without it would run a different model)"
             ))
         })?;
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
         if name.ends_with("attn_q.weight") && stored.is_empty() {
-            stored = format!("{:?}", q.dtype());
+            stored = format!("{:?}", info.ggml_dtype);
         }
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-        let permuted = matches!(family, Family::Llama | Family::Mistral);
         let heads = if !permuted {
             None
         } else if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
@@ -132,15 +125,18 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         } else {
             None
         };
+        // Checked here, from the header, so that a file that cannot be unpermuted fails at open
+        // as it did when every tensor was read then.
         if let Some(heads) = heads {
-            t = unpermute(&t, heads, hd).map_err(|e| {
-                err(format!(
-                    "tensor `{name}` of shape {:?} does not fit {heads} heads of {hd}: {e}",
-                    t.dims()
-                ))
-            })?;
+            let rows = info.shape.dims().first().copied().unwrap_or(0);
+            if rows != heads * hd || !hd.is_multiple_of(2) || info.shape.rank() > 2 {
+                return Err(err(format!(
+                    "tensor `{name}` of shape {:?} does not fit {heads} heads of {hd}",
+                    info.shape.dims()
+                )));
+            }
         }
-        weights.insert(hf_name, t);
+        tensors.insert(hf_name, GgufTensor { name, info, heads });
     }
     let raw_config = serde_json::to_value(&config).map_err(|e| err(e.to_string()))?;
     Ok(Checkpoint {
@@ -151,8 +147,64 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint> {
         tokenizer,
         stored_dtype: stored,
         eab: None,
-        weights: Weights::InMemory(weights),
+        weights: Weights::Gguf(GgufWeights {
+            path: path.to_path_buf(),
+            data_offset: content.tensor_data_offset,
+            head_dim: hd,
+            tensors,
+        }),
     })
+}
+
+/// A GGUF's tensors, read and dequantized one at a time when asked for: a 70B model in host
+/// memory as f32 would take ~280 GB.
+pub(super) struct GgufWeights {
+    path: PathBuf,
+    data_offset: u64,
+    head_dim: usize,
+    /// By Hugging Face name.
+    tensors: HashMap<String, GgufTensor>,
+}
+
+struct GgufTensor {
+    /// The name in the file.
+    name: String,
+    info: gguf_file::TensorInfo,
+    /// Heads whose RoPE pairs llama.cpp interleaved (LLaMA / Mistral q and k); `None` otherwise.
+    heads: Option<usize>,
+}
+
+impl GgufWeights {
+    /// Every tensor's Hugging Face name and shape, from the header.
+    pub(super) fn shapes(&self) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
+        self.tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.info.shape.dims().to_vec()))
+    }
+
+    pub(super) fn contains(&self, hf_name: &str) -> bool {
+        self.tensors.contains_key(hf_name)
+    }
+
+    /// Tensor `hf_name` dequantized to f32 on the host, in the Hugging Face layout.
+    pub(super) fn read(&self, hf_name: &str) -> Result<Tensor> {
+        let err = |msg: String| Error::file(&self.path, crate::error::escape_controls(&msg));
+        let t = self
+            .tensors
+            .get(hf_name)
+            .ok_or_else(|| err(format!("tensor `{hf_name}`: not in the checkpoint")))?;
+        let mut file = std::fs::File::open(&self.path).map_err(|e| Error::file(&self.path, e))?;
+        let w = t
+            .info
+            .read(&mut file, self.data_offset, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|w| w.to_dtype(DType::F32))
+            .and_then(|w| match t.heads {
+                Some(heads) => unpermute(&w, heads, self.head_dim),
+                None => Ok(w),
+            });
+        w.map_err(|e| err(format!("tensor `{}`: {e}", t.name)))
+    }
 }
 
 /// Metadata of settings the decoder does not compute: RoPE scaling (llama.cpp keeps LLaMA-3's

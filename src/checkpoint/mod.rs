@@ -5,15 +5,16 @@
 mod gguf;
 mod gguf_check;
 mod hf;
+mod reader;
 mod tokenizer;
 
+pub use reader::TensorReader;
 pub use tokenizer::Tok;
 
 use crate::adapters::{slot_names, Adapters, EabSlot};
 use crate::device_map::{Placement, Sizes};
-use crate::model::{Config, Model};
+use crate::model::{Config, Family, Model};
 use crate::{Error, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -38,8 +39,8 @@ impl std::fmt::Display for Format {
 enum Weights {
     /// Memory-mapped shards, read lazily by the VarBuilder.
     Safetensors(Vec<PathBuf>),
-    /// Tensors already in memory (a dequantized GGUF), Hugging Face names, f32 on the CPU.
-    InMemory(HashMap<String, Tensor>),
+    /// A GGUF, each tensor dequantized when read.
+    Gguf(gguf::GgufWeights),
 }
 
 pub struct Checkpoint {
@@ -162,32 +163,16 @@ impl Checkpoint {
                 dtype
             }
         };
-        let mut tensors: HashMap<String, Tensor> = match &self.weights {
-            Weights::Safetensors(files) => {
-                // Safety: the files are only read; mmap of a file changed under us is the
-                // documented risk of every safetensors loader.
-                let st = unsafe { MmapedSafetensors::multi(files) }
-                    .map_err(|e| Error::file(&self.source, e))?;
-                st.tensors()
-                    .into_iter()
-                    .map(|(name, _)| {
-                        let device = placement.device(placement.slot_of_tensor(&name));
-                        let t = st
-                            .load(&name, device)
-                            .and_then(|t| t.to_dtype(dtype_of(&name)));
-                        t.map(|t| (name.clone(), t))
-                            .map_err(|e| Error::file(&self.source, format!("tensor `{name}`: {e}")))
-                    })
-                    .collect::<Result<_>>()?
-            }
-            Weights::InMemory(ts) => ts
-                .iter()
-                .map(|(k, v)| {
-                    let device = placement.device(placement.slot_of_tensor(k));
-                    Ok((k.clone(), v.to_device(device)?.to_dtype(dtype_of(k))?))
-                })
-                .collect::<Result<_>>()?,
-        };
+        let reader = self.reader()?;
+        let mut tensors: HashMap<String, Tensor> = reader
+            .shapes()
+            .into_iter()
+            .map(|(name, _)| {
+                let device = placement.device(placement.slot_of_tensor(&name));
+                let t = reader.read(&name, device, dtype_of(&name))?;
+                Ok((name, t))
+            })
+            .collect::<Result<_>>()?;
         check_finite(&self.source, &tensors)?;
         let eab = match &self.eab {
             Some(e) => Some(self.take_slots(e, &mut tensors)?),
@@ -288,17 +273,9 @@ pub struct Base {
 }
 
 impl Base {
-    /// `adapters` as models of this base run them: an export's own slots (with its
-    /// mask_first_token) join, unless `adapters` brings slots of its own.
+    /// `adapters` as models of this base run them (see [`effective_adapters`]).
     pub fn effective_adapters(&self, adapters: &Adapters) -> Adapters {
-        match &self.eab {
-            Some(e) if adapters.slots.iter().all(Option::is_none) => Adapters {
-                slots: e.slots.clone(),
-                lora: adapters.lora.clone(),
-                mask_first_token: e.mask_first_token,
-            },
-            _ => adapters.clone(),
-        }
+        effective_adapters(self.eab.as_ref(), adapters)
     }
 
     pub fn model(&self, adapters: &Adapters) -> Result<Model> {
@@ -309,28 +286,46 @@ impl Base {
     }
 }
 
+/// `adapters` as a model with an export's own slots `eab` runs them: those slots (with their
+/// mask_first_token) join, unless `adapters` brings slots of its own.
+pub fn effective_adapters(eab: Option<&Adapters>, adapters: &Adapters) -> Adapters {
+    match eab {
+        Some(e) if adapters.slots.iter().all(Option::is_none) => Adapters {
+            slots: e.slots.clone(),
+            lora: adapters.lora.clone(),
+            mask_first_token: e.mask_first_token,
+        },
+        _ => adapters.clone(),
+    }
+}
+
 /// A NaN or inf weight would surface as a NaN loss many steps later; name the tensor at load.
-/// `x * 0` is 0 for every finite x and NaN otherwise, so one sum per tensor finds it.
 fn check_finite(source: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
-        let t = &tensors[name];
-        let probe = t
-            .affine(0.0, 0.0)
-            .and_then(|z| z.sum_all())
-            .and_then(|z| z.to_dtype(DType::F32))
-            .and_then(|z| z.to_scalar::<f32>())
-            .map_err(|e| Error::file(source, format!("tensor `{name}`: {e}")))?;
-        if !probe.is_finite() {
-            return Err(Error::file(
-                source,
-                format!(
-                    "tensor `{name}` holds NaN or inf values (in {:?}); the checkpoint is corrupt",
-                    t.dtype()
-                ),
-            ));
-        }
+        check_finite_one(source, name, &tensors[name])?;
+    }
+    Ok(())
+}
+
+/// [`check_finite`] of one tensor: `x * 0` is 0 for every finite x and NaN otherwise, so one sum
+/// finds it.
+pub(crate) fn check_finite_one(source: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let probe = t
+        .affine(0.0, 0.0)
+        .and_then(|z| z.sum_all())
+        .and_then(|z| z.to_dtype(DType::F32))
+        .and_then(|z| z.to_scalar::<f32>())
+        .map_err(|e| Error::file(source, format!("tensor `{name}`: {e}")))?;
+    if !probe.is_finite() {
+        return Err(Error::file(
+            source,
+            format!(
+                "tensor `{name}` holds NaN or inf values (in {:?}); the checkpoint is corrupt",
+                t.dtype()
+            ),
+        ));
     }
     Ok(())
 }
@@ -352,12 +347,38 @@ fn check_limits(cfg: &Config) -> std::result::Result<(), String> {
 fn parse_config(path: &Path, text: &str) -> Result<(Config, serde_json::Value)> {
     let raw: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
-    let cfg: Config =
-        serde_json::from_value(with_rope_parameters(&raw)).map_err(|e| Error::file(path, e))?;
+    let cfg: Config = serde_json::from_value(with_class_defaults(with_rope_parameters(&raw)))
+        .map_err(|e| Error::file(path, e))?;
     cfg.validate()
         .and_then(|()| check_limits(&cfg))
         .map_err(|e| Error::file(path, e))?;
     Ok((cfg, raw))
+}
+
+/// A field config.json leaves out takes the default of transformers' config class for the
+/// family, where that differs from what eabfit would derive (its own defaults are LLaMA's):
+/// Mistral's 8 KV heads and window of 4096, Qwen's 32 KV heads, Qwen3's head_dim 128, and
+/// every family's rms_norm_eps 1e-6. Written-out nulls stay nulls, as transformers reads them.
+fn with_class_defaults(mut v: serde_json::Value) -> serde_json::Value {
+    let family = Family::of(v.get("model_type").and_then(|t| t.as_str()));
+    let defaults: &[(&str, serde_json::Value)] = match family {
+        Ok(Family::Mistral) => &[
+            ("num_key_value_heads", 8.into()),
+            ("sliding_window", 4096.into()),
+        ],
+        Ok(Family::Qwen2) => &[("num_key_value_heads", 32.into())],
+        Ok(Family::Qwen3) => &[("num_key_value_heads", 32.into()), ("head_dim", 128.into())],
+        _ => &[],
+    };
+    if let Some(obj) = v.as_object_mut() {
+        for (key, value) in defaults
+            .iter()
+            .chain([("rms_norm_eps", 1e-6.into())].iter())
+        {
+            obj.entry(*key).or_insert_with(|| value.clone());
+        }
+    }
+    v
 }
 
 /// transformers 5 writes RoPE settings as `rope_parameters: {rope_type, rope_theta, ...}`
@@ -368,9 +389,12 @@ fn with_rope_parameters(raw: &serde_json::Value) -> serde_json::Value {
     let Some(rp) = raw.get("rope_parameters").filter(|p| p.is_object()) else {
         return v;
     };
-    if v.get("rope_theta").is_none() {
-        if let Some(theta) = rp.get("rope_theta") {
-            v["rope_theta"] = theta.clone();
+    // A partial rotary part it holds is refused by `Config::validate` as a top-level one is.
+    for key in ["rope_theta", "partial_rotary_factor"] {
+        if v.get(key).is_none() {
+            if let Some(x) = rp.get(key) {
+                v[key] = x.clone();
+            }
         }
     }
     let kind = rp

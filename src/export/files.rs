@@ -9,46 +9,55 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
 /// Writes `model.safetensors`, or shards + `model.safetensors.index.json` when the tensors
-/// exceed `max_shard` bytes. Returns (shards, bytes).
+/// exceed `max_shard` bytes. `sizes` names every tensor with its byte count; `produce` makes one
+/// when its shard is written, and the shard's tensors are dropped before the next shard's are
+/// made, so at most one shard is in memory. Returns (shards, bytes).
 pub(super) fn write_weights(
     dir: &Path,
-    mut tensors: Vec<(String, Tensor)>,
+    sizes: Vec<(String, u64)>,
     max_shard: u64,
+    mut produce: impl FnMut(&str) -> Result<Tensor>,
 ) -> Result<(usize, u64)> {
-    tensors.sort_by_key(|(n, _)| natural_key(n));
-    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let total: u64 = sizes.iter().map(|(_, s)| s).sum();
+    let shards = shard_plan(sizes, max_shard);
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
+        let mut map = HashMap::with_capacity(shard.len());
+        for name in shard {
+            let t = produce(&name)?;
+            weight_map.insert(name.clone(), file.clone());
+            map.insert(name, t);
+        }
+        crate::fsio::save_safetensors(&map, &dir.join(&file))?;
+    }
+    if count > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+    Ok((count, total))
+}
+
+/// The tensors of each shard, in natural name order: a new shard starts where the next tensor
+/// would take the current one past `max_shard` bytes (a larger tensor gets a shard of its own).
+fn shard_plan(mut sizes: Vec<(String, u64)>, max_shard: u64) -> Vec<Vec<String>> {
+    sizes.sort_by_key(|(n, _)| natural_key(n));
+    let mut shards: Vec<Vec<String>> = vec![vec![]];
     let mut used = 0u64;
-    for (n, t) in tensors {
-        let s = size(&t);
+    for (n, s) in sizes {
         if used > 0 && used + s > max_shard {
             shards.push(vec![]);
             used = 0;
         }
         used += s;
-        shards.last_mut().expect("one shard").push((n, t));
+        shards.last_mut().expect("one shard").push(n);
     }
-    let count = shards.len();
-    if count == 1 {
-        let path = dir.join("model.safetensors");
-        let map: HashMap<String, Tensor> = shards.pop().expect("one shard").into_iter().collect();
-        crate::fsio::save_safetensors(&map, &path)?;
-        return Ok((1, total));
-    }
-    let mut weight_map = BTreeMap::new();
-    for (i, shard) in shards.into_iter().enumerate() {
-        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-        let path = dir.join(&file);
-        for (n, _) in &shard {
-            weight_map.insert(n.clone(), file.clone());
-        }
-        let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        crate::fsio::save_safetensors(&map, &path)?;
-    }
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_json(&dir.join("model.safetensors.index.json"), &index)?;
-    Ok((count, total))
+    shards
 }
 
 /// `model.layers.10.x` after `model.layers.9.x`.
@@ -211,4 +220,54 @@ pub(super) fn write_file(path: &Path, body: &[u8]) -> Result<()> {
 pub(super) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let body = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
     write_file(path, body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The writer makes a shard's tensors only once the shard before is on disk: the tensors in
+    /// memory at any time are one shard's.
+    #[test]
+    fn shards_are_made_and_written_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // Ten tensors of 3 f32 (12 bytes) under a 30-byte limit: five shards of two.
+        let sizes: Vec<(String, u64)> = (0..10).map(|i| (format!("t.{i}"), 12)).collect();
+        let on_disk = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let p = e.as_ref().unwrap().path();
+                    p.extension().is_some_and(|x| x == "safetensors")
+                })
+                .count()
+        };
+        let mut made = vec![];
+        let (count, total) = write_weights(dir.path(), sizes, 30, |name| {
+            made.push((name.to_string(), on_disk()));
+            let i: f32 = name[2..].parse().unwrap();
+            Ok(Tensor::new(&[i, i + 0.5, -i], &Device::Cpu)?)
+        })
+        .unwrap();
+        assert_eq!((count, total), (5, 120));
+        // Tensor i, the (i % 2)-th of shard i / 2, is made with shards 0 .. i / 2 written.
+        let want: Vec<(String, usize)> = (0..10).map(|i| (format!("t.{i}"), i / 2)).collect();
+        assert_eq!(made, want);
+        let index: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            index["weight_map"]["t.7"],
+            "model-00004-of-00005.safetensors"
+        );
+        let shard = candle_core::safetensors::load(
+            dir.path().join("model-00004-of-00005.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(shard.len(), 2);
+        assert_eq!(shard["t.7"].to_vec1::<f32>().unwrap(), [7.0, 7.5, -7.0]);
+    }
 }

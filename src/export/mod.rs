@@ -15,23 +15,28 @@
 //! the slot score `(R(p) q) . k'` exactly when `k = R(1) k'`; token-to-token scores depend on
 //! relative positions only, so they do not move. Values are never rotated.
 //!
-//! Everything is built in a temporary folder beside `--out` and renamed into place.
+//! The merge streams ([`merge`]): each output shard's tensors are read, merged on the device
+//! `--device-map` gives their layer (the host without one), written and dropped before the next
+//! shard's, so a model larger than host memory exports. Everything is built in a temporary
+//! folder beside `--out` and renamed into place.
 
 mod card;
 mod files;
 mod logits;
+mod merge;
 pub mod remote_code;
 
 pub use logits::{logits_cmd, LogitsArgs};
 
 use crate::adapters::{slot_names, AdapterSet, Adapters};
-use crate::checkpoint::{Checkpoint, EabExport, Format};
+use crate::checkpoint::{effective_adapters, Checkpoint, EabExport, Format};
 use crate::model::Config;
 use crate::model_args::ModelArgs;
 use crate::recipe::ExportFormat;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use files::{absolute, guard_paths, mkdir, write_file, write_json, write_weights, TempDir};
+use merge::Merger;
 use remote_code::Family;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -72,6 +77,10 @@ pub struct ExportArgs {
     /// Split the weights into model-0000k-of-0000n.safetensors + index above this many bytes
     #[arg(long, default_value_t = 2_000_000_000)]
     pub max_shard_size: u64,
+    /// Merge each layer on its device, e.g. `cuda:0=0-39,cuda:1=40-79` (embed=DEV, head=DEV), or
+    /// `auto`; without it, on the CPU. Either way one output shard at a time
+    #[arg(long)]
+    pub device_map: Option<String>,
 }
 
 /// What one export wrote.
@@ -115,6 +124,7 @@ pub fn export_cmd(args: &ExportArgs) -> Result<()> {
         force: args.force,
         dtype,
         max_shard_size: args.max_shard_size,
+        device_map: args.device_map.clone(),
     };
     for e in export(&plan)? {
         println!(
@@ -137,17 +147,32 @@ pub struct ExportPlan {
     pub force: bool,
     pub dtype: DType,
     pub max_shard_size: u64,
+    /// A `--device-map` text; `None` merges on the CPU.
+    pub device_map: Option<String>,
 }
 
 /// Checks everything, builds the export in a temporary folder beside `plan.out`, then moves it
 /// into place (replacing an old one only with `force`).
 pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
     let ckpt = Checkpoint::open(&plan.model)?;
+    // The merge runs in f32 whatever the output dtype; `auto` sizes its plan by the output's.
+    let dtype_name = if plan.dtype == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    };
+    let (placement, _) = crate::model_args::placement(
+        "--device-map",
+        "cpu",
+        plan.device_map.as_deref(),
+        Some(dtype_name),
+        &ckpt.config,
+    )?;
     let out = absolute(&plan.out)?;
     guard_paths(&ckpt, &plan.adapter, &out, plan.force)?;
     let set = AdapterSet::load(&plan.adapter, &ckpt.config, &Device::Cpu)?;
-    let base = ckpt.base(DType::F32, &Device::Cpu)?;
-    let adapters = base.effective_adapters(&set.adapters());
+    let reader = ckpt.reader()?;
+    let adapters = effective_adapters(reader.eab_slots()?.as_ref(), &set.adapters());
     let slot_layers: Vec<usize> = (0..ckpt.config.num_hidden_layers)
         .filter(|&l| adapters.slots.get(l).is_some_and(Option::is_some))
         .collect();
@@ -174,7 +199,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
         }
         Err(_) => None,
     };
-    let merged = merge(&base.tensors, &adapters)?;
+    let merger = Merger::new(&reader, ckpt.source.clone(), placement, &adapters)?;
     let ctx = Ctx {
         family,
         ckpt: &ckpt,
@@ -182,7 +207,7 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
         adapters: &adapters,
         slot_layers: &slot_layers,
         changed_lora: &changed_lora,
-        merged: &merged,
+        merger: &merger,
         plan,
     };
 
@@ -248,25 +273,32 @@ struct Ctx<'a> {
     adapters: &'a Adapters,
     slot_layers: &'a [usize],
     changed_lora: &'a [String],
-    merged: &'a HashMap<String, Tensor>,
+    merger: &'a Merger<'a>,
     plan: &'a ExportPlan,
 }
 
 impl Ctx<'_> {
     fn write_hf(&self, dir: &Path) -> Result<(usize, u64)> {
         mkdir(dir)?;
-        let mut tensors: Vec<(String, Tensor)> = self
-            .merged
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(self.plan.dtype)?)))
-            .collect::<Result<_>>()?;
+        let mut slots = HashMap::new();
         for &l in self.slot_layers {
             let slot = self.adapters.slots[l].as_ref().expect("slot layer");
             let (kn, vn) = slot_names(l);
-            tensors.push((kn, slot.k.to_dtype(DType::F32)?));
-            tensors.push((vn, slot.v.to_dtype(DType::F32)?));
+            slots.insert(kn, slot.k.to_dtype(DType::F32)?);
+            slots.insert(vn, slot.v.to_dtype(DType::F32)?);
         }
-        let written = write_weights(dir, tensors, self.plan.max_shard_size)?;
+        let mut sizes = self.merger.sizes(self.plan.dtype);
+        sizes.extend(
+            slots
+                .iter()
+                .map(|(n, t)| (n.clone(), 4 * t.elem_count() as u64)),
+        );
+        let written = write_weights(dir, sizes, self.plan.max_shard_size, |name| {
+            match slots.get(name) {
+                Some(t) => Ok(t.clone()),
+                None => self.merger.tensor(name, self.plan.dtype),
+            }
+        })?;
         let eab = (!self.slot_layers.is_empty()).then(|| EabExport {
             slot_tensors: EabExport::SLOT_TENSORS.into(),
             layers: self.slot_layers.to_vec(),
@@ -292,12 +324,12 @@ impl Ctx<'_> {
 
     fn write_peft(&self, dir: &Path, final_dir: &Path) -> Result<(usize, u64)> {
         mkdir(dir)?;
-        let tensors: Vec<(String, Tensor)> = self
-            .merged
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(self.plan.dtype)?)))
-            .collect::<Result<_>>()?;
-        let written = write_weights(dir, tensors, self.plan.max_shard_size)?;
+        let written = write_weights(
+            dir,
+            self.merger.sizes(self.plan.dtype),
+            self.plan.max_shard_size,
+            |name| self.merger.tensor(name, self.plan.dtype),
+        )?;
         write_json(&dir.join("config.json"), &self.config_json(None)?)?;
         self.write_tokenizer(dir)?;
         let cfg = &self.ckpt.config;
@@ -434,40 +466,6 @@ fn lora_changes(adapters: &Adapters) -> Result<Vec<String>> {
     }
     v.sort();
     Ok(v)
-}
-
-/// `W + scale * B A` for every LoRA pair, in f32; every other tensor as it is.
-pub fn merge(
-    tensors: &HashMap<String, Tensor>,
-    adapters: &Adapters,
-) -> Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
-    for (prefix, l) in &adapters.lora {
-        let name = format!("{prefix}.weight");
-        let w = out
-            .get(&name)
-            .ok_or_else(|| Error::tensor(&name, "LoRA targets it, the base lacks it"))?;
-        let delta =
-            (l.b.to_dtype(DType::F32)?
-                .matmul(&l.a.to_dtype(DType::F32)?)?
-                * l.scale)?;
-        if delta.dims() != w.dims() {
-            return Err(Error::tensor(
-                &name,
-                format!(
-                    "shape {:?}, the LoRA update has {:?}",
-                    w.dims(),
-                    delta.dims()
-                ),
-            ));
-        }
-        let merged = (w + delta)?;
-        out.insert(name, merged);
-    }
-    Ok(out)
 }
 
 fn check_peft(adapter: &Path, adapters: &Adapters, cfg: &Config) -> Result<()> {

@@ -78,6 +78,9 @@ pub struct Config {
     pub attn_logit_softcapping: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_logit_softcapping: Option<f64>,
+    /// GPTQ, AWQ, bitsandbytes, fp8, ...: weights that only mean something with their scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// The decoder families this model computes, by `model_type`.
@@ -203,6 +206,16 @@ impl Config {
         if let Some(p) = self.partial_rotary_factor.filter(|p| *p != 1.0) {
             return Err(format!(
                 "partial_rotary_factor {p} is not supported (RoPE over the whole head only)"
+            ));
+        }
+        if let Some(q) = &self.quantization_config {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?");
+            return Err(format!(
+                "quantization_config (quant_method `{method}`) is not supported: eabfit reads unquantized weights \
+                 (safetensors in f32, f16 or bf16, or GGUF); dequantize the checkpoint first"
             ));
         }
         for (field, v) in [

@@ -2,7 +2,7 @@
 //! and the small checks the pretraining recipe shares. Each message starts with the dotted path
 //! of the field at fault, which the loader uses to find its line.
 
-use super::load::unknown_path;
+use super::load::{is_field_path, unknown_path};
 use super::*;
 
 impl Recipe {
@@ -254,7 +254,7 @@ fn check_ablate_key(at: &str, key: &str, fields: &[String]) -> Result<(), String
     if key.starts_with("ablate.") {
         return Err(format!("{at}: `{key}` cannot vary the ablation itself"));
     }
-    if !fields.iter().any(|f| f == key) {
+    if !is_field_path(key, fields) {
         return Err(format!("{at}: {}", unknown_path(key, fields)));
     }
     Ok(())

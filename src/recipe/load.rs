@@ -157,7 +157,7 @@ fn set_paths(
     fields: &[String],
 ) -> Result<(), String> {
     for (path, new) in overrides {
-        if !fields.contains(path) {
+        if !is_field_path(path, fields) {
             return Err(unknown_path(path, fields));
         }
         let keys: Vec<&str> = path.split('.').collect();
@@ -179,6 +179,19 @@ fn set_paths(
         *node = new.clone();
     }
     Ok(())
+}
+
+/// Whether an override may set `path`: a leaf of `fields`, or a path inside an optional
+/// section (`data.long`, `verify.long`), which the skeleton holds as one null leaf. A misspelt
+/// field inside such a section is left to the typed parse that follows (deny_unknown_fields),
+/// which names it with its near miss.
+pub fn is_field_path(path: &str, fields: &[String]) -> bool {
+    fields.iter().any(|f| {
+        f == path
+            || path
+                .strip_prefix(f.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 /// Every dotted leaf path a recipe has, read off the default recipe so that it cannot

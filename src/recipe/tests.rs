@@ -342,6 +342,22 @@ fn overrides_set_nested_scalars_lists_and_absent_sections() {
 }
 
 #[test]
+fn overrides_reach_inside_optional_sections() {
+    let text = format!(
+        "{MINIMAL}  batch_size: 1\n  long:\n    seq_len: 1024\n    windows: 2\n    every: 10\n"
+    );
+    let recipe = parse(&text, &["data.long.seq_len=2048", "data.long.every=15"]).unwrap();
+    let long = recipe.data.long.expect("the file's section stays");
+    assert_eq!((long.seq_len, long.windows, long.every), (2048, 2, 15));
+    // A misspelt field inside the section is caught by the typed parse, near miss included.
+    let err = fails(&text, &["data.long.seq_lne=2048"]);
+    assert!(
+        err.contains("seq_lne") && err.contains("did you mean `seq_len`?"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_overrides_are_blamed_on_the_override() {
     assert_eq!(
         fails(MINIMAL, &["adapters.lora.rnak=4"]),
