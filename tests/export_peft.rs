@@ -166,6 +166,11 @@ fn peft_export_layout_and_prompt_embeddings() {
     let both = work.path().join("both");
     ok(&export(tiny.path(), &adapter, &both, &["--format", "both"]));
     assert!(json(&both.join("hf/config.json")).get("eab").is_some());
+    // Its peft base is read back from hf/, not merged again: the same bytes as the peft export.
+    assert_eq!(
+        std::fs::read(both.join("peft/model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
     assert!(both
         .join("peft/peft_adapter/adapter_model.safetensors")
         .is_file());

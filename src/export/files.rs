@@ -3,7 +3,8 @@
 
 use crate::checkpoint::{Checkpoint, Format};
 use crate::{Error, Result};
-use candle_core::Tensor;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
@@ -41,6 +42,38 @@ pub(super) fn write_weights(
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
     }
     Ok((count, total))
+}
+
+/// The weights [`write_weights`] put in a folder, read back by name.
+pub(super) struct WrittenWeights {
+    dir: PathBuf,
+    mmap: MmapedSafetensors,
+}
+
+impl WrittenWeights {
+    pub(super) fn open(dir: &Path) -> Result<Self> {
+        let mut files = vec![];
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::file(dir, e))? {
+            let path = entry.map_err(|e| Error::file(dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "safetensors") {
+                files.push(path);
+            }
+        }
+        files.sort();
+        // Safety: the files are this export's own, in its private temporary folder.
+        let mmap = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::file(dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            mmap,
+        })
+    }
+
+    /// Tensor `name` on the host, in the dtype it was written in.
+    pub(super) fn read(&self, name: &str) -> Result<Tensor> {
+        self.mmap
+            .load(name, &Device::Cpu)
+            .map_err(|e| Error::file(&self.dir, format!("tensor `{name}`: {e}")))
+    }
 }
 
 /// The tensors of each shard, in natural name order: a new shard starts where the next tensor

@@ -6,7 +6,7 @@
 //!   loads such a folder as `--model` with its slots.
 //! - `peft`: the merged base without slots (a plain Hugging Face checkpoint) plus `peft_adapter/`,
 //!   a PEFT `PREFIX_TUNING` adapter of one virtual token whose per-layer key/value is the slot.
-//! - `both`: `OUT/hf` and `OUT/peft`.
+//! - `both`: `OUT/hf` and `OUT/peft`, merged once (peft's base is read back from hf's shards).
 //!
 //! Why the prefix key is the slot key rotated to position 1: a slot key is never rotated, while
 //! queries are, by their position p. PEFT's prefix occupies cache position 0, so transformers
@@ -35,7 +35,9 @@ use crate::model_args::ModelArgs;
 use crate::recipe::ExportFormat;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use files::{absolute, guard_paths, mkdir, write_file, write_json, write_weights, TempDir};
+use files::{
+    absolute, guard_paths, mkdir, write_file, write_json, write_weights, TempDir, WrittenWeights,
+};
 use merge::Merger;
 use remote_code::Family;
 use serde_json::{json, Value};
@@ -248,7 +250,10 @@ pub fn export(plan: &ExportPlan) -> Result<Vec<Exported>> {
         });
     }
     if peft {
-        let (shards, bytes) = ctx.write_peft(&dir_of("peft"), &final_of("peft"))?;
+        // `both`: the base tensors were merged once, into hf/ just written.
+        let merged = hf.then(|| dir_of("hf"));
+        let (shards, bytes) =
+            ctx.write_peft(&dir_of("peft"), &final_of("peft"), merged.as_deref())?;
         done.push(Exported {
             format: "peft",
             dir: final_of("peft"),
@@ -322,13 +327,25 @@ impl Ctx<'_> {
         Ok(written)
     }
 
-    fn write_peft(&self, dir: &Path, final_dir: &Path) -> Result<(usize, u64)> {
+    /// `merged`: an hf folder this export wrote, whose base tensors are read back instead of
+    /// merged again; a copy from the page cache costs less than the base's second read (a
+    /// GGUF's dequantization, a device map's transfers) and every LoRA product.
+    fn write_peft(
+        &self,
+        dir: &Path,
+        final_dir: &Path,
+        merged: Option<&Path>,
+    ) -> Result<(usize, u64)> {
         mkdir(dir)?;
+        let merged = merged.map(WrittenWeights::open).transpose()?;
         let written = write_weights(
             dir,
             self.merger.sizes(self.plan.dtype),
             self.plan.max_shard_size,
-            |name| self.merger.tensor(name, self.plan.dtype),
+            |name| match &merged {
+                Some(w) => w.read(name),
+                None => self.merger.tensor(name, self.plan.dtype),
+            },
         )?;
         write_json(&dir.join("config.json"), &self.config_json(None)?)?;
         self.write_tokenizer(dir)?;
