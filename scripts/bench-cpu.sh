@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CPU figures for the closing notes: forward tokens/s of `ppl` and wall time of `scan` on the
-# real SmolLM2-135M (f32, dequantized from the GGUF), and one training step's throughput.
+# real SmolLM2-135M (f32, dequantized from the GGUF), one training step's throughput, and the
+# export's peak host memory as one 538 MB shard against 64 MB and 16 MB shards (the streaming
+# merge holds one output shard, so the peak follows the shard size, not the model's).
 # Run on a quiet machine: other load changes the figures.
 #   scripts/bench-cpu.sh
 set -euo pipefail
@@ -18,4 +20,9 @@ echo "--- train, smollm2 recipe, 5 steps (batch 1 x 128 tokens, KL teacher inclu
 out=$(mktemp -d)
 $eab train recipes/smollm2-135m-eab-macbeth.yaml train.steps=5 eval.every=1000 train.checkpoint_every=1000 \
   train.out_dir=$out/run log.dir=$out/tb | grep -E "tokens/s"
+echo "--- export (f32) of that adapter, peak host memory by --max-shard-size"
+for size in 2GB 64MB 16MB; do
+  /usr/bin/time -f "max-shard-size $size: peak RSS %M KiB, %e s" \
+    $eab export --adapter $out/run/best --out $out/export-$size --max-shard-size $size
+done
 rm -rf "$out"

@@ -76,13 +76,41 @@ pub struct ExportArgs {
     /// dtype of the written weights, f32 or bf16 (the merge runs in f32; slots stay f32)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Split the weights into model-0000k-of-0000n.safetensors + index above this many bytes
-    #[arg(long, default_value_t = 2_000_000_000)]
+    /// Split the weights into model-0000k-of-0000n.safetensors + index above this size: bytes,
+    /// or with a unit as transformers writes it (`5GB`, `500MB`; `GiB`, `MiB` for powers of 2)
+    #[arg(long, default_value = "2GB", value_parser = parse_size)]
     pub max_shard_size: u64,
     /// Merge each layer on its device, e.g. `cuda:0=0-39,cuda:1=40-79` (embed=DEV, head=DEV), or
     /// `auto`; without it, on the CPU. Either way one output shard at a time
     #[arg(long)]
     pub device_map: Option<String>,
+}
+
+/// A size in bytes: `2000000000`, `2GB`, `1.5GiB`, `500 MB` (at least 1 byte).
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return Err(format!("unit `{unit}`: expected B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number of bytes, e.g. 2GB or 500MB"))?;
+    let bytes = (n * scale as f64).round();
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(format!("`{text}`: must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// What one export wrote.
@@ -114,9 +142,6 @@ pub fn export_cmd(args: &ExportArgs) -> Result<()> {
             )))
         }
     };
-    if args.max_shard_size == 0 {
-        return Err(Error::Usage("--max-shard-size must be at least 1".into()));
-    }
     let model = ModelArgs::on_cpu(args.model.clone()).model_spec()?;
     let plan = ExportPlan {
         model,
@@ -544,4 +569,21 @@ pub fn rope_rotate(x: &[f32], inv_freq: &[f64], pos: f64) -> Vec<f32> {
         out[i + half] = (x2 * c + x1 * s) as f32;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn shard_sizes_read_as_transformers_writes_them() {
+        assert_eq!(parse_size("6000"), Ok(6000));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("500 mb"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        for bad in ["0", "0.1", "", "GB", "5 TB", "-3MB", "1.2.3GB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }
