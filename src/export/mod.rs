@@ -101,7 +101,11 @@ fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        _ => return Err(format!("unit `{unit}`: expected B, KB, MB, GB, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "unit `{unit}`: expected B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
     };
     let n: f64 = number
         .parse()
