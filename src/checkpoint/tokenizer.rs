@@ -270,10 +270,11 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> 
             PreTokenizerWrapper::Digits(Digits::new(true)),
             PreTokenizerWrapper::ByteLevel(gpt2),
         ]))),
-        "qwen2" => split_then_bytes(""),
+        // llama.cpp's converter names the DeepSeek-R1 Qwen distills' own, and runs it as qwen2's.
+        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(""),
         "llama-bpe" => split_then_bytes("{1,3}"),
         other => Err(format!(
-            "metadata `tokenizer.ggml.pre` `{other}` is not supported (default, gpt2, smollm, qwen2, llama-bpe)"
+            "metadata `tokenizer.ggml.pre` `{other}` is not supported (default, gpt2, smollm, qwen2, deepseek-r1-qwen, llama-bpe)"
         )),
     }
 }
