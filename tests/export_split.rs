@@ -7,6 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::export::{ok, tensors};
 use common::{bin, make_adapter, snapshot, tiny, Arch};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,15 +29,6 @@ fn export(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Output {
         .arg(out)
         .args(extra);
     cmd.output().unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// The export of `model` + `adapter` with `extra` flags, once without a map and once per map
@@ -61,18 +53,6 @@ fn same_bytes_under_every_map(
         }
     }
     want
-}
-
-/// Every tensor of the `.safetensors` files in `dir` (shards included).
-fn tensors(dir: &Path) -> HashMap<String, Tensor> {
-    let mut all = HashMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            all.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
-        }
-    }
-    all
 }
 
 fn v2(t: &Tensor) -> Vec<Vec<f64>> {

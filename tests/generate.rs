@@ -6,14 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, make_adapter, tiny, Arch};
+use common::export::{eabfit, ok};
+use common::{json as read_json, make_adapter, tiny, Arch};
 use eabfit::adapters::{AdapterSet, Adapters};
 use eabfit::checkpoint::Checkpoint;
 use eabfit::generate::{decode, Sampler};
 use eabfit::model::{KvCache, Model};
-use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
 
 const EOS: u32 = 2;
 
@@ -125,24 +124,6 @@ fn decoding_stops_after_an_end_of_sequence_token() {
     })
     .unwrap();
     assert_eq!(stopped, free[..=first]);
-}
-
-fn eabfit(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 #[test]

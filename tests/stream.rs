@@ -9,14 +9,13 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{bin, make_adapter, row, tiny, Arch};
+use common::export::{eabfit, ok};
+use common::{json as read_json, make_adapter, row, tiny, Arch};
 use eabfit::adapters::{AdapterMeta, AdapterSet, Adapters, SlotInit};
 use eabfit::checkpoint::Checkpoint;
 use eabfit::model::{Model, StreamCache};
 use eabfit::stream::{stream_nll, Rolling};
-use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
 
 fn ids(n: usize, seed: u64) -> Vec<u32> {
     let mut v = vec![1u32];
@@ -169,24 +168,6 @@ fn the_cache_reports_what_it_holds() {
         .forward_stream(&row(&stream[13..14]), &mut cache)
         .unwrap();
     assert_eq!(cache.held(), vec![0, 1, 10, 11, 12, 13]);
-}
-
-fn eabfit(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 #[test]

@@ -3,7 +3,6 @@
 
 use super::bin;
 use candle_core::{Device, Tensor};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -62,10 +61,10 @@ pub fn no_leftovers(dir: &Path) {
     }
 }
 
-pub fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+#[allow(unused_imports)] // dead_code does not cover a re-export some binaries never call
+pub use super::json;
 
+/// Every tensor of the `.safetensors` files in `dir` (shards included).
 pub fn tensors(dir: &Path) -> HashMap<String, Tensor> {
     let mut all = HashMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
