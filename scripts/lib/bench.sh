@@ -56,29 +56,13 @@ results=$out/results.jsonl
 : > "$results"
 log() { echo "bench-gpu: [$(( $(date +%s) - t0 ))s] $*" >&2; }
 
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-[ -d "$cu13" ] && export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-
-py=${PYTHON:-/opt/torch/.venv/bin/python}
-[ -x "$py" ] || py=$(command -v python3)
+. scripts/lib/device-env.sh
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"; [ -n "${smi_pid:-}" ] && kill "$smi_pid" 2>/dev/null' EXIT
 
 # --- the eabfit binary ----------------------------------------------------------------------
-bin=${EABFIT_BIN:-}
-if [ -z "$bin" ]; then
-  if [ -f .device-bin/eabfit ]; then
-    cp .device-bin/eabfit "$work/eabfit"
-  elif [ -f .device-bin/eabfit.xz ]; then
-    if command -v xz >/dev/null 2>&1; then xz -dc .device-bin/eabfit.xz > "$work/eabfit"
-    else "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .device-bin/eabfit.xz "$work/eabfit"; fi
-  else
-    log "no .device-bin/eabfit or .device-bin/eabfit.xz (build with scripts/cuda-build.sh)"; exit 1
-  fi
-  chmod +x "$work/eabfit"
-  bin=$work/eabfit
-fi
+bin=$(device_bin "$work") || exit 1
 
 {
   echo "# $(date -u '+%F %T') UTC on $(hostname)"

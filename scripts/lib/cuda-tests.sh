@@ -20,7 +20,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-device_bin=$repo/.device-bin
+carried=$repo/.device-bin
 limit=$(( 64 * 1048576 ))
 log() { echo "gpu-test: $*" >&2; }
 
@@ -32,49 +32,36 @@ if [ "${1:-}" = --pack ]; then
   build_log=$(mktemp)
   trap 'rm -f "$build_log"' EXIT
   "$repo/scripts/cuda-build.sh" --tests --no-run 2>&1 | tee "$build_log" >&2
-  mkdir -p "$device_bin/tests"
+  mkdir -p "$carried/tests"
   for name in "${names[@]}"; do
     # cargo: "  Executable tests/cuda_ops.rs (target-cuda/release/deps/cuda_ops-0123abcd)"
     exe=$(sed -nE "s#^[[:space:]]*Executable tests/$name\.rs \((.*)\)[[:space:]]*\$#\1#p" "$build_log" | tail -n1)
     [ -n "$exe" ] || { log "no test executable for tests/$name.rs in the build output"; exit 1; }
     case "$exe" in /*) ;; *) exe=$repo/$exe ;; esac
-    strip -o "$device_bin/tests/$name.part" "$exe"
-    xz -T0 -6 -c "$device_bin/tests/$name.part" > "$device_bin/tests/$name.xz"
-    rm -f "$device_bin/tests/$name.part" "$device_bin/tests/$name"
-    log "packed $exe -> .device-bin/tests/$name.xz ($(stat -c %s "$device_bin/tests/$name.xz") bytes)"
+    strip -o "$carried/tests/$name.part" "$exe"
+    xz -T0 -6 -c "$carried/tests/$name.part" > "$carried/tests/$name.xz"
+    rm -f "$carried/tests/$name.part" "$carried/tests/$name"
+    log "packed $exe -> .device-bin/tests/$name.xz ($(stat -c %s "$carried/tests/$name.xz") bytes)"
   done
-  total=$(du -sb "$device_bin" | cut -f1)
-  if [ "$total" -gt "$limit" ] && [ -f "$device_bin/eabfit" ]; then
-    xz -T0 -6 -c "$device_bin/eabfit" > "$device_bin/eabfit.xz"
-    rm -f "$device_bin/eabfit"
+  total=$(du -sb "$carried" | cut -f1)
+  if [ "$total" -gt "$limit" ] && [ -f "$carried/eabfit" ]; then
+    xz -T0 -6 -c "$carried/eabfit" > "$carried/eabfit.xz"
+    rm -f "$carried/eabfit"
     log ".device-bin was over 64 MiB: eabfit compressed to .device-bin/eabfit.xz"
-    total=$(du -sb "$device_bin" | cut -f1)
+    total=$(du -sb "$carried" | cut -f1)
   fi
   log ".device-bin: $total bytes in all (carry limit $limit)"
-  find "$device_bin" -type f -printf '%10s  %p\n' | sed "s#$repo/##" >&2
+  find "$carried" -type f -printf '%10s  %p\n' | sed "s#$repo/##" >&2
   [ "$total" -le "$limit" ] || { log "still over the carry limit"; exit 1; }
   exit 0
 fi
 
 # --- GPU machine: run ---------------------------------------------------------------------
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. "$repo/scripts/lib/device-env.sh"
 out=${OUT:-./gpu-test-out}/gpu-test
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-
-# Unpack FILE.xz to DEST: xz if present, else Python's lzma.
-unxz_to() {
-  if command -v xz >/dev/null 2>&1; then
-    xz -dc "$1" > "$2"
-  else
-    local py
-    py=$(command -v python3 || echo /opt/torch/.venv/bin/python)
-    "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
-  fi
-  chmod +x "$2"
-}
 
 targets=() extra=()
 while [ $# -gt 0 ]; do
@@ -82,7 +69,7 @@ while [ $# -gt 0 ]; do
   targets+=("$1"); shift
 done
 if [ ${#targets[@]} -eq 0 ]; then
-  for f in "$device_bin"/tests/*; do [ -f "$f" ] && targets+=("$f"); done
+  for f in "$carried"/tests/*; do [ -f "$f" ] && targets+=("$f"); done
 fi
 [ ${#targets[@]} -gt 0 ] || { log "no test binaries under .device-bin/tests (run scripts/gpu.sh pack here first)"; exit 1; }
 
@@ -94,8 +81,8 @@ fi
 failed=0
 for t in "${targets[@]}"; do
   if [ ! -e "$t" ]; then
-    if [ -e "$device_bin/tests/$t.xz" ]; then t=$device_bin/tests/$t.xz
-    elif [ -e "$device_bin/tests/$t" ]; then t=$device_bin/tests/$t
+    if [ -e "$carried/tests/$t.xz" ]; then t=$carried/tests/$t.xz
+    elif [ -e "$carried/tests/$t" ]; then t=$carried/tests/$t
     else log "no test binary $t"; echo "$t: missing" >> "$out/summary.txt"; failed=1; continue; fi
   fi
   name=$(basename "$t" .xz)

@@ -15,20 +15,11 @@
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-cu13=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
-export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. "$repo/scripts/lib/device-env.sh"
 out=${OUT:-./gpu-oom-out}/oom
 mkdir -p "$out"
-bin=${EABFIT_BIN:-$repo/.device-bin/eabfit}
-if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
-  py=$(command -v python3 || echo /opt/torch/.venv/bin/python)
-  "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$bin.xz" "$out/eabfit"
-  chmod +x "$out/eabfit"
-  bin=$out/eabfit
-fi
-[ -x "$bin" ] || { echo "gpu-oom-check: no .device-bin/eabfit (run scripts/cuda-build.sh)" >&2; exit 1; }
+bin=$(device_bin "$out") || exit 1
 
-py=$(command -v python3 || echo /opt/torch/.venv/bin/python)
 "$py" - "$out" <<'EOF'
 import json, random, struct, sys, os
 out = sys.argv[1]

@@ -7,12 +7,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-peft-out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
-PY=${PYTHON:-/opt/torch/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-E=${EABFIT_BIN:-.device-bin/eabfit}
-[ -x "$E" ] || { xz -dkc .device-bin/eabfit.xz > /tmp/eabfit && chmod +x /tmp/eabfit && E=/tmp/eabfit; }
+. scripts/lib/device-env.sh
+PY=$py
 work=$(mktemp -d)
+E=$(device_bin "$work") || exit 1
 status=0
 for shape in tiny smollm2; do
   m=$work/$shape

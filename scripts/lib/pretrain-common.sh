@@ -5,9 +5,7 @@
 work=${WORK:-/tmp/eabfit-pretrain}
 src=${SRC:-/opt/torch/.venv/lib/python3.12/site-packages}
 tok_dir=.device-bin/smollm2-tokenizer
-py=/opt/torch/.venv/bin/python
-[ -x "$py" ] || py=python3
-export LD_LIBRARY_PATH=${EABFIT_CUDA_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. scripts/lib/device-env.sh
 mkdir -p "$work/logs"
 # eabfit's plots (scan_run's) need a TrueType font; the H200 has no system one, and matplotlib
 # carries DejaVu Sans.
@@ -15,11 +13,7 @@ font=$("$py" -c 'import matplotlib, os; print(os.path.join(matplotlib.get_data_p
 [ -z "${EABFIT_FONT:-}" ] && [ -f "$font" ] && export EABFIT_FONT=$font
 log() { echo "[$(date +%T)] $*" | tee -a "$work/logs/summary.txt"; }
 
-bin=$work/eabfit
-if [ -n "${EABFIT_BIN:-}" ]; then cp "$EABFIT_BIN" "$bin"; elif [ -f .device-bin/eabfit ]; then cp .device-bin/eabfit "$bin"; else
-  "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    .device-bin/eabfit.xz "$bin"; fi
-chmod +x "$bin"
+bin=$(device_bin "$work") || exit 1
 [ -f "$tok_dir/tokenizer.json" ] || { echo "no $tok_dir: run scripts/gpu.sh pack-tokenizer on the build machine" >&2; exit 1; }
 
 # The corpus: every *.py under $src, <|endoftext|> as BOS and separator, 0.5% of files held out.

@@ -22,15 +22,9 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-remote-code-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib ]; then
-  export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
-fi
-PY=${PYTHON:-/opt/torch/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-E=${EABFIT_BIN:-.device-bin/eabfit}
-if [ ! -x "$E" ] && [ -z "${EABFIT_BIN:-}" ] && [ -f .device-bin/eabfit.xz ]; then
-  xz -dkc .device-bin/eabfit.xz > /tmp/eabfit-remote-code && chmod +x /tmp/eabfit-remote-code && E=/tmp/eabfit-remote-code
-fi
+. scripts/lib/device-env.sh
+PY=$py
+E=$(device_bin "$(mktemp -d)") || exit 2
 [ -x "$E" ] || { echo "error: no eabfit binary at $E (set EABFIT_BIN)" >&2; exit 2; }
 SHAPES=${SHAPES:-smollm2 mistral tiny-llama3}
 DEVARG=()
