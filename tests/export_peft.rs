@@ -166,7 +166,8 @@ fn peft_export_layout_and_prompt_embeddings() {
     let both = work.path().join("both");
     ok(&export(tiny.path(), &adapter, &both, &["--format", "both"]));
     assert!(json(&both.join("hf/config.json")).get("eab").is_some());
-    // Its peft base is read back from hf/, not merged again: the same bytes as the peft export.
+    // Its peft base is the peft export's, byte for byte (export reads it back from hf/ instead
+    // of merging again; a second merge would give the same bytes, so this holds the result only).
     assert_eq!(
         std::fs::read(both.join("peft/model.safetensors")).unwrap(),
         std::fs::read(out.join("model.safetensors")).unwrap()

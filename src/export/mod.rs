@@ -322,11 +322,12 @@ impl Ctx<'_> {
             slots.insert(vn, slot.v.to_dtype(DType::F32)?);
         }
         let mut sizes = self.merger.sizes(self.plan.dtype);
-        sizes.extend(
-            slots
-                .iter()
-                .map(|(n, t)| (n.clone(), 4 * t.elem_count() as u64)),
-        );
+        sizes.extend(slots.iter().map(|(n, t)| {
+            (
+                n.clone(),
+                (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            )
+        }));
         let written = write_weights(dir, sizes, self.plan.max_shard_size, |name| {
             match slots.get(name) {
                 Some(t) => Ok(t.clone()),
