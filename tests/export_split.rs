@@ -7,29 +7,16 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::export::{ok, tensors};
+use common::export::{export, ok, tensors};
 use common::{bin, make_adapter, snapshot, tiny, Arch};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 const MAPS: &[&str] = &[
     "cpu:0=0,cpu:1=1,cpu:2=2",
     "cpu:1=0-1,cpu:0=2",
     "cpu:0=0,cpu:1=1-2,embed=cpu:2,head=cpu:3",
 ];
-
-fn export(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(bin());
-    cmd.args(["export", "--force", "--model"])
-        .arg(model)
-        .arg("--adapter")
-        .arg(adapter)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
-    cmd.output().unwrap()
-}
 
 /// The export of `model` + `adapter` with `extra` flags, once without a map and once per map
 /// (into the same `--out`, so that paths written into the files agree): every file byte for
@@ -40,11 +27,11 @@ fn same_bytes_under_every_map(
     out: &Path,
     extra: &[&str],
 ) -> BTreeMap<PathBuf, Vec<u8>> {
-    ok(&export(model, adapter, out, extra));
+    let force = [&["--force"], extra].concat();
+    ok(&export(model, adapter, out, &force));
     let want = snapshot(out);
     for map in MAPS {
-        let mut args = extra.to_vec();
-        args.extend(["--device-map", map]);
+        let args = [&force[..], &["--device-map", map]].concat();
         ok(&export(model, adapter, out, &args));
         let got = snapshot(out);
         assert!(got.keys().eq(want.keys()), "{map} {extra:?}: files");
